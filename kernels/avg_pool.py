@@ -15,7 +15,8 @@ from fastarch import backend
 
 from . import configs
 from .launch import Launch
-from .pool_tile import PoolGeometry, address, grid, pixel_tile, split_pixel, strided_args
+from .pool_tile import (PoolGeometry, address, grid, meta_tensor, pixel_tile, split_pixel,
+                        strided_args)
 
 
 @triton.jit
@@ -265,3 +266,22 @@ def adaptive_avg_pool2d_backward(dy: torch.Tensor, input_shape: torch.Size,
     config = configs.pool_config(C, backend.INTERPRETER, N * H * W)
     adaptive_backward_launch(dy, dx, config)()
     return dx
+
+
+def sm90_launches() -> list[Launch]:
+    """Every GPU config: LeNet's 2x2 average pool and AlexNet's adaptive 13x13 -> 6x6."""
+    geometry = PoolGeometry((2, 2), (2, 2), (0, 0))
+    launches = []
+    for dtype in (torch.bfloat16, torch.float32):
+        x = meta_tensor((1024, 16, 10, 10), dtype)
+        y = meta_tensor((1024, 16, 5, 5), dtype)
+        features = meta_tensor((256, 256, 13, 13), dtype)
+        pooled = meta_tensor((256, 256, 6, 6), dtype)
+        for config in configs.POOL_CONFIGS.values():
+            if dtype == torch.float32 and config.name != "c128":
+                continue  # fp32 differs from bf16 only in vector width: the widest tile shows it
+            launches += [avg_forward_launch(x, y, geometry, True, None, config),
+                         avg_backward_launch(y, x, geometry, False, None, config),
+                         adaptive_forward_launch(features, pooled, config),
+                         adaptive_backward_launch(pooled, features, config)]
+    return launches

@@ -21,7 +21,8 @@ from fastarch import backend
 
 from . import configs
 from .launch import Launch
-from .pool_tile import PoolGeometry, address, grid, pixel_tile, split_pixel, strided_args
+from .pool_tile import (PoolGeometry, address, grid, meta_tensor, pixel_tile, split_pixel,
+                        strided_args)
 
 
 @triton.jit
@@ -156,3 +157,19 @@ def max_pool2d_backward(dy: torch.Tensor, offsets: torch.Tensor, input_shape: to
     config = configs.pool_config(C, backend.INTERPRETER, N * H * W)
     backward_launch(dy, offsets, dx, geometry, config)()
     return dx
+
+
+def sm90_launches() -> list[Launch]:
+    """Every GPU config, on AlexNet's overlapping 3x3 stride-2 window (the most taps)."""
+    geometry = PoolGeometry((3, 3), (2, 2), (0, 0))
+    launches = []
+    for dtype in (torch.bfloat16, torch.float32):
+        x = meta_tensor((128, 64, 55, 55), dtype)
+        y = meta_tensor((128, 64, 27, 27), dtype)
+        offsets = meta_tensor((128, 64, 27, 27), torch.int8)
+        for config in configs.POOL_CONFIGS.values():
+            if dtype == torch.float32 and config.name != "c128":
+                continue  # fp32 differs from bf16 only in vector width: the widest tile shows it
+            launches.append(forward_launch(x, y, offsets, None, geometry, config))
+            launches.append(backward_launch(y, offsets, x, geometry, config))
+    return launches

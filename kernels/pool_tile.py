@@ -82,3 +82,10 @@ def strided_args(prefix: str, t: torch.Tensor) -> dict[str, int]:
 
 def grid(pixels: int, channels: int, config: PoolConfig) -> tuple[int, int]:
     return triton.cdiv(pixels, config.block_m), triton.cdiv(channels, config.block_c)
+
+
+def meta_tensor(shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool = True
+                ) -> torch.Tensor:
+    """A shape-and-stride-only tensor for building launches that are compiled, not run."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype, device="meta", memory_format=fmt)

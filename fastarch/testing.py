@@ -1,0 +1,53 @@
+"""What the tests and benchmarks share: float64 references, tolerances by dtype and
+reduction length, and random inputs (FlagGems' testing/ is the model)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# rtol by the dtype of the result being checked; TF32 is fp32 storage with a 10-bit mantissa.
+RTOL: dict[str, float] = {
+    "float32": 1e-5,
+    "tf32": 1e-3,
+    "float16": 1e-2,
+    "bfloat16": 1e-2,
+}
+
+
+def tolerance(dtype: torch.dtype | str, reduction_length: int = 1) -> tuple[float, float]:
+    """(rtol, atol) for a result in ``dtype`` that sums ``reduction_length`` unit-scale terms:
+    atol grows like the rounding error of a sum, with the square root of its length."""
+    key = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    rtol = RTOL[key]
+    return rtol, rtol * math.sqrt(max(reduction_length, 1))
+
+
+def assert_close(actual: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype | str,
+                 reduction_length: int = 1, name: str = "output") -> None:
+    """Compare a kernel result with its float64 reference; the result's dtype is checked too."""
+    expected_dtype = torch.float32 if dtype == "tf32" else dtype
+    assert actual.dtype == expected_dtype, f"{name}: dtype {actual.dtype}, expected {expected_dtype}"
+    assert actual.shape == reference.shape, f"{name}: shape {tuple(actual.shape)}, expected {tuple(reference.shape)}"
+    rtol, atol = tolerance(dtype, reduction_length)
+    torch.testing.assert_close(actual.detach().cpu().double(), reference.detach().cpu().double(),
+                               rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{name}: {m}")
+
+
+def random_input(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str,
+                 channels_last: bool = False, generator: torch.Generator | None = None,
+                 requires_grad: bool = False) -> torch.Tensor:
+    """Fresh standard-normal data (never zeros), optionally NHWC in memory."""
+    x = torch.randn(shape, generator=generator, dtype=torch.float32).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return x.to(device).requires_grad_(requires_grad)
+
+
+def reference_grads(fn, inputs: list[torch.Tensor], grad_output: torch.Tensor
+                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run ``fn`` in float64 on the CPU copies of ``inputs``; return output and input grads."""
+    leaves = [t.detach().cpu().double().requires_grad_(True) for t in inputs]
+    out = fn(*leaves)
+    out.backward(grad_output.detach().cpu().double())
+    return out.detach(), [leaf.grad for leaf in leaves]
