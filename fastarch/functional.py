@@ -35,6 +35,9 @@ def _pair(value: IntOrPair, name: str, op: str) -> tuple[int, int]:
 
 
 def _check_pool_input(x: torch.Tensor, op: str) -> None:
+    if x.dim() < 3 and op == "avg_pool2d":  # torch indexes dim -3 before it checks
+        raise IndexError(f"{op}: expected a 3D or 4D (batch mode) tensor for input, but got "
+                         f"shape {list(x.shape)}")
     if x.dim() not in (3, 4) or any(size == 0 for size in x.shape[-3:]):
         raise RuntimeError(f"{op}: expected a non-empty 3D or 4D (batch mode) tensor for "
                            f"input, with optional 0 batch size, but got shape {list(x.shape)}")
@@ -57,11 +60,10 @@ def _pool_geometry(op: str, x: torch.Tensor, kernel_size: IntOrPair,
         raise RuntimeError(f"{op}: stride must be greater than zero, but got {steps}")
     if min(dilations) <= 0:
         raise RuntimeError(f"{op}: dilation must be greater than zero, but got {dilations}")
-    for pad, k, d in zip(pads, kernel, dilations):
-        if pad < 0 or pad > ((k - 1) * d + 1) // 2:
-            raise RuntimeError(f"{op}: pad should be at most half of effective kernel size, "
-                               f"but got padding={pads}, kernel_size={kernel} and "
-                               f"dilation={dilations}")
+    # torch's CUDA kernels and its indices path bound padding by the undilated kernel.
+    if any(pad < 0 or pad > k // 2 for pad, k in zip(pads, kernel)):
+        raise RuntimeError(f"{op}: pad should be at most half of kernel size, but got "
+                           f"padding={pads} and kernel_size={kernel}")
     geometry = PoolGeometry(kernel, steps, pads, dilations, bool(ceil_mode))
     out_h, out_w = geometry.output_size(*x.shape[-2:])
     if out_h < 1 or out_w < 1:
@@ -197,6 +199,10 @@ def adaptive_avg_pool2d(input: torch.Tensor,
     When the input already has the output size (AlexNet's 6x6, VGG's 7x7 at 224x224) the
     pool is the identity and ``input`` itself is returned, as ``nn.Identity`` would.
     """
+    if not isinstance(output_size, int) and output_size is not None \
+            and input.dim() <= len(output_size):  # torch's own check, with its error type
+        raise ValueError(f"adaptive_avg_pool2d(): expected a 3D or 4D tensor for input, but "
+                         f"got shape {list(input.shape)} for output_size {output_size}")
     if input.dim() not in (3, 4):
         raise RuntimeError("adaptive_avg_pool2d(): expected a 3D or 4D tensor for input, but "
                            f"got shape {list(input.shape)}")
