@@ -7,7 +7,9 @@ accelerate (float64), it calls torch's own implementation: the documented fallba
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -15,7 +17,11 @@ import torch.nn.functional as F
 
 from fastarch import backend
 from fastarch.kernels import avg_pool as avg_pool_kernels
+from fastarch.kernels import conv2d_dgrad, conv2d_wgrad
+from fastarch.kernels import conv2d_forward as conv_kernels
 from fastarch.kernels import max_pool as max_pool_kernels
+from fastarch.kernels.conv2d_forward import WelfordPartials
+from fastarch.kernels.conv_geometry import ConvGeometry
 from fastarch.kernels.pool_tile import PoolGeometry
 
 IntOrPair = Union[int, Sequence[int]]
@@ -221,3 +227,233 @@ def adaptive_avg_pool2d(input: torch.Tensor,
         return input.new_empty((*input.shape[:-2], *size))
     y = AdaptiveAvgPool2dFunction.apply(_batched(input), size)
     return _unbatched_like(input, y)
+
+
+# ----------------------------------------------------------------------------- conv2d
+
+ConvPadding = Union[str, int, Sequence[int]]
+
+
+def _conv_pair(value: IntOrPair, name: str) -> tuple[int, int]:
+    values = (value,) if isinstance(value, int) else tuple(value)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise TypeError(f"conv2d: {name} must be an int or a tuple of ints, but got {value!r}")
+    if len(values) not in (1, 2):
+        raise RuntimeError(f"conv2d: expected {name} to be a single integer value or a list of "
+                           f"2 values to match the convolution dimensions, but got "
+                           f"{name}={list(values)}")
+    return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
+
+
+def _conv_padding(padding: ConvPadding, kernel: tuple[int, int], strides: tuple[int, int],
+                  dilations: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(top/left, bottom/right) padding; 'same' puts the odd extra row/column at the end."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0), (0, 0)
+        if padding != "same":
+            raise RuntimeError(f"conv2d: invalid padding string {padding!r}, expected 'same' "
+                               "or 'valid'")
+        if strides != (1, 1):
+            raise RuntimeError("conv2d: padding='same' is not supported for strided "
+                               f"convolutions (stride={strides})")
+        totals = [d * (k - 1) for k, d in zip(kernel, dilations)]
+        begin = (totals[0] // 2, totals[1] // 2)
+        return begin, (totals[0] - begin[0], totals[1] - begin[1])
+    pads = _conv_pair(padding, "padding")
+    if min(pads) < 0:
+        raise RuntimeError(f"conv2d: negative padding is not supported, but got padding={pads}")
+    return pads, pads
+
+
+def _conv_geometry(x: torch.Tensor, weight: torch.Tensor, stride: IntOrPair,
+                   padding: ConvPadding, dilation: IntOrPair) -> ConvGeometry:
+    kernel = (weight.shape[2], weight.shape[3])
+    strides = _conv_pair(stride, "stride")
+    dilations = _conv_pair(dilation, "dilation")
+    if min(strides) <= 0:
+        raise RuntimeError(f"conv2d: non-positive stride is not supported, got {strides}")
+    if min(dilations) <= 0:
+        raise RuntimeError(f"conv2d: non-positive dilation is not supported, got {dilations}")
+    begin, end = _conv_padding(padding, kernel, strides, dilations)
+    padded = [size + b + e for size, b, e in zip(x.shape[-2:], begin, end)]
+    effective = [d * (k - 1) + 1 for k, d in zip(kernel, dilations)]
+    if padded[0] < effective[0] or padded[1] < effective[1]:
+        raise RuntimeError(f"conv2d: calculated padded input size per channel: ({padded[0]} x "
+                           f"{padded[1]}). Kernel size: ({effective[0]} x {effective[1]}). "
+                           "Kernel size can't be greater than actual input size")
+    return ConvGeometry(kernel, strides, begin, dilations, end if end != begin else None)
+
+
+def _check_conv_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
+                     ) -> None:
+    """torch's checks and error types: RuntimeError for shapes, devices and mixed dtypes,
+    NotImplementedError for dtypes no convolution kernel implements (integers)."""
+    if x.dim() not in (3, 4):
+        raise RuntimeError("conv2d: expected 3D (unbatched) or 4D (batched) input, but got "
+                           f"input of size: {list(x.shape)}")
+    if weight.dim() != 4:
+        raise RuntimeError("conv2d: expected a 4D weight [out_channels, in_channels, kH, kW], "
+                           f"but got weight of size {list(weight.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"conv2d: expected {name} on the input's device {x.device}, but "
+                               f"got {name} on {t.device}")
+        if t is not None and t.dtype != x.dtype:
+            raise RuntimeError(f"conv2d: input dtype {x.dtype} and {name} dtype {t.dtype} "
+                               "should be the same")
+    if not x.dtype.is_floating_point:
+        raise NotImplementedError(f'"conv2d" not implemented for input dtype {x.dtype}: '
+                                  "convolution takes floating-point tensors")
+    if weight.shape[0] == 0 or 0 in weight.shape[2:]:
+        raise RuntimeError(f"conv2d: expected weight with at least one output channel and a "
+                           f"non-empty kernel, but got weight of size {list(weight.shape)}")
+    if weight.shape[1] != x.shape[-3]:
+        raise RuntimeError(f"conv2d: given groups=1, weight of size {list(weight.shape)}, "
+                           f"expected input{list(x.shape)} to have {weight.shape[1]} channels, "
+                           f"but got {x.shape[-3]} channels instead")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise RuntimeError(f"conv2d: given weight of size {list(weight.shape)}, expected bias "
+                           f"to be 1-dimensional with {weight.shape[0]} elements, but got bias "
+                           f"of size {list(bias.shape)} instead")
+
+
+def _check_scale_shift(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor],
+                       shift: Optional[torch.Tensor]) -> None:
+    if (scale is None) != (shift is None):
+        raise RuntimeError("conv2d_fused: scale and shift go together: give both or neither")
+    if scale is None:
+        return
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t.device != x.device or t.dtype != torch.float32 or \
+                tuple(t.shape) != (weight.shape[0],):
+            raise RuntimeError(f"conv2d_fused: expected {name} to be a float32 tensor of "
+                               f"{weight.shape[0]} elements on {x.device}, but got "
+                               f"{t.dtype} of size {list(t.shape)} on {t.device}")
+        if t.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(f"conv2d_fused: {name} must not require grad: scale/shift are "
+                               "constants (an eval-mode BatchNorm folded into the conv)")
+
+
+def _autocast_conv_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """What torch.autocast does to a conv2d's arguments: floating tensors other than float64
+    become the autocast dtype."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        eligible = t is not None and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if eligible else t
+    return cast(x), cast(weight), cast(bias)
+
+
+class Conv2dFunction(torch.autograd.Function):
+    """conv2d with the fused epilogue; gradients reach input, weight and bias through ReLU
+    and the (constant) scale. The Welford partials are extra, non-differentiable outputs."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
+                geometry: ConvGeometry, relu: bool, stats: bool):
+        y, partials = conv_kernels.conv2d_forward(x, weight, bias, geometry, scale, shift,
+                                                  relu, stats)
+        ctx.geometry = geometry
+        ctx.input_shape = x.shape
+        ctx.weight_shape = weight.shape
+        ctx.memory_format = backend.memory_format_of(x)
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None,
+                              weight if ctx.needs_input_grad[0] else None,
+                              scale, y if relu else None)
+        if partials is None:
+            return y
+        ctx.mark_non_differentiable(*partials)
+        return y, *partials
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor, *unused_partial_grads):
+        x, weight, scale, y = ctx.saved_tensors
+        if y is not None:
+            dy = dy.masked_fill(y <= 0, 0)  # ReLU: torch's threshold_backward (NaN passes)
+        if scale is not None:
+            dy = (dy.float() * scale.view(1, -1, 1, 1)).to(dy.dtype)
+        allow_tf32 = conv_kernels.cudnn_conv_allows_tf32()
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = conv2d_dgrad.conv2d_input_grad(dy, weight, ctx.input_shape, ctx.memory_format,
+                                                ctx.geometry, allow_tf32)
+        if ctx.needs_input_grad[1]:
+            dw, db = conv2d_wgrad.conv2d_weight_grad(x, dy, ctx.weight_shape, ctx.geometry,
+                                                     ctx.needs_input_grad[2], allow_tf32)
+        elif ctx.needs_input_grad[2]:
+            db = dy.sum((0, 2, 3), dtype=torch.float32).to(dy.dtype)
+        return dx, dw, db, None, None, None, None, None
+
+
+def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           stride: IntOrPair = 1, padding: ConvPadding = 0, dilation: IntOrPair = 1,
+           groups: int = 1) -> torch.Tensor:
+    """torch.nn.functional.conv2d on our implicit-GEMM kernels; the output takes the input's
+    memory format. groups > 1 runs torch's convolution (a counted fallback), as does float64.
+    Under torch.autocast the arguments are cast as torch would cast them."""
+    input, weight, bias = _autocast_conv_args(input, weight, bias)
+    if groups != 1:
+        backend.fallback_counts["conv2d"] += 1
+        return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    _check_conv_args(input, weight, bias)
+    geometry = _conv_geometry(input, weight, stride, padding, dilation)
+    if not backend.use_triton("conv2d", input):
+        return F.conv2d(input, weight, bias, stride, padding, dilation)
+    y = Conv2dFunction.apply(_batched(input), weight, bias, None, None, geometry, False, False)
+    return _unbatched_like(input, y)
+
+
+def conv2d_fused(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 stride: IntOrPair = 1, padding: ConvPadding = 0, dilation: IntOrPair = 1, *,
+                 scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None,
+                 relu: bool = False, stats: bool = False
+                 ) -> tuple[torch.Tensor, Optional[WelfordPartials]]:
+    """conv2d (groups=1) with the epilogue fused into the kernel:
+    y = relu?((conv(input, weight) + bias) * scale + shift), and with ``stats`` the
+    BatchNorm statistics of conv + bias (before scale/shift/ReLU) as per-tile Welford
+    partials [tiles, out_channels] (fp32; float64 input, which runs torch, gives one float64
+    tile); ``kernels.conv2d_forward.merge_welford_partials`` turns them into mean and var.
+
+    ``scale`` and ``shift`` are per-output-channel float32 constants (an eval-mode BatchNorm
+    folded in): they must not require grad. Input, weight and bias get gradients."""
+    input, weight, bias = _autocast_conv_args(input, weight, bias)
+    _check_conv_args(input, weight, bias)
+    _check_scale_shift(input, weight, scale, shift)
+    geometry = _conv_geometry(input, weight, stride, padding, dilation)
+    if not backend.use_triton("conv2d_fused", input):
+        return _conv2d_fused_torch(input, weight, bias, stride, padding, dilation, scale, shift,
+                                   relu, stats)
+    out = Conv2dFunction.apply(_batched(input), weight, bias, scale, shift, geometry, relu,
+                               stats)
+    if not stats:
+        return _unbatched_like(input, out), None
+    return _unbatched_like(input, out[0]), WelfordPartials(*out[1:])
+
+
+def _conv2d_fused_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        stride: IntOrPair, padding: ConvPadding, dilation: IntOrPair,
+                        scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
+                        relu: bool, stats: bool) -> tuple[torch.Tensor, Optional[WelfordPartials]]:
+    """The fallback: torch's conv2d, then the epilogue as torch ops; the partials are one
+    tile holding the whole output."""
+    y = F.conv2d(_batched(x), weight, bias, stride, padding, dilation)
+    partials = None
+    if stats:
+        values = y.detach().to(torch.promote_types(y.dtype, torch.float32))
+        var, mean = torch.var_mean(values, dim=(0, 2, 3), unbiased=False)
+        count = torch.full_like(mean, y.numel() // y.shape[1])
+        partials = WelfordPartials(count[None], mean[None], (var * count)[None])
+    if scale is not None:
+        channel = (1, -1, 1, 1)
+        y = (y * scale.view(channel) + shift.view(channel)).to(y.dtype)
+    if relu:
+        y = torch.relu(y)
+    return _unbatched_like(x, y), partials
+
+

@@ -27,6 +27,12 @@ from typing import Any
 KERNEL_MODULES = (
     "fastarch.kernels.max_pool",
     "fastarch.kernels.avg_pool",
+    "fastarch.kernels.conv2d_forward",
+    "fastarch.kernels.conv2d_dgrad",
+    "fastarch.kernels.conv2d_wgrad",
+    "fastarch.kernels.linear",
+    "fastarch.kernels.batch_norm",
+    "fastarch.kernels.relu",
 )
 
 _TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64",
