@@ -19,6 +19,7 @@ from fastarch import backend
 from fastarch.kernels import avg_pool as avg_pool_kernels
 from fastarch.kernels import conv2d_dgrad, conv2d_wgrad
 from fastarch.kernels import conv2d_forward as conv_kernels
+from fastarch.kernels import linear as linear_kernels
 from fastarch.kernels import max_pool as max_pool_kernels
 from fastarch.kernels.conv2d_forward import WelfordPartials
 from fastarch.kernels.conv_geometry import ConvGeometry
@@ -457,3 +458,142 @@ def _conv2d_fused_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     return _unbatched_like(x, y), partials
 
 
+# ----------------------------------------------------------------------------- linear, dropout
+
+def _check_dropout_p(p: float) -> None:
+    if p < 0.0 or p > 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+
+
+def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       op: str) -> None:
+    """torch's error types: RuntimeError for shapes, devices and mixed dtypes,
+    NotImplementedError for dtypes no matmul kernel implements (integers)."""
+    if x.dim() == 0:
+        raise RuntimeError(f"{op}: expected input with at least one dimension, but got a 0-D "
+                           "tensor")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"{op}: expected {name} on the input's device {x.device}, but "
+                               f"got {name} on {t.device}")
+        if t is not None and t.dtype != x.dtype:
+            raise RuntimeError(f"{op}: input dtype {x.dtype} and {name} dtype {t.dtype} "
+                               "should be the same")
+    if not x.dtype.is_floating_point:
+        raise NotImplementedError(f'"{op}" not implemented for input dtype {x.dtype}: linear '
+                                  "layers take floating-point tensors")
+    if weight.shape[1] != x.shape[-1]:
+        raise RuntimeError(f"{op}: input of size {list(x.shape)} has {x.shape[-1]} features "
+                           f"but weight of size {list(weight.shape)} expects "
+                           f"in_features={weight.shape[1]}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise RuntimeError(f"{op}: given weight of size {list(weight.shape)}, expected bias "
+                           f"to be 1-dimensional with {weight.shape[0]} elements, but got bias "
+                           f"of size {list(bias.shape)} instead")
+
+
+class LinearFunction(torch.autograd.Function):
+    """dropout(relu(x @ W^T + b)) of a 2-D x. Backward recomputes the ReLU mask from the
+    saved output and regenerates the dropout mask from ``seed`` (never stored)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                relu: bool, p: float, seed: Optional[torch.Tensor]):
+        y = linear_kernels.linear_forward(x, weight, bias, relu, p, seed,
+                                          linear_kernels.matmul_allows_tf32())
+        ctx.relu = relu
+        ctx.p = p
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None,
+                              weight if ctx.needs_input_grad[0] else None,
+                              y if relu else None, seed)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight, y, seed = ctx.saved_tensors
+        bias_dtype = ctx.bias_dtype if ctx.needs_input_grad[2] else None
+        dx, dw, db = linear_kernels.linear_backward(dy, x, weight, y, seed, ctx.relu, ctx.p,
+                                                    bias_dtype,
+                                                    linear_kernels.matmul_allows_tf32())
+        return dx, dw, db, None, None, None
+
+
+def _linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  relu: bool, p: float) -> torch.Tensor:
+    y = F.linear(x, weight, bias)
+    if relu:
+        y = F.relu(y)
+    return F.dropout(y, p, training=True) if p > 0 else y
+
+
+def linear_relu_dropout(input: torch.Tensor, weight: torch.Tensor,
+                        bias: Optional[torch.Tensor] = None, relu: bool = True, p: float = 0.5,
+                        training: bool = True) -> torch.Tensor:
+    """dropout(relu(linear(input, weight, bias)), p, training) in one GEMM: torchvision's
+    classifier block (Linear, ReLU, Dropout). ``relu`` and the dropout (``training`` and
+    ``p`` > 0) are each optional; the input may have any leading dimensions and strides.
+    The dropout seed is drawn from torch's generator on the input's device at every call.
+    fp32 uses TF32 when ``torch.backends.cuda.matmul.allow_tf32`` is on. A weight that is not
+    2-D (torch also takes 1-D) and float64 run torch's implementation (a counted fallback);
+    under torch.autocast the arguments are cast as torch would cast them."""
+    _check_dropout_p(p)
+    input, weight, bias = _autocast_conv_args(input, weight, bias)
+    p = float(p) if training else 0.0
+    if weight.dim() != 2:
+        backend.fallback_counts["linear"] += 1
+        return _linear_torch(input, weight, bias, relu, p)
+    _check_linear_args(input, weight, bias, "linear")
+    if not backend.use_triton("linear", input):
+        return _linear_torch(input, weight, bias, relu, p)
+    seed = linear_kernels.new_seed(input.device) if p > 0 else None
+    x2d = input.reshape(input.shape[:-1].numel(), input.shape[-1])
+    y = LinearFunction.apply(x2d, weight, bias, relu, p, seed)
+    return y if input.dim() == 2 else y.view(*input.shape[:-1], weight.shape[0])
+
+
+def linear(input: torch.Tensor, weight: torch.Tensor,
+           bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """torch.nn.functional.linear on our GEMM (see :func:`linear_relu_dropout`)."""
+    return linear_relu_dropout(input, weight, bias, relu=False, p=0.0, training=False)
+
+
+class DropoutFunction(torch.autograd.Function):
+    """Dropout of a dense tensor (contiguous or channels_last), the mask keyed on memory
+    order and regenerated from ``seed`` in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float, seed: torch.Tensor, inplace: bool):
+        ctx.p = p
+        ctx.memory_format = backend.memory_format_of(x)
+        ctx.save_for_backward(seed)
+        if inplace:
+            ctx.mark_dirty(x)
+            return linear_kernels.dropout_forward(x, p, seed, out=x)
+        return linear_kernels.dropout_forward(x, p, seed)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        (seed,) = ctx.saved_tensors
+        dy = dy.contiguous(memory_format=ctx.memory_format)  # the mask follows memory order
+        return linear_kernels.dropout_forward(dy, ctx.p, seed), None, None, None
+
+
+def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True,
+            inplace: bool = False) -> torch.Tensor:
+    """torch.nn.functional.dropout on our Philox kernel: the identity (``input`` itself) when
+    not training or p = 0. A tensor that is neither contiguous nor channels_last is copied
+    to a contiguous one first (in place: and the result copied back)."""
+    _check_dropout_p(p)
+    if not training or p == 0:
+        return input
+    if not input.dtype.is_floating_point:
+        raise RuntimeError(f"dropout: expected a floating-point input, but got input dtype "
+                           f"{input.dtype}")
+    if not backend.use_triton("dropout", input):
+        return F.dropout(input, p, training, inplace)
+    seed = linear_kernels.new_seed(input.device)
+    if input.is_contiguous(memory_format=backend.memory_format_of(input)):
+        return DropoutFunction.apply(input, float(p), seed, inplace)
+    y = DropoutFunction.apply(input.contiguous(), float(p), seed, False)
+    return input.copy_(y) if inplace else y
