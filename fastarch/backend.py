@@ -37,8 +37,13 @@ def use_triton(op: str, tensor: torch.Tensor) -> bool:
     """Decide between our kernel and torch's fallback for ``op``; counts every fallback."""
     if runs_triton(tensor) and tensor.dtype in ACCELERATED_DTYPES:
         return True
-    fallback_counts[op] += 1
+    count_fallback(op)
     return False
+
+
+def count_fallback(op: str) -> None:
+    """Record that ``op`` ran torch's implementation (for arguments we do not accelerate)."""
+    fallback_counts[op] += 1
 
 
 def empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device,

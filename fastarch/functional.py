@@ -17,10 +17,13 @@ import torch.nn.functional as F
 
 from fastarch import backend
 from fastarch.kernels import avg_pool as avg_pool_kernels
+from fastarch.kernels import batch_norm as bn_kernels
 from fastarch.kernels import conv2d_dgrad, conv2d_wgrad
 from fastarch.kernels import conv2d_forward as conv_kernels
 from fastarch.kernels import linear as linear_kernels
 from fastarch.kernels import max_pool as max_pool_kernels
+from fastarch.kernels import relu as relu_kernels
+from fastarch.kernels import tensor_cores
 from fastarch.kernels.conv2d_forward import WelfordPartials
 from fastarch.kernels.conv_geometry import ConvGeometry
 from fastarch.kernels.pool_tile import PoolGeometry
@@ -230,6 +233,258 @@ def adaptive_avg_pool2d(input: torch.Tensor,
     return _unbatched_like(input, y)
 
 
+# ----------------------------------------------------------------------------- batch norm
+
+def _check_batch_norm_args(x: torch.Tensor, running_mean: Optional[torch.Tensor],
+                           running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                           bias: Optional[torch.Tensor], training: bool) -> None:
+    """torch's checks, error types and messages for F.batch_norm."""
+    if x.dim() < 2:
+        raise RuntimeError("batch_norm: expected input with at least 2 dimensions (N, C, ...), "
+                           f"but got shape {list(x.shape)}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("batch_norm: running_mean and running_var must either both be None or "
+                         "neither be None")
+    if not training and running_mean is None:
+        raise RuntimeError("batch_norm: running_mean must be defined in evaluation mode")
+    if not x.dtype.is_floating_point:
+        raise NotImplementedError(f'"batch_norm" not implemented for input dtype {x.dtype}: '
+                                  "batch norm takes floating-point tensors")
+    channels = x.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        if t is not None and t.numel() != channels:
+            raise RuntimeError(f"batch_norm: {name} should contain {channels} elements not "
+                               f"{t.numel()}")
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"batch_norm: expected {name} on the input's device {x.device}, "
+                               f"but got {name} on {t.device}")
+    if training and x.shape[0] * math.prod(x.shape[2:]) == 1:
+        raise ValueError("Expected more than 1 value per channel when training, got input size "
+                         f"{x.size()}")
+
+
+def _as_4d(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, ...) as a 4-D view (N, C, H, W) the kernels take."""
+    if x.dim() == 2:
+        return x[:, :, None, None]
+    if x.dim() == 3:
+        return x.unsqueeze(-1)
+    return x if x.dim() == 4 else x.flatten(2, -2)
+
+
+@dataclass(frozen=True)
+class _FusedPool:
+    """The pool a BatchNorm (+ ReLU) runs fused into: max, or avg with its divisor rules."""
+    geometry: PoolGeometry
+    is_max: bool
+    count_include_pad: bool = True
+    divisor_override: Optional[int] = None
+
+    def backward(self, dy: torch.Tensor, offsets: Optional[torch.Tensor],
+                 x: torch.Tensor) -> torch.Tensor:
+        """The gradient of the pool's input (the normalised, ReLU'd x): the pools' gathers."""
+        fmt = backend.memory_format_of(x)
+        if self.is_max:
+            return max_pool_kernels.max_pool2d_backward(dy, offsets, x.shape, fmt, self.geometry)
+        return avg_pool_kernels.avg_pool2d_backward(dy, x.shape, fmt, self.geometry,
+                                                    self.count_include_pad,
+                                                    self.divisor_override)
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """BatchNorm2d on a 4-D input, then ReLU (``relu``), then a pool (``pool``) whose input,
+    the normalised tensor, is never written. Training updates the running statistics in
+    place (when given) and saves fp32 mean / invstd; eval normalises with the running ones.
+    Backward recomputes x_hat (and the ReLU mask) from x; with a pool it first runs the
+    pool's backward gather to get the gradient of the normalised tensor."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: Optional[torch.Tensor],
+                bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
+                running_var: Optional[torch.Tensor], training: bool, momentum: float,
+                eps: float, relu: bool, pool: Optional[_FusedPool]):
+        if training:
+            stats = bn_kernels.batch_norm_finalize(*bn_kernels.welford_partials(x), weight, bias,
+                                                   running_mean, running_var, momentum, eps)
+        else:
+            stats = bn_kernels.batch_norm_running_statistics(running_mean, running_var, weight,
+                                                             bias, eps)
+        offsets = None
+        if pool is None:
+            y = bn_kernels.batch_norm_apply(x, stats, relu)
+        elif pool.is_max:
+            y, offsets = bn_kernels.batch_norm_max_pool2d_forward(
+                x, stats, relu, pool.geometry, keep_offsets=any(ctx.needs_input_grad[:3]))
+        else:
+            y = bn_kernels.batch_norm_avg_pool2d_forward(x, stats, relu, pool.geometry,
+                                                         pool.count_include_pad,
+                                                         pool.divisor_override)
+        ctx.training, ctx.relu, ctx.pool = training, relu, pool
+        ctx.grad_dtypes = (None if weight is None else weight.dtype,
+                           None if bias is None else bias.dtype)
+        ctx.save_for_backward(x, *stats, offsets)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, mean, invstd, scale, shift, offsets = ctx.saved_tensors
+        stats = bn_kernels.BatchNormStatistics(mean, invstd, scale, shift)
+        if ctx.pool is not None:
+            dy = ctx.pool.backward(dy, offsets, x)
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        sums = dw = db = None
+        if (need_dx and ctx.training) or need_dw or need_db:
+            sums, dw, db = bn_kernels.batch_norm_backward_sums(
+                x, dy, stats, ctx.relu, ctx.grad_dtypes[0] if need_dw else None,
+                ctx.grad_dtypes[1] if need_db else None)
+        dx = None
+        if need_dx:
+            dx = bn_kernels.batch_norm_backward_input(x, dy, stats,
+                                                      sums if ctx.training else None, ctx.relu)
+        return dx, dw, db, None, None, None, None, None, None, None
+
+
+def _use_batch_norm_kernels(op: str, input: torch.Tensor) -> bool:
+    """Our kernels, except for empty inputs and what ``backend`` sends to torch (counted)."""
+    if input.numel() == 0:
+        backend.count_fallback(op)
+        return False
+    return backend.use_triton(op, input)
+
+
+def _batch_norm(op: str, input: torch.Tensor, running_mean: Optional[torch.Tensor],
+                running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                bias: Optional[torch.Tensor], training: bool, momentum: float, eps: float,
+                relu: bool) -> torch.Tensor:
+    _check_batch_norm_args(input, running_mean, running_var, weight, bias, training)
+    if not _use_batch_norm_kernels(op, input):
+        y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return F.relu(y) if relu else y
+    y = BatchNormFunction.apply(_as_4d(input), weight, bias, running_mean, running_var,
+                                bool(training), float(momentum), float(eps), relu, None)
+    return y if input.dim() == 4 else y.view(input.shape)
+
+
+def batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor],
+               running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor] = None,
+               bias: Optional[torch.Tensor] = None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+    """torch.nn.functional.batch_norm on our kernels for (N, C, ...) inputs; statistics in
+    fp32 whatever the input dtype. ``momentum`` is the exponential-average factor of the
+    running statistics (1/num_batches_tracked gives the cumulative average). Empty inputs
+    and float64 run torch's implementation."""
+    return _batch_norm("batch_norm", input, running_mean, running_var, weight, bias, training,
+                       momentum, eps, relu=False)
+
+
+def batch_norm_relu(input: torch.Tensor, running_mean: Optional[torch.Tensor],
+                    running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor] = None,
+                    bias: Optional[torch.Tensor] = None, training: bool = False,
+                    momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+    """relu(batch_norm(...)): the ReLU runs inside the normalising pass, and its backward
+    mask is recomputed from the input, so the BatchNorm output is never saved."""
+    return _batch_norm("batch_norm_relu", input, running_mean, running_var, weight, bias,
+                       training, momentum, eps, relu=True)
+
+
+def _batch_norm_pool(op: str, input: torch.Tensor, running_mean: Optional[torch.Tensor],
+                     running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                     bias: Optional[torch.Tensor], training: bool, momentum: float, eps: float,
+                     relu: bool, pool: _FusedPool,
+                     torch_pool: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    if not _use_batch_norm_kernels(op, input):
+        y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return torch_pool(F.relu(y) if relu else y)
+    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
+                                   bool(training), float(momentum), float(eps), relu, pool)
+
+
+def _check_batch_norm_pool_input(input: torch.Tensor, op: str) -> None:
+    if input.dim() != 4:
+        raise RuntimeError(f"{op}: expected a 4D (N, C, H, W) input, but got shape "
+                           f"{list(input.shape)}")
+
+
+def batch_norm_max_pool2d(input: torch.Tensor, running_mean: Optional[torch.Tensor],
+                          running_var: Optional[torch.Tensor],
+                          weight: Optional[torch.Tensor] = None,
+                          bias: Optional[torch.Tensor] = None, training: bool = False,
+                          momentum: float = 0.1, eps: float = 1e-5, *, relu: bool = True,
+                          kernel_size: IntOrPair, stride: Optional[IntOrPair] = None,
+                          padding: IntOrPair = 0, dilation: IntOrPair = 1,
+                          ceil_mode: bool = False) -> torch.Tensor:
+    """max_pool2d(relu(batch_norm(input, ...))) (ReLU only if ``relu``) for a 4-D input,
+    without writing the normalised tensor; the arguments are F.batch_norm's then
+    F.max_pool2d's (no return_indices)."""
+    _check_batch_norm_pool_input(input, "batch_norm_max_pool2d")
+    _check_batch_norm_args(input, running_mean, running_var, weight, bias, training)
+    _check_pool_input(input, "max_pool2d")
+    geometry = _pool_geometry("max_pool2d", input, kernel_size, stride, padding, dilation,
+                              ceil_mode)
+    return _batch_norm_pool(
+        "batch_norm_max_pool2d", input, running_mean, running_var, weight, bias, training,
+        momentum, eps, relu, _FusedPool(geometry, is_max=True),
+        lambda y: F.max_pool2d(y, kernel_size, stride, padding, dilation, ceil_mode))
+
+
+def batch_norm_avg_pool2d(input: torch.Tensor, running_mean: Optional[torch.Tensor],
+                          running_var: Optional[torch.Tensor],
+                          weight: Optional[torch.Tensor] = None,
+                          bias: Optional[torch.Tensor] = None, training: bool = False,
+                          momentum: float = 0.1, eps: float = 1e-5, *, relu: bool = True,
+                          kernel_size: IntOrPair, stride: Optional[IntOrPair] = None,
+                          padding: IntOrPair = 0, ceil_mode: bool = False,
+                          count_include_pad: bool = True,
+                          divisor_override: Optional[int] = None) -> torch.Tensor:
+    """avg_pool2d(relu(batch_norm(input, ...))) (ReLU only if ``relu``) for a 4-D input,
+    without writing the normalised tensor; the arguments are F.batch_norm's then
+    F.avg_pool2d's."""
+    _check_batch_norm_pool_input(input, "batch_norm_avg_pool2d")
+    _check_batch_norm_args(input, running_mean, running_var, weight, bias, training)
+    _check_pool_input(input, "avg_pool2d")
+    geometry = _pool_geometry("avg_pool2d", input, kernel_size, stride, padding, 1, ceil_mode)
+    if divisor_override is not None and divisor_override == 0:
+        raise RuntimeError("avg_pool2d: divisor_override must be non-zero")
+    pool = _FusedPool(geometry, is_max=False, count_include_pad=bool(count_include_pad),
+                      divisor_override=divisor_override)
+    return _batch_norm_pool(
+        "batch_norm_avg_pool2d", input, running_mean, running_var, weight, bias, training,
+        momentum, eps, relu, pool,
+        lambda y: F.avg_pool2d(y, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                               divisor_override))
+
+
+# ----------------------------------------------------------------------------- relu
+
+class ReLUFunction(torch.autograd.Function):
+    """ReLU on a dense tensor; in place marks the input dirty (as torch.relu_ does)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, inplace: bool):
+        y = relu_kernels.relu_forward(x, inplace)
+        if inplace:
+            ctx.mark_dirty(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        (y,) = ctx.saved_tensors
+        return relu_kernels.relu_backward(y, dy), None
+
+
+def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """torch.nn.functional.relu on our kernel. Inputs neither contiguous nor channels_last
+    run on a contiguous copy (and, in place, are written back from it)."""
+    if not backend.use_triton("relu", input):
+        return torch.relu_(input) if inplace else torch.relu(input)
+    if relu_kernels.dense_format(input) is not None:
+        return ReLUFunction.apply(input, bool(inplace))
+    y = ReLUFunction.apply(input.contiguous(), False)
+    return input.copy_(y) if inplace else y
+
+
 # ----------------------------------------------------------------------------- conv2d
 
 ConvPadding = Union[str, int, Sequence[int]]
@@ -336,7 +591,7 @@ def _check_scale_shift(x: torch.Tensor, weight: torch.Tensor, scale: Optional[to
                                "constants (an eval-mode BatchNorm folded into the conv)")
 
 
-def _autocast_conv_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+def _autocast_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
     """What torch.autocast does to a conv2d's arguments: floating tensors other than float64
     become the autocast dtype."""
     device_type = x.device.type
@@ -379,7 +634,7 @@ class Conv2dFunction(torch.autograd.Function):
             dy = dy.masked_fill(y <= 0, 0)  # ReLU: torch's threshold_backward (NaN passes)
         if scale is not None:
             dy = (dy.float() * scale.view(1, -1, 1, 1)).to(dy.dtype)
-        allow_tf32 = conv_kernels.cudnn_conv_allows_tf32()
+        allow_tf32 = tensor_cores.cudnn_conv_allows_tf32()
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             dx = conv2d_dgrad.conv2d_input_grad(dy, weight, ctx.input_shape, ctx.memory_format,
@@ -398,9 +653,9 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     """torch.nn.functional.conv2d on our implicit-GEMM kernels; the output takes the input's
     memory format. groups > 1 runs torch's convolution (a counted fallback), as does float64.
     Under torch.autocast the arguments are cast as torch would cast them."""
-    input, weight, bias = _autocast_conv_args(input, weight, bias)
+    input, weight, bias = _autocast_args(input, weight, bias)
     if groups != 1:
-        backend.fallback_counts["conv2d"] += 1
+        backend.count_fallback("conv2d")
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
     _check_conv_args(input, weight, bias)
     geometry = _conv_geometry(input, weight, stride, padding, dilation)
@@ -423,7 +678,7 @@ def conv2d_fused(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 
     ``scale`` and ``shift`` are per-output-channel float32 constants (an eval-mode BatchNorm
     folded in): they must not require grad. Input, weight and bias get gradients."""
-    input, weight, bias = _autocast_conv_args(input, weight, bias)
+    input, weight, bias = _autocast_args(input, weight, bias)
     _check_conv_args(input, weight, bias)
     _check_scale_shift(input, weight, scale, shift)
     geometry = _conv_geometry(input, weight, stride, padding, dilation)
@@ -500,7 +755,7 @@ class LinearFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 relu: bool, p: float, seed: Optional[torch.Tensor]):
         y = linear_kernels.linear_forward(x, weight, bias, relu, p, seed,
-                                          linear_kernels.matmul_allows_tf32())
+                                          tensor_cores.matmul_allows_tf32())
         ctx.relu = relu
         ctx.p = p
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -515,7 +770,7 @@ class LinearFunction(torch.autograd.Function):
         bias_dtype = ctx.bias_dtype if ctx.needs_input_grad[2] else None
         dx, dw, db = linear_kernels.linear_backward(dy, x, weight, y, seed, ctx.relu, ctx.p,
                                                     bias_dtype,
-                                                    linear_kernels.matmul_allows_tf32())
+                                                    tensor_cores.matmul_allows_tf32())
         return dx, dw, db, None, None, None
 
 
@@ -538,10 +793,10 @@ def linear_relu_dropout(input: torch.Tensor, weight: torch.Tensor,
     2-D (torch also takes 1-D) and float64 run torch's implementation (a counted fallback);
     under torch.autocast the arguments are cast as torch would cast them."""
     _check_dropout_p(p)
-    input, weight, bias = _autocast_conv_args(input, weight, bias)
+    input, weight, bias = _autocast_args(input, weight, bias)
     p = float(p) if training else 0.0
     if weight.dim() != 2:
-        backend.fallback_counts["linear"] += 1
+        backend.count_fallback("linear")
         return _linear_torch(input, weight, bias, relu, p)
     _check_linear_args(input, weight, bias, "linear")
     if not backend.use_triton("linear", input):

@@ -29,6 +29,7 @@ from fastarch import backend
 from . import configs
 from .conv_geometry import ConvGeometry
 from .launch import Launch
+from .tensor_cores import dot, dot_precision, operand_kind, upcast_operands
 from .pool_tile import meta_tensor, strided_args
 
 
@@ -43,16 +44,6 @@ def split_pixels(start, count, H, W, BLOCK: tl.constexpr):
     hw = local % (H * W)
     n = image.to(tl.int32) + local // (H * W)
     return n, hw // W, hw % W, tl.arange(0, BLOCK) < count - start
-
-
-@triton.jit
-def dot(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr):
-    """acc + a @ b. The Triton 3.6 interpreter multiplies bf16 operands as their raw uint16
-    bits, so interpreted bf16 upcasts first (exact: a bf16 product fits in fp32)."""
-    if UPCAST_OPERANDS:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
 
 @triton.jit
@@ -134,22 +125,6 @@ def conv2d_dgrad_kernel(
              acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
 
-def input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
-    """The dot's operand mode: fp32 rounds to TF32 only when allowed; 16-bit ignores it."""
-    return "ieee" if dtype == torch.float32 and not allow_tf32 else "tf32"
-
-
-def upcast_operands(dtype: torch.dtype) -> bool:
-    return backend.INTERPRETER and dtype == torch.bfloat16
-
-
-def operand_kind(dtype: torch.dtype, allow_tf32: bool) -> str:
-    """The config family: "16bit", "tf32" or "ieee" (fp32 without TF32: no tensor cores)."""
-    if dtype != torch.float32:
-        return "16bit"
-    return "tf32" if allow_tf32 else "ieee"
-
-
 def phase_steps(stride: int, dilation: int) -> tuple[int, int, int]:
     """(tap step, output-row step, inverse): taps reaching one stride phase repeat every
     stride / g (g = gcd(stride, dilation)) and move the output row by dilation / g; the
@@ -210,7 +185,7 @@ def conv2d_input_grad(dy: torch.Tensor, weight: torch.Tensor, input_shape: torch
     config = configs.conv_dgrad_config(C, K_out, operand_kind(dy.dtype, allow_tf32),
                                        backend.INTERPRETER, phase_pixels(N, H, W, geometry))
     dgrad_launch(dy, dgrad_weight(weight), dx, geometry,
-                 input_precision(dy.dtype, allow_tf32), config)()
+                 dot_precision(dy.dtype, allow_tf32), config)()
     return dx
 
 
@@ -233,7 +208,7 @@ def sm90_launches() -> list[Launch]:
                 meta_tensor((N, K_out) + geometry.output_size(H, W), dtype),
                 dgrad_weight(meta_tensor((K_out, C) + geometry.kernel, dtype)),
                 meta_tensor((N, C, H, W), dtype), geometry,
-                input_precision(dtype, operand != "ieee"), config)
+                dot_precision(dtype, operand != "ieee"), config)
             name = f"{launch.name[:-1]},s{geometry.stride[0]}]"
             launches.setdefault(name, dataclasses.replace(launch, name=name))
     return list(launches.values())

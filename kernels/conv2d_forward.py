@@ -38,17 +38,8 @@ from fastarch import backend
 from . import configs
 from .conv_geometry import ConvGeometry
 from .launch import Launch
+from .tensor_cores import cudnn_conv_allows_tf32, dot, operand_kind, upcast_operands
 from .pool_tile import meta_tensor, split_pixel, strided_args
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr):
-    # The Triton 3.6 interpreter multiplies bf16 dot operands as their raw uint16 bits, so
-    # interpreted bf16 runs upcast them first (exact: a bf16 product fits in fp32).
-    if UPCAST_OPERANDS:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -77,7 +68,7 @@ def _channel_tile_loop(acc, x_ptr, w_ptr, pixel_base, h0, w0, m_ok, w_cols, k_ou
             c_ok = c < C
             a = tl.load(a_ptrs, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=c_ok[:, None] & k_out_ok[None, :], other=0.0)
-        acc = _dot(a, b, acc, DOT_PRECISION, UPCAST_OPERANDS)
+        acc = dot(a, b, acc, DOT_PRECISION, UPCAST_OPERANDS)
     return acc
 
 
@@ -104,7 +95,7 @@ def _flat_k_loop(acc, x_ptr, w_ptr, pixel_base, h0, w0, m_ok, w_cols, k_out_ok,
                     other=0.0)
         b = tl.load(w_ptr + k[:, None] + w_cols[None, :],
                     mask=k_ok[:, None] & k_out_ok[None, :], other=0.0)
-        acc = _dot(a, b, acc, DOT_PRECISION, UPCAST_OPERANDS)
+        acc = dot(a, b, acc, DOT_PRECISION, UPCAST_OPERANDS)
     return acc
 
 
@@ -198,26 +189,6 @@ def merge_welford_partials(count: torch.Tensor, mean: torch.Tensor, m2: torch.Te
     return merged_mean, merged_m2 / (total - 1 if unbiased else total)
 
 
-def cudnn_conv_allows_tf32() -> bool:
-    """torch's TF32 switch for convolutions: ``torch.backends.cudnn.allow_tf32`` or the newer
-    per-op ``fp32_precision`` ("none" defers to the enclosing backend, then the global)."""
-    backends = torch.backends
-    if not hasattr(backends.cudnn, "conv"):
-        return bool(backends.cudnn.allow_tf32)
-    for precision in (backends.cudnn.conv.fp32_precision, backends.cudnn.fp32_precision,
-                      backends.fp32_precision):
-        if precision != "none":
-            return precision == "tf32"
-    return False
-
-
-def operand_kind(dtype: torch.dtype, allow_tf32: bool) -> str:
-    """The config family of a dtype: "16bit", "tf32" or "ieee" (fp32 without tensor cores)."""
-    if dtype != torch.float32:
-        return "16bit"
-    return "tf32" if allow_tf32 else "ieee"
-
-
 def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
     """[K_out, C, R, S] -> [K_out, R, S, C] contiguous, the [K_out, R*S*C] GEMM operand
     (a view, no copy, for a channels_last weight)."""
@@ -251,7 +222,7 @@ def forward_launch(x: torch.Tensor, weight_rsc: torch.Tensor, bias: torch.Tensor
                     "HAS_BIAS": bias is not None, "STATS": stats is not None,
                     "HAS_SCALE_SHIFT": scale is not None, "RELU": relu,
                     "DOT_PRECISION": "ieee" if operand == "ieee" else "tf32",
-                    "UPCAST_OPERANDS": backend.INTERPRETER and x.dtype == torch.bfloat16,
+                    "UPCAST_OPERANDS": upcast_operands(x.dtype),
                     "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
                     "BLOCK_K": config.block_k},
         num_warps=config.num_warps, num_stages=config.num_stages,

@@ -26,9 +26,10 @@ import triton.language as tl
 from fastarch import backend
 
 from . import configs
-from .conv2d_dgrad import dot, input_precision, operand_kind, split_pixels, upcast_operands
+from .conv2d_dgrad import split_pixels
 from .conv_geometry import ConvGeometry
 from .launch import Launch
+from .tensor_cores import dot, dot_precision, operand_kind, upcast_operands
 from .pool_tile import meta_tensor, strided_args
 
 # Hopper's SM count, used where no device can be asked (the compile check's meta tensors).
@@ -220,7 +221,7 @@ def wgrad_plan(x: torch.Tensor, dy: torch.Tensor, weight_shape: torch.Size,
         config.block_k)
     dw = backend.empty(weight_shape, x.dtype, x.device)
     db = backend.empty((K_out,), x.dtype, x.device) if need_bias_grad else None
-    precision = input_precision(x.dtype, allow_tf32)
+    precision = dot_precision(x.dtype, allow_tf32)
     sk, sc, sr, ss = dw.stride()
     if splits == 1:
         main = wgrad_launch(x, dy, dw, (0, sr, ss, sc, sk), db, (0, 1), 1, per_split,

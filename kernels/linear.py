@@ -37,19 +37,10 @@ from fastarch import backend
 
 from . import configs
 from .launch import Launch
+from .tensor_cores import dot, matmul_allows_tf32, operand_kind, upcast_operands
 
 # Hopper's SM count, used where no device can be asked (the compile check's meta tensors).
 SM90_SM_COUNT = 132
-
-
-@triton.jit
-def dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr):
-    """acc + a @ b. The Triton 3.6 interpreter multiplies bf16 operands as their raw uint16
-    bits, so interpreted bf16 upcasts first (exact: a bf16 product fits in fp32)."""
-    if UPCAST_OPERANDS:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -192,18 +183,6 @@ def dropout_kernel(x_ptr, y_ptr, seed_ptr, numel, p, scale, BLOCK: tl.constexpr)
 
 # ----------------------------------------------------------------------------- launches
 
-def matmul_allows_tf32() -> bool:
-    """torch's TF32 switch for matmuls (what F.linear on CUDA obeys)."""
-    return bool(torch.backends.cuda.matmul.allow_tf32)
-
-
-def operand_kind(dtype: torch.dtype, allow_tf32: bool) -> str:
-    """The config family of a dtype: "16bit", "tf32" or "ieee" (fp32 without tensor cores)."""
-    if dtype != torch.float32:
-        return "16bit"
-    return "tf32" if allow_tf32 else "ieee"
-
-
 def dropout_scale(p: float) -> float:
     """1 / (1 - p), and 0 for p = 1 (every element dropped)."""
     return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
@@ -254,7 +233,7 @@ def gemm_launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.T
         constexprs={"SPLIT_K": split, "HAS_BIAS": bias is not None and not split,
                     "RELU": relu and not split, "DROPOUT": p > 0 and not split,
                     "DOT_PRECISION": "ieee" if operand == "ieee" else "tf32",
-                    "UPCAST_OPERANDS": backend.INTERPRETER and a.dtype == torch.bfloat16,
+                    "UPCAST_OPERANDS": upcast_operands(a.dtype),
                     "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
                     "BLOCK_K": config.block_k},
         num_warps=config.num_warps, num_stages=config.num_stages,

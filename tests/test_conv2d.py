@@ -9,17 +9,12 @@ import torch.nn.functional as F
 
 import fastarch
 from fastarch import backend
-from fastarch.kernels import configs, conv2d_forward
+from fastarch.kernels import configs, conv2d_forward, tensor_cores
 from fastarch.kernels.conv_geometry import ConvGeometry
 from fastarch.testing import assert_close, random_input, reference_grads
 
-pytestmark = [
-    # torch's own reference warns that padding='same' with an even kernel pads a copy.
-    pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel"),
-    # The interpreter turns a runtime loop bound into an int through a 1-element array
-    # (numpy deprecates it; pyproject pins numpy < 2.4 for that interpreter).
-    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
-]
+# torch's own reference warns that padding='same' with an even kernel pads a copy.
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 
 # name -> (input shape, out channels, kernel, F.conv2d keyword arguments). The real layers
 # shrunk spatially, and channel-shrunk past 64 channels; the first layers keep C = 1 or 3.
@@ -517,8 +512,8 @@ def test_tf32_follows_torchs_cudnn_conv_switch(setting):
             cudnn.allow_tf32 = False
             torch.backends.fp32_precision = "tf32"
         expected = setting in ("legacy_on", "global_tf32")
-        assert conv2d_forward.cudnn_conv_allows_tf32() == expected
-        assert conv2d_forward.operand_kind(torch.float32, expected) == ("tf32" if expected
+        assert tensor_cores.cudnn_conv_allows_tf32() == expected
+        assert tensor_cores.operand_kind(torch.float32, expected) == ("tf32" if expected
                                                                          else "ieee")
     finally:
         torch.backends.fp32_precision = saved[0]

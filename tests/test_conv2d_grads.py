@@ -17,15 +17,8 @@ from fastarch.kernels.conv_geometry import ConvGeometry
 from fastarch.testing import assert_close, random_input
 
 # NumPy's RuntimeWarnings inside the interpreted kernels (an integer division by zero, an
-# overflow) are kernel bugs: fail on them. The interpreter represents tl.program_id as a
-# 1-element array, so a loop whose trip count depends on it (a stride phase's taps, a split's
-# pixel range) makes range() convert that array to an int, which NumPy < 2.4 (pinned for the
-# interpreter) reports as deprecated: not ours, ignored.
-pytestmark = [
-    pytest.mark.filterwarnings("error::RuntimeWarning"),
-    pytest.mark.filterwarnings(
-        "ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning"),
-]
+# overflow) are kernel bugs: fail on them.
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,11 @@
 """Drop-in torch.nn modules: same constructor, parameters, buffers, state_dict and
 extra_repr as their twins (they subclass them); only ``forward`` runs our kernels."""
+from fastarch.nn.activation import ReLU
+from fastarch.nn.batchnorm import BatchNorm2d
 from fastarch.nn.conv import Conv2d
 from fastarch.nn.dropout import Dropout
 from fastarch.nn.linear import Linear
 from fastarch.nn.pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
 
-__all__ = ["AdaptiveAvgPool2d", "AvgPool2d", "Conv2d", "Dropout", "Linear", "MaxPool2d"]
+__all__ = ["AdaptiveAvgPool2d", "AvgPool2d", "BatchNorm2d", "Conv2d", "Dropout", "Linear",
+           "MaxPool2d", "ReLU"]

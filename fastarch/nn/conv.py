@@ -17,7 +17,7 @@ class Conv2d(nn.Conv2d):
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor,
                       bias: Optional[torch.Tensor]) -> torch.Tensor:
         if self.padding_mode != "zeros":
-            backend.fallback_counts["conv2d"] += 1
+            backend.count_fallback("conv2d")
             return super()._conv_forward(input, weight, bias)
         return functional.conv2d(input, weight, bias, self.stride, self.padding, self.dilation,
                                  self.groups)

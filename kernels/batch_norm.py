@@ -1,0 +1,713 @@
+"""BatchNorm2d for training and inference, forward and backward, on [pixels x channels] NHWC
+tiles (channels_last is the coalesced fast path; any strides work). Every statistic is fp32
+whatever the input dtype; offsets are int64; no atomics, every merge runs in a fixed order,
+so results are bitwise reproducible.
+
+Forward:
+1. ``welford_partials_kernel``: a program (a tile of pixels x a block of channels) keeps a
+   Welford mean and M2 per (row lane, channel) across its pixel blocks, merges its lanes with
+   Chan's formula and writes one (count, mean, M2) per channel into a [3, tiles, C] fp32
+   buffer: the layout of the convolution's STATS epilogue, so both feed the finalize.
+2. ``batch_norm_finalize_kernel`` merges the partials with Chan's formula (never
+   E[x^2] - E[x]^2) into mean and invstd = 1/sqrt(biased var + eps), the per-channel
+   scale = gamma * invstd and shift = beta, and updates running_mean / running_var with the
+   momentum and the unbiased variance. In eval mode it reads the running statistics instead.
+3. ``batch_norm_apply_kernel``: y = (x - mean) * scale + shift, then ReLU if asked. Centring
+   before scaling leaves one error on a channel of mean 1e4 and std 1, the fp32 rounding of
+   the mean (x - mean is exact for nearby values); the folded x * scale + (beta - mean *
+   scale) adds two more roundings at the scale of the mean, about 1e-3 in all.
+   ``batch_norm_max_pool2d_kernel`` / ``batch_norm_avg_pool2d_kernel`` normalise
+   each tap of the following pool's window instead, so the normalised tensor is never
+   written; the max pool keeps the window offsets its (unchanged) backward gather needs.
+
+Backward (x_hat recomputed from x, mean and invstd: x is saved anyway, and y does not exist
+when a pool follows):
+4. ``batch_norm_backward_partials_kernel``: per-tile sums of dy and dy * x_hat, dy masked by
+   the ReLU (z recomputed exactly as the forward computed it), into [2, tiles, C] fp32;
+   ``batch_norm_backward_reduce_kernel`` sums the tiles: dbeta = sum dy, dgamma = sum dy*x_hat.
+5. ``batch_norm_backward_input_kernel``: dx = scale * (dy - sum dy / n - x_hat * sum dy*x_hat
+   / n) in training; dx = scale * dy in eval mode (the running statistics are constants).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from fastarch import backend
+
+from . import configs
+from .avg_pool import avg_pool_divisor
+from .launch import Launch
+from .max_pool import window_offset_dtype
+from .pool_tile import (PoolGeometry, address, grid, meta_tensor, pixel_tile, split_pixel,
+                        strided_args)
+
+
+@triton.jit
+def _channel(ptr, c, c_ok):
+    """A per-channel vector as fp32 (zero on masked channels)."""
+    return tl.load(ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _normalize(x, mean, scale, shift, RELU: tl.constexpr):
+    """(x - mean) * scale + shift on a [BLOCK_M, BLOCK_C] tile; ReLU keeps NaN, as torch."""
+    z = (x - mean[None, :]) * scale[None, :] + shift[None, :]
+    if RELU:
+        z = tl.where(z < 0.0, 0.0, z)
+    return z
+
+
+@triton.jit
+def _relu_grad(dy, x, mean, scale, shift):
+    """torch's threshold_backward on the recomputed pre-ReLU value: zero where z <= 0."""
+    return tl.where(_normalize(x, mean, scale, shift, False) <= 0.0, 0.0, dy)
+
+
+@triton.jit
+def _tile_rows(tile, step, M, TILE_STEPS, BLOCK_M: tl.constexpr):
+    """Pixel rows of block ``step`` of reduction tile ``tile``."""
+    m = (tile.to(tl.int64) * TILE_STEPS + step) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return m, m < M
+
+
+@triton.jit
+def welford_partials_kernel(
+    x_ptr, partial_ptr, M, C, H, W, TILE_STEPS,
+    x_sn, x_sh, x_sw, x_sc,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    count = tl.zeros((BLOCK_M,), tl.float32)
+    mean = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+    m2 = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+    for step in range(TILE_STEPS):
+        m, m_ok = _tile_rows(tile, step, M, TILE_STEPS, BLOCK_M)
+        n, h, w = split_pixel(m, H, W)
+        ok = m_ok[:, None] & c_ok[None, :]
+        x = tl.load(x_ptr + address(n, h, w, c, x_sn, x_sh, x_sw, x_sc), mask=ok,
+                    other=0.0).to(tl.float32)
+        count += m_ok.to(tl.float32)
+        delta = tl.where(ok, x - mean, 0.0)
+        mean += delta / tl.maximum(count, 1.0)[:, None]
+        m2 += delta * (x - mean)
+    # Chan's formula across the row lanes (a lane past the end has count 0 and adds nothing).
+    total = tl.sum(count, axis=0)
+    tile_mean = tl.sum(mean * count[:, None], axis=0) / total
+    deviation = mean - tile_mean[None, :]
+    tile_m2 = tl.sum(m2, axis=0) + tl.sum(count[:, None] * deviation * deviation, axis=0)
+    plane = tl.num_programs(0).to(tl.int64) * C
+    offsets = tile.to(tl.int64) * C + c
+    tl.store(partial_ptr + offsets, tl.zeros_like(tile_mean) + total, mask=c_ok)
+    tl.store(partial_ptr + plane + offsets, tile_mean, mask=c_ok)
+    tl.store(partial_ptr + 2 * plane + offsets, tile_m2, mask=c_ok)
+
+
+@triton.jit
+def _merge_welford(count_ptr, mean_ptr, m2_ptr, NUM_TILES, c, c_ok, p_st, p_sc,
+                   BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(count, mean, M2) per channel from [tiles, C] partials: Chan's formula within each
+    block of BLOCK_T tiles, then between the blocks, in tile order."""
+    n = tl.zeros((BLOCK_C,), tl.float32)
+    mean = tl.zeros((BLOCK_C,), tl.float32)
+    m2 = tl.zeros((BLOCK_C,), tl.float32)
+    for start in range(0, NUM_TILES, BLOCK_T):
+        t = start + tl.arange(0, BLOCK_T)
+        ok = (t < NUM_TILES)[:, None] & c_ok[None, :]
+        offsets = t.to(tl.int64)[:, None] * p_st + c[None, :] * p_sc
+        tile_count = tl.load(count_ptr + offsets, mask=ok, other=0.0)
+        tile_mean = tl.load(mean_ptr + offsets, mask=ok, other=0.0)
+        tile_m2 = tl.load(m2_ptr + offsets, mask=ok, other=0.0)
+        n_b = tl.sum(tile_count, axis=0)
+        mean_b = tl.sum(tile_count * tile_mean, axis=0) / tl.maximum(n_b, 1.0)
+        deviation = tl.where(ok, tile_mean - mean_b[None, :], 0.0)
+        m2_b = tl.sum(tile_m2, axis=0) + tl.sum(tile_count * deviation * deviation, axis=0)
+        n_ab = n + n_b
+        delta = mean_b - mean
+        weight_b = n_b / tl.maximum(n_ab, 1.0)
+        mean += delta * weight_b
+        m2 += m2_b + delta * delta * n * weight_b
+        n = n_ab
+    return n, mean, m2
+
+
+@triton.jit
+def batch_norm_finalize_kernel(
+    count_ptr, mean_ptr, m2_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr,
+    save_mean_ptr, save_invstd_ptr, scale_ptr, shift_ptr,
+    NUM_TILES, C, p_st, p_sc, rm_s, rv_s, momentum, eps,
+    TRAINING: tl.constexpr, UPDATE_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    if TRAINING:
+        n, mean, m2 = _merge_welford(count_ptr, mean_ptr, m2_ptr, NUM_TILES, c, c_ok,
+                                     p_st, p_sc, BLOCK_T, BLOCK_C)
+        var = m2 / tl.maximum(n, 1.0)  # n = 0 only on masked channels
+        if UPDATE_RUNNING:
+            running_mean = tl.load(running_mean_ptr + c * rm_s, mask=c_ok).to(tl.float32)
+            running_var = tl.load(running_var_ptr + c * rv_s, mask=c_ok).to(tl.float32)
+            running_mean = (1.0 - momentum) * running_mean + momentum * mean
+            running_var = (1.0 - momentum) * running_var + momentum * (m2 / (n - 1.0))
+            tl.store(running_mean_ptr + c * rm_s,
+                     running_mean.to(running_mean_ptr.dtype.element_ty), mask=c_ok)
+            tl.store(running_var_ptr + c * rv_s,
+                     running_var.to(running_var_ptr.dtype.element_ty), mask=c_ok)
+    else:
+        mean = tl.load(running_mean_ptr + c * rm_s, mask=c_ok, other=0.0).to(tl.float32)
+        var = tl.load(running_var_ptr + c * rv_s, mask=c_ok, other=1.0).to(tl.float32)
+    invstd = 1.0 / tl.sqrt_rn(var + eps)
+    scale = invstd
+    if HAS_WEIGHT:
+        scale = scale * _channel(weight_ptr, c, c_ok)
+    shift = tl.zeros_like(scale)
+    if HAS_BIAS:
+        shift = _channel(bias_ptr, c, c_ok)
+    tl.store(save_mean_ptr + c, mean, mask=c_ok)
+    tl.store(save_invstd_ptr + c, invstd, mask=c_ok)
+    tl.store(scale_ptr + c, scale, mask=c_ok)
+    tl.store(shift_ptr + c, shift, mask=c_ok)
+
+
+@triton.jit
+def batch_norm_apply_kernel(
+    x_ptr, y_ptr, mean_ptr, scale_ptr, shift_ptr, M, C, H, W,
+    x_sn, x_sh, x_sw, x_sc, y_sn, y_sh, y_sw, y_sc,
+    RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    m, c, m_ok, c_ok = pixel_tile(M, C, BLOCK_M, BLOCK_C)
+    n, h, w = split_pixel(m, H, W)
+    mask = m_ok[:, None] & c_ok[None, :]
+    x = tl.load(x_ptr + address(n, h, w, c, x_sn, x_sh, x_sw, x_sc), mask=mask,
+                other=0.0).to(tl.float32)
+    y = _normalize(x, _channel(mean_ptr, c, c_ok), _channel(scale_ptr, c, c_ok),
+                   _channel(shift_ptr, c, c_ok), RELU)
+    tl.store(y_ptr + address(n, h, w, c, y_sn, y_sh, y_sw, y_sc),
+             y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def batch_norm_max_pool2d_kernel(
+    x_ptr, mean_ptr, scale_ptr, shift_ptr, y_ptr, offset_ptr,
+    M, C, H, W, P, Q,
+    x_sn, x_sh, x_sw, x_sc, y_sn, y_sh, y_sw, y_sc,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    RELU: tl.constexpr, WRITE_OFFSETS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    m, c, m_ok, c_ok = pixel_tile(M, C, BLOCK_M, BLOCK_C)
+    n, p, q = split_pixel(m, P, Q)
+    mean = _channel(mean_ptr, c, c_ok)
+    scale = _channel(scale_ptr, c, c_ok)
+    shift = _channel(shift_ptr, c, c_ok)
+    h0 = p * SH - PH
+    w0 = q * SW - PW
+    best = tl.full((BLOCK_M, BLOCK_C), float("-inf"), tl.float32)
+    best_offset = tl.full((BLOCK_M, BLOCK_C), -1, tl.int32)
+    for kh in tl.static_range(KH):
+        h = h0 + kh * DH
+        h_ok = m_ok & (h >= 0) & (h < H)
+        for kw in tl.static_range(KW):
+            w = w0 + kw * DW
+            mask = (h_ok & (w >= 0) & (w < W))[:, None] & c_ok[None, :]
+            x = tl.load(x_ptr + address(n, h, w, c, x_sn, x_sh, x_sw, x_sc), mask=mask,
+                        other=0.0).to(tl.float32)
+            v = tl.where(mask, _normalize(x, mean, scale, shift, RELU), float("-inf"))
+            # max_pool2d_forward_kernel's rule: the first valid tap seeds the window, then a
+            # strictly greater value or any NaN takes over.
+            take = mask & ((v > best) | (v != v) | (best_offset < 0))
+            best = tl.where(take, v, best)
+            best_offset = tl.where(take, kh * KW + kw, best_offset)
+    out = address(n, p, q, c, y_sn, y_sh, y_sw, y_sc)
+    out_mask = m_ok[:, None] & c_ok[None, :]
+    tl.store(y_ptr + out, best.to(y_ptr.dtype.element_ty), mask=out_mask)
+    if WRITE_OFFSETS:
+        tl.store(offset_ptr + out, best_offset.to(offset_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def batch_norm_avg_pool2d_kernel(
+    x_ptr, mean_ptr, scale_ptr, shift_ptr, y_ptr, M, C, H, W, P, Q,
+    x_sn, x_sh, x_sw, x_sc, y_sn, y_sh, y_sw, y_sc, divisor_override,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr,
+    COUNT_INCLUDE_PAD: tl.constexpr, HAS_DIVISOR_OVERRIDE: tl.constexpr,
+    RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    m, c, m_ok, c_ok = pixel_tile(M, C, BLOCK_M, BLOCK_C)
+    n, p, q = split_pixel(m, P, Q)
+    mean = _channel(mean_ptr, c, c_ok)
+    scale = _channel(scale_ptr, c, c_ok)
+    shift = _channel(shift_ptr, c, c_ok)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+    for kh in tl.static_range(KH):
+        h = p * SH - PH + kh
+        h_ok = m_ok & (h >= 0) & (h < H)
+        for kw in tl.static_range(KW):
+            w = q * SW - PW + kw
+            mask = (h_ok & (w >= 0) & (w < W))[:, None] & c_ok[None, :]
+            x = tl.load(x_ptr + address(n, h, w, c, x_sn, x_sh, x_sw, x_sc), mask=mask,
+                        other=0.0).to(tl.float32)
+            # Padding pads the normalised tensor with zeros, not the input.
+            acc += tl.where(mask, _normalize(x, mean, scale, shift, RELU), 0.0)
+    divisor = avg_pool_divisor(p, q, H, W, divisor_override, KH, KW, SH, SW, PH, PW,
+                               COUNT_INCLUDE_PAD, HAS_DIVISOR_OVERRIDE)
+    tl.store(y_ptr + address(n, p, q, c, y_sn, y_sh, y_sw, y_sc),
+             (acc / divisor[:, None]).to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def batch_norm_backward_partials_kernel(
+    x_ptr, dy_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, partial_ptr,
+    M, C, H, W, TILE_STEPS,
+    x_sn, x_sh, x_sw, x_sc, dy_sn, dy_sh, dy_sw, dy_sc,
+    RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    mean = _channel(mean_ptr, c, c_ok)
+    invstd = _channel(invstd_ptr, c, c_ok)
+    scale = _channel(scale_ptr, c, c_ok)
+    shift = _channel(shift_ptr, c, c_ok)
+    sum_dy = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+    sum_dy_xhat = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+    for step in range(TILE_STEPS):
+        m, m_ok = _tile_rows(tile, step, M, TILE_STEPS, BLOCK_M)
+        n, h, w = split_pixel(m, H, W)
+        ok = m_ok[:, None] & c_ok[None, :]
+        x = tl.load(x_ptr + address(n, h, w, c, x_sn, x_sh, x_sw, x_sc), mask=ok,
+                    other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + address(n, h, w, c, dy_sn, dy_sh, dy_sw, dy_sc), mask=ok,
+                     other=0.0).to(tl.float32)
+        if RELU:
+            dy = _relu_grad(dy, x, mean, scale, shift)
+        sum_dy += dy
+        sum_dy_xhat += dy * ((x - mean[None, :]) * invstd[None, :])
+    plane = tl.num_programs(0).to(tl.int64) * C
+    offsets = tile.to(tl.int64) * C + c
+    tl.store(partial_ptr + offsets, tl.sum(sum_dy, axis=0), mask=c_ok)
+    tl.store(partial_ptr + plane + offsets, tl.sum(sum_dy_xhat, axis=0), mask=c_ok)
+
+
+@triton.jit
+def batch_norm_backward_reduce_kernel(
+    partial_ptr, sum_dy_ptr, sum_dy_xhat_ptr, grad_weight_ptr, grad_bias_ptr, NUM_TILES, C,
+    p_sp, p_st, WRITE_GRAD_WEIGHT: tl.constexpr, WRITE_GRAD_BIAS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    sum_dy = tl.zeros((BLOCK_C,), tl.float32)
+    sum_dy_xhat = tl.zeros((BLOCK_C,), tl.float32)
+    for start in range(0, NUM_TILES, BLOCK_T):
+        t = start + tl.arange(0, BLOCK_T)
+        ok = (t < NUM_TILES)[:, None] & c_ok[None, :]
+        offsets = t.to(tl.int64)[:, None] * p_st + c[None, :]
+        sum_dy += tl.sum(tl.load(partial_ptr + offsets, mask=ok, other=0.0), axis=0)
+        sum_dy_xhat += tl.sum(tl.load(partial_ptr + p_sp + offsets, mask=ok, other=0.0),
+                              axis=0)
+    tl.store(sum_dy_ptr + c, sum_dy, mask=c_ok)
+    tl.store(sum_dy_xhat_ptr + c, sum_dy_xhat, mask=c_ok)
+    if WRITE_GRAD_WEIGHT:
+        tl.store(grad_weight_ptr + c, sum_dy_xhat.to(grad_weight_ptr.dtype.element_ty),
+                 mask=c_ok)
+    if WRITE_GRAD_BIAS:
+        tl.store(grad_bias_ptr + c, sum_dy.to(grad_bias_ptr.dtype.element_ty), mask=c_ok)
+
+
+@triton.jit
+def batch_norm_backward_input_kernel(
+    x_ptr, dy_ptr, dx_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr,
+    sum_dy_ptr, sum_dy_xhat_ptr, inv_count, M, C, H, W,
+    x_sn, x_sh, x_sw, x_sc, dy_sn, dy_sh, dy_sw, dy_sc, dx_sn, dx_sh, dx_sw, dx_sc,
+    TRAINING: tl.constexpr, RELU: tl.constexpr, READ_X: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    m, c, m_ok, c_ok = pixel_tile(M, C, BLOCK_M, BLOCK_C)
+    n, h, w = split_pixel(m, H, W)
+    mask = m_ok[:, None] & c_ok[None, :]
+    scale = _channel(scale_ptr, c, c_ok)
+    dy = tl.load(dy_ptr + address(n, h, w, c, dy_sn, dy_sh, dy_sw, dy_sc), mask=mask,
+                 other=0.0).to(tl.float32)
+    if READ_X:  # training or ReLU
+        mean = _channel(mean_ptr, c, c_ok)
+        x = tl.load(x_ptr + address(n, h, w, c, x_sn, x_sh, x_sw, x_sc), mask=mask,
+                    other=0.0).to(tl.float32)
+        if RELU:
+            dy = _relu_grad(dy, x, mean, scale, _channel(shift_ptr, c, c_ok))
+    if TRAINING:
+        x_hat = (x - mean[None, :]) * _channel(invstd_ptr, c, c_ok)[None, :]
+        mean_dy = _channel(sum_dy_ptr, c, c_ok) * inv_count
+        mean_dy_xhat = _channel(sum_dy_xhat_ptr, c, c_ok) * inv_count
+        dx = scale[None, :] * (dy - mean_dy[None, :] - x_hat * mean_dy_xhat[None, :])
+    else:
+        dx = scale[None, :] * dy
+    tl.store(dx_ptr + address(n, h, w, c, dx_sn, dx_sh, dx_sw, dx_sc),
+             dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launches
+
+def _name(kernel: str, config: configs.PoolConfig, x: torch.Tensor, **flags: bool) -> str:
+    """kernel[config,dtype+flag...], the row name in ``python -m fastarch.sm90``."""
+    dtype = str(x.dtype).removeprefix("torch.").replace("bfloat", "bf").replace("float", "fp")
+    return f"{kernel}[{config.name},{dtype}{''.join(f'+{k}' for k, on in flags.items() if on)}]"
+
+
+class BatchNormStatistics(NamedTuple):
+    """Per-channel fp32 [C] vectors; y = (x - mean) * scale + shift is the normalised x
+    (scale = gamma * invstd, shift = beta; gamma = 1 and beta = 0 without affine)."""
+    mean: torch.Tensor
+    invstd: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+
+class BackwardSums(NamedTuple):
+    """Per-channel fp32 sums of the (ReLU-masked) output gradient over N*H*W."""
+    sum_dy: torch.Tensor
+    sum_dy_xhat: torch.Tensor
+
+
+def _pixels(x: torch.Tensor) -> int:
+    return x.shape[0] * x.shape[2] * x.shape[3]
+
+
+def partials_launch(x: torch.Tensor, partials: torch.Tensor, tile_steps: int,
+                    config: configs.PoolConfig) -> Launch:
+    """Welford partials of x [N, C, H, W] into ``partials`` [3, tiles, C] fp32."""
+    N, C, H, W = x.shape
+    return Launch(
+        welford_partials_kernel, (partials.shape[1], triton.cdiv(C, config.block_c)),
+        args={"x_ptr": x, "partial_ptr": partials, "M": N * H * W, "C": C, "H": H, "W": W,
+              "TILE_STEPS": tile_steps, **strided_args("x", x)},
+        constexprs={"BLOCK_M": config.block_m, "BLOCK_C": config.block_c},
+        num_warps=config.num_warps, name=_name("batch_norm_welford_partials", config, x))
+
+
+def finalize_launch(partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+                    weight: torch.Tensor | None, bias: torch.Tensor | None,
+                    running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                    stats: BatchNormStatistics, momentum: float, eps: float,
+                    config: configs.PoolConfig) -> Launch:
+    """Training (``partials`` given: (count, mean, M2), each [tiles, C] with equal strides)
+    or eval mode (running statistics read, ``partials`` None)."""
+    C = stats.mean.shape[0]
+    training = partials is not None
+    count, mean, m2 = partials if training else (stats.mean,) * 3
+    placeholder = stats.mean
+    return Launch(
+        batch_norm_finalize_kernel, (triton.cdiv(C, config.block_c),),
+        args={"count_ptr": count, "mean_ptr": mean, "m2_ptr": m2,
+              "weight_ptr": weight if weight is not None else placeholder,
+              "bias_ptr": bias if bias is not None else placeholder,
+              "running_mean_ptr": running_mean if running_mean is not None else placeholder,
+              "running_var_ptr": running_var if running_var is not None else placeholder,
+              "save_mean_ptr": stats.mean, "save_invstd_ptr": stats.invstd,
+              "scale_ptr": stats.scale, "shift_ptr": stats.shift,
+              "NUM_TILES": count.shape[0] if training else 0, "C": C,
+              "p_st": count.stride(0) if training else 0,
+              "p_sc": count.stride(1) if training else 0,
+              "rm_s": running_mean.stride(0) if running_mean is not None else 0,
+              "rv_s": running_var.stride(0) if running_var is not None else 0,
+              "momentum": float(momentum), "eps": float(eps)},
+        constexprs={"TRAINING": training,
+                    "UPDATE_RUNNING": training and running_mean is not None,
+                    "HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None,
+                    "BLOCK_T": config.block_m, "BLOCK_C": config.block_c},
+        num_warps=config.num_warps,
+        name=f"batch_norm_finalize[{config.name}{'' if training else '+eval'}]")
+
+
+def _stats_args(stats: BatchNormStatistics) -> dict[str, torch.Tensor]:
+    return {"mean_ptr": stats.mean, "scale_ptr": stats.scale, "shift_ptr": stats.shift}
+
+
+def apply_launch(x: torch.Tensor, y: torch.Tensor, stats: BatchNormStatistics, relu: bool,
+                 config: configs.PoolConfig) -> Launch:
+    N, C, H, W = x.shape
+    return Launch(
+        batch_norm_apply_kernel, grid(N * H * W, C, config),
+        args={"x_ptr": x, "y_ptr": y, **_stats_args(stats), "M": N * H * W, "C": C,
+              "H": H, "W": W, **strided_args("x", x), **strided_args("y", y)},
+        constexprs={"RELU": relu, "BLOCK_M": config.block_m, "BLOCK_C": config.block_c},
+        num_warps=config.num_warps,
+        name=_name("batch_norm_apply", config, x, relu=relu))
+
+
+def max_pool_launch(x: torch.Tensor, stats: BatchNormStatistics, relu: bool, y: torch.Tensor,
+                    offsets: torch.Tensor | None, geometry: PoolGeometry,
+                    config: configs.PoolConfig) -> Launch:
+    N, C, H, W = x.shape
+    P, Q = y.shape[2:]
+    return Launch(
+        batch_norm_max_pool2d_kernel, grid(N * P * Q, C, config),
+        args={"x_ptr": x, **_stats_args(stats), "y_ptr": y,
+              "offset_ptr": offsets if offsets is not None else y,
+              "M": N * P * Q, "C": C, "H": H, "W": W, "P": P, "Q": Q,
+              **strided_args("x", x), **strided_args("y", y)},
+        constexprs={**geometry.constexprs(), "RELU": relu, "WRITE_OFFSETS": offsets is not None,
+                    "BLOCK_M": config.block_m, "BLOCK_C": config.block_c},
+        num_warps=config.num_warps,
+        name=_name("batch_norm_max_pool2d", config, x, relu=relu))
+
+
+def avg_pool_launch(x: torch.Tensor, stats: BatchNormStatistics, relu: bool, y: torch.Tensor,
+                    geometry: PoolGeometry, count_include_pad: bool,
+                    divisor_override: int | None, config: configs.PoolConfig) -> Launch:
+    N, C, H, W = x.shape
+    P, Q = y.shape[2:]
+    window = geometry.constexprs()
+    del window["DH"], window["DW"]
+    return Launch(
+        batch_norm_avg_pool2d_kernel, grid(N * P * Q, C, config),
+        args={"x_ptr": x, **_stats_args(stats), "y_ptr": y,
+              "M": N * P * Q, "C": C, "H": H, "W": W, "P": P, "Q": Q,
+              **strided_args("x", x), **strided_args("y", y),
+              "divisor_override": divisor_override or 0},
+        constexprs={**window, "COUNT_INCLUDE_PAD": bool(count_include_pad),
+                    "HAS_DIVISOR_OVERRIDE": divisor_override is not None, "RELU": relu,
+                    "BLOCK_M": config.block_m, "BLOCK_C": config.block_c},
+        num_warps=config.num_warps,
+        name=_name("batch_norm_avg_pool2d", config, x, relu=relu))
+
+
+def backward_partials_launch(x: torch.Tensor, dy: torch.Tensor, stats: BatchNormStatistics,
+                             relu: bool, partials: torch.Tensor, tile_steps: int,
+                             config: configs.PoolConfig) -> Launch:
+    """Per-tile sums of dy and dy * x_hat into ``partials`` [2, tiles, C] fp32."""
+    N, C, H, W = x.shape
+    return Launch(
+        batch_norm_backward_partials_kernel,
+        (partials.shape[1], triton.cdiv(C, config.block_c)),
+        args={"x_ptr": x, "dy_ptr": dy, "mean_ptr": stats.mean, "invstd_ptr": stats.invstd,
+              "scale_ptr": stats.scale, "shift_ptr": stats.shift, "partial_ptr": partials,
+              "M": N * H * W, "C": C, "H": H, "W": W, "TILE_STEPS": tile_steps,
+              **strided_args("x", x), **strided_args("dy", dy)},
+        constexprs={"RELU": relu, "BLOCK_M": config.block_m, "BLOCK_C": config.block_c},
+        num_warps=config.num_warps,
+        name=_name("batch_norm_backward_partials", config, x, relu=relu))
+
+
+def backward_reduce_launch(partials: torch.Tensor, sums: BackwardSums,
+                           grad_weight: torch.Tensor | None, grad_bias: torch.Tensor | None,
+                           config: configs.PoolConfig) -> Launch:
+    _, tiles, C = partials.shape
+    return Launch(
+        batch_norm_backward_reduce_kernel, (triton.cdiv(C, config.block_c),),
+        args={"partial_ptr": partials, "sum_dy_ptr": sums.sum_dy,
+              "sum_dy_xhat_ptr": sums.sum_dy_xhat,
+              "grad_weight_ptr": grad_weight if grad_weight is not None else sums.sum_dy,
+              "grad_bias_ptr": grad_bias if grad_bias is not None else sums.sum_dy,
+              "NUM_TILES": tiles, "C": C, "p_sp": partials.stride(0),
+              "p_st": partials.stride(1)},
+        constexprs={"WRITE_GRAD_WEIGHT": grad_weight is not None,
+                    "WRITE_GRAD_BIAS": grad_bias is not None,
+                    "BLOCK_T": config.block_m, "BLOCK_C": config.block_c},
+        num_warps=config.num_warps, name=f"batch_norm_backward_reduce[{config.name}]")
+
+
+def backward_input_launch(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor,
+                          stats: BatchNormStatistics, sums: BackwardSums | None, relu: bool,
+                          config: configs.PoolConfig) -> Launch:
+    """dx in training (``sums`` given) or eval mode (``sums`` None)."""
+    N, C, H, W = x.shape
+    training = sums is not None
+    return Launch(
+        batch_norm_backward_input_kernel, grid(N * H * W, C, config),
+        args={"x_ptr": x, "dy_ptr": dy, "dx_ptr": dx, "mean_ptr": stats.mean,
+              "invstd_ptr": stats.invstd, "scale_ptr": stats.scale, "shift_ptr": stats.shift,
+              "sum_dy_ptr": sums.sum_dy if training else stats.mean,
+              "sum_dy_xhat_ptr": sums.sum_dy_xhat if training else stats.mean,
+              "inv_count": 1.0 / max(N * H * W, 1), "M": N * H * W, "C": C, "H": H, "W": W,
+              **strided_args("x", x), **strided_args("dy", dy), **strided_args("dx", dx)},
+        constexprs={"TRAINING": training, "RELU": relu, "READ_X": training or relu,
+                    "BLOCK_M": config.block_m, "BLOCK_C": config.block_c},
+        num_warps=config.num_warps,
+        name=_name("batch_norm_backward_input", config, x, eval=not training, relu=relu))
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _empty_statistics(channels: int, device: torch.device) -> BatchNormStatistics:
+    return BatchNormStatistics(*(backend.empty((channels,), torch.float32, device)
+                                 for _ in range(4)))
+
+
+def _reduction_tiles(x: torch.Tensor) -> tuple[configs.PoolConfig, int, int]:
+    """(tile config, pixel blocks per tile, tiles) of a reduction over x's pixels."""
+    C = x.shape[1]
+    pixels = _pixels(x)
+    config = configs.batch_norm_config(C, backend.INTERPRETER, pixels, reduction=True)
+    steps = configs.batch_norm_tile_steps(pixels, C, config, backend.INTERPRETER)
+    return config, steps, max(1, triton.cdiv(pixels, steps * config.block_m))
+
+
+def welford_partials(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(count, mean, M2) per pixel tile and channel of x [N, C, H, W] (N*H*W > 0), each a
+    [tiles, C] fp32 view of one [3, tiles, C] buffer: what ``batch_norm_finalize`` takes."""
+    config, steps, tiles = _reduction_tiles(x)
+    partials = backend.empty((3, tiles, x.shape[1]), torch.float32, x.device)
+    partials_launch(x, partials, steps, config)()
+    return partials[0], partials[1], partials[2]
+
+
+def batch_norm_finalize(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor,
+                        weight: torch.Tensor | None, bias: torch.Tensor | None,
+                        running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                        momentum: float, eps: float) -> BatchNormStatistics:
+    """Batch statistics from Welford partials (ours or the conv epilogue's: [tiles, C] fp32
+    each, equal strides); updates running_mean / running_var in place (if given) with
+    ``momentum`` (the exponential-average factor: 1/num_batches_tracked for a cumulative
+    average) and the unbiased variance."""
+    if not count.stride() == mean.stride() == m2.stride():
+        raise ValueError("batch_norm_finalize: count, mean and m2 must share their strides")
+    C = count.shape[1]
+    stats = _empty_statistics(C, count.device)
+    config = configs.batch_norm_merge_config(C, backend.INTERPRETER)
+    finalize_launch((count, mean, m2), _vector(weight), _vector(bias), running_mean,
+                    running_var, stats, momentum, eps, config)()
+    if running_mean is not None:
+        torch.autograd.graph.increment_version((running_mean, running_var))
+    return stats
+
+
+def batch_norm_running_statistics(running_mean: torch.Tensor, running_var: torch.Tensor,
+                                  weight: torch.Tensor | None, bias: torch.Tensor | None,
+                                  eps: float) -> BatchNormStatistics:
+    """Eval mode: the statistics that normalise with the running mean and variance."""
+    C = running_mean.shape[0]
+    stats = _empty_statistics(C, running_mean.device)
+    config = configs.batch_norm_merge_config(C, backend.INTERPRETER)
+    finalize_launch(None, _vector(weight), _vector(bias), running_mean, running_var, stats,
+                    0.0, eps, config)()
+    return stats
+
+
+def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def batch_norm_apply(x: torch.Tensor, stats: BatchNormStatistics, relu: bool) -> torch.Tensor:
+    """y = (x - mean) * scale + shift [ReLU], in x's dtype and memory format."""
+    N, C, H, W = x.shape
+    y = backend.empty(x.shape, x.dtype, x.device, backend.memory_format_of(x))
+    config = configs.batch_norm_config(C, backend.INTERPRETER, N * H * W)
+    apply_launch(x, y, stats, relu, config)()
+    return y
+
+
+def batch_norm_max_pool2d_forward(x: torch.Tensor, stats: BatchNormStatistics, relu: bool,
+                                  geometry: PoolGeometry, keep_offsets: bool
+                                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """max_pool2d of the normalised (and ReLU'd) x without writing it; with ``keep_offsets``
+    also the window offsets ``max_pool.max_pool2d_backward`` takes."""
+    N, C, H, W = x.shape
+    P, Q = geometry.output_size(H, W)
+    fmt = backend.memory_format_of(x)
+    y = backend.empty((N, C, P, Q), x.dtype, x.device, fmt)
+    offsets = (backend.empty((N, C, P, Q), window_offset_dtype(geometry), x.device, fmt)
+               if keep_offsets else None)
+    config = configs.batch_norm_config(C, backend.INTERPRETER, N * P * Q)
+    max_pool_launch(x, stats, relu, y, offsets, geometry, config)()
+    return y, offsets
+
+
+def batch_norm_avg_pool2d_forward(x: torch.Tensor, stats: BatchNormStatistics, relu: bool,
+                                  geometry: PoolGeometry, count_include_pad: bool,
+                                  divisor_override: int | None) -> torch.Tensor:
+    """avg_pool2d of the normalised (and ReLU'd) x without writing it."""
+    N, C, H, W = x.shape
+    P, Q = geometry.output_size(H, W)
+    y = backend.empty((N, C, P, Q), x.dtype, x.device, backend.memory_format_of(x))
+    config = configs.batch_norm_config(C, backend.INTERPRETER, N * P * Q)
+    avg_pool_launch(x, stats, relu, y, geometry, count_include_pad, divisor_override,
+                    config)()
+    return y
+
+
+def batch_norm_backward_sums(x: torch.Tensor, dy: torch.Tensor, stats: BatchNormStatistics,
+                             relu: bool, grad_weight_dtype: torch.dtype | None,
+                             grad_bias_dtype: torch.dtype | None
+                             ) -> tuple[BackwardSums, torch.Tensor | None, torch.Tensor | None]:
+    """One pass over x and dy: the fp32 sums the training dx needs, and dgamma (sum dy*x_hat)
+    and dbeta (sum dy) in the given dtypes (None: not computed)."""
+    C = x.shape[1]
+    config, steps, tiles = _reduction_tiles(x)
+    partials = backend.empty((2, tiles, C), torch.float32, x.device)
+    backward_partials_launch(x, dy, stats, relu, partials, steps, config)()
+    sums = BackwardSums(*(backend.empty((C,), torch.float32, x.device) for _ in range(2)))
+    grad_weight = (backend.empty((C,), grad_weight_dtype, x.device)
+                   if grad_weight_dtype is not None else None)
+    grad_bias = (backend.empty((C,), grad_bias_dtype, x.device)
+                 if grad_bias_dtype is not None else None)
+    merge = configs.batch_norm_merge_config(C, backend.INTERPRETER)
+    backward_reduce_launch(partials, sums, grad_weight, grad_bias, merge)()
+    return sums, grad_weight, grad_bias
+
+
+def batch_norm_backward_input(x: torch.Tensor, dy: torch.Tensor, stats: BatchNormStatistics,
+                              sums: BackwardSums | None, relu: bool) -> torch.Tensor:
+    """dx in x's dtype and memory format: training when ``sums`` are given (batch
+    statistics), eval mode (constant running statistics) when None."""
+    N, C, H, W = x.shape
+    dx = backend.empty(x.shape, dy.dtype, x.device, backend.memory_format_of(x))
+    config = configs.batch_norm_config(C, backend.INTERPRETER, N * H * W)
+    backward_input_launch(x, dy, dx, stats, sums, relu, config)()
+    return dx
+
+
+def sm90_launches() -> list[Launch]:
+    """Every GPU config on a VGG-like 64 x C x 56 x 56 activation (C the config's width,
+    256 for the widest), 2x2 max pool and 3x3 avg pool; fp32 on the widest tile only."""
+    launches = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for config in configs.BATCH_NORM_CONFIGS.values():
+            if dtype == torch.float32 and config.name != "c128":
+                continue  # fp32 differs from bf16 only in vector width: the widest tile shows it
+            launches += _sm90_tile_launches(config, dtype)
+    C = 256
+    stats = BatchNormStatistics(*(meta_tensor((C,), torch.float32, False) for _ in range(4)))
+    partials = meta_tensor((3, 512, C), torch.float32, False)
+    running = meta_tensor((C,), torch.float32, False)
+    merge = configs.BATCH_NORM_MERGE_CONFIG
+    launches += [
+        finalize_launch(tuple(partials), running, running, running, running, stats, 0.1, 1e-5,
+                        merge),
+        finalize_launch(None, running, running, running, running, stats, 0.0, 1e-5, merge),
+        backward_reduce_launch(meta_tensor((2, 512, C), torch.float32, False),
+                               BackwardSums(running, running), running, running, merge),
+    ]
+    return launches
+
+
+def _sm90_tile_launches(config: configs.PoolConfig, dtype: torch.dtype) -> list[Launch]:
+    C = 256 if config.name == "c128" else config.block_c
+    x = meta_tensor((64, C, 56, 56), dtype)
+    stats = BatchNormStatistics(*(meta_tensor((C,), torch.float32, False) for _ in range(4)))
+    max_geometry = PoolGeometry((2, 2), (2, 2), (0, 0))
+    avg_geometry = PoolGeometry((3, 3), (2, 2), (1, 1))
+    pooled = meta_tensor((64, C, 28, 28), dtype)
+    steps = configs.batch_norm_tile_steps(64 * 56 * 56, C, config, False)
+    tiles = triton.cdiv(64 * 56 * 56, steps * config.block_m)
+    return [
+        partials_launch(x, meta_tensor((3, tiles, C), torch.float32, False), steps, config),
+        apply_launch(x, x, stats, True, config),
+        max_pool_launch(x, stats, True, pooled, meta_tensor((64, C, 28, 28), torch.int8),
+                        max_geometry, config),
+        avg_pool_launch(x, stats, True, pooled, avg_geometry, True, None, config),
+        backward_partials_launch(x, x, stats, True,
+                                 meta_tensor((2, tiles, C), torch.float32, False), steps, config),
+        backward_input_launch(x, x, x, stats, BackwardSums(stats.mean, stats.mean), True,
+                              config),
+        backward_input_launch(x, x, x, stats, None, False, config),
+    ]
