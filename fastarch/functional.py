@@ -15,7 +15,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from fastarch import backend
+from fastarch import backend, profiling
 from fastarch.kernels import avg_pool as avg_pool_kernels
 from fastarch.kernels import batch_norm as bn_kernels
 from fastarch.kernels import conv2d_dgrad, conv2d_wgrad
@@ -93,6 +93,7 @@ def _unbatched_like(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- max pool
 
+@profiling.named("max_pool2d")
 class MaxPool2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, geometry: PoolGeometry, return_indices: bool):
@@ -135,6 +136,7 @@ def max_pool2d(input: torch.Tensor, kernel_size: IntOrPair, stride: Optional[Int
 
 # ----------------------------------------------------------------------------- avg pool
 
+@profiling.named("avg_pool2d")
 class AvgPool2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, geometry: PoolGeometry, count_include_pad: bool,
@@ -173,6 +175,7 @@ def avg_pool2d(input: torch.Tensor, kernel_size: IntOrPair, stride: Optional[Int
 
 # ----------------------------------------------------------------------------- adaptive avg pool
 
+@profiling.named("adaptive_avg_pool2d")
 class AdaptiveAvgPool2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, output_size: tuple[int, int]):
@@ -292,6 +295,7 @@ class _FusedPool:
                                                     self.divisor_override)
 
 
+@profiling.named("batch_norm")
 class BatchNormFunction(torch.autograd.Function):
     """BatchNorm2d on a 4-D input, then ReLU (``relu``), then a pool (``pool``) whose input,
     the normalised tensor, is never written. Training updates the running statistics in
@@ -303,10 +307,12 @@ class BatchNormFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: Optional[torch.Tensor],
                 bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
                 running_var: Optional[torch.Tensor], training: bool, momentum: float,
-                eps: float, relu: bool, pool: Optional[_FusedPool]):
+                eps: float, relu: bool, pool: Optional[_FusedPool],
+                partials: Optional[WelfordPartials]):
         if training:
-            stats = bn_kernels.batch_norm_finalize(*bn_kernels.welford_partials(x), weight, bias,
-                                                   running_mean, running_var, momentum, eps)
+            partials = partials if partials is not None else bn_kernels.welford_partials(x)
+            stats = bn_kernels.batch_norm_finalize(*partials, weight, bias, running_mean,
+                                                   running_var, momentum, eps)
         else:
             stats = bn_kernels.batch_norm_running_statistics(running_mean, running_var, weight,
                                                              bias, eps)
@@ -342,7 +348,7 @@ class BatchNormFunction(torch.autograd.Function):
         if need_dx:
             dx = bn_kernels.batch_norm_backward_input(x, dy, stats,
                                                       sums if ctx.training else None, ctx.relu)
-        return dx, dw, db, None, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None, None
 
 
 def _use_batch_norm_kernels(op: str, input: torch.Tensor) -> bool:
@@ -356,13 +362,14 @@ def _use_batch_norm_kernels(op: str, input: torch.Tensor) -> bool:
 def _batch_norm(op: str, input: torch.Tensor, running_mean: Optional[torch.Tensor],
                 running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                 bias: Optional[torch.Tensor], training: bool, momentum: float, eps: float,
-                relu: bool) -> torch.Tensor:
+                relu: bool, partials: Optional[WelfordPartials] = None) -> torch.Tensor:
     _check_batch_norm_args(input, running_mean, running_var, weight, bias, training)
     if not _use_batch_norm_kernels(op, input):
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         return F.relu(y) if relu else y
     y = BatchNormFunction.apply(_as_4d(input), weight, bias, running_mean, running_var,
-                                bool(training), float(momentum), float(eps), relu, None)
+                                bool(training), float(momentum), float(eps), relu, None,
+                                _training_partials(partials, training))
     return y if input.dim() == 4 else y.view(input.shape)
 
 
@@ -381,23 +388,34 @@ def batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor],
 def batch_norm_relu(input: torch.Tensor, running_mean: Optional[torch.Tensor],
                     running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor] = None,
                     bias: Optional[torch.Tensor] = None, training: bool = False,
-                    momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+                    momentum: float = 0.1, eps: float = 1e-5, *,
+                    partials: Optional[WelfordPartials] = None) -> torch.Tensor:
     """relu(batch_norm(...)): the ReLU runs inside the normalising pass, and its backward
-    mask is recomputed from the input, so the BatchNorm output is never saved."""
+    mask is recomputed from the input, so the BatchNorm output is never saved.
+    ``partials``: the input's Welford partials from the conv epilogue (``conv2d_fused(...,
+    stats=True)``), used in training instead of a statistics pass over the input."""
     return _batch_norm("batch_norm_relu", input, running_mean, running_var, weight, bias,
-                       training, momentum, eps, relu=True)
+                       training, momentum, eps, relu=True, partials=partials)
+
+
+def _training_partials(partials: Optional[WelfordPartials],
+                       training: bool) -> Optional[WelfordPartials]:
+    """Precomputed statistics only matter in training; eval normalises with running ones."""
+    return partials if training else None
 
 
 def _batch_norm_pool(op: str, input: torch.Tensor, running_mean: Optional[torch.Tensor],
                      running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                      bias: Optional[torch.Tensor], training: bool, momentum: float, eps: float,
                      relu: bool, pool: _FusedPool,
-                     torch_pool: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                     torch_pool: Callable[[torch.Tensor], torch.Tensor],
+                     partials: Optional[WelfordPartials]) -> torch.Tensor:
     if not _use_batch_norm_kernels(op, input):
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         return torch_pool(F.relu(y) if relu else y)
     return BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
-                                   bool(training), float(momentum), float(eps), relu, pool)
+                                   bool(training), float(momentum), float(eps), relu, pool,
+                                   _training_partials(partials, training))
 
 
 def _check_batch_norm_pool_input(input: torch.Tensor, op: str) -> None:
@@ -413,10 +431,11 @@ def batch_norm_max_pool2d(input: torch.Tensor, running_mean: Optional[torch.Tens
                           momentum: float = 0.1, eps: float = 1e-5, *, relu: bool = True,
                           kernel_size: IntOrPair, stride: Optional[IntOrPair] = None,
                           padding: IntOrPair = 0, dilation: IntOrPair = 1,
-                          ceil_mode: bool = False) -> torch.Tensor:
+                          ceil_mode: bool = False,
+                          partials: Optional[WelfordPartials] = None) -> torch.Tensor:
     """max_pool2d(relu(batch_norm(input, ...))) (ReLU only if ``relu``) for a 4-D input,
     without writing the normalised tensor; the arguments are F.batch_norm's then
-    F.max_pool2d's (no return_indices)."""
+    F.max_pool2d's (no return_indices). ``partials`` as in ``batch_norm_relu``."""
     _check_batch_norm_pool_input(input, "batch_norm_max_pool2d")
     _check_batch_norm_args(input, running_mean, running_var, weight, bias, training)
     _check_pool_input(input, "max_pool2d")
@@ -425,7 +444,8 @@ def batch_norm_max_pool2d(input: torch.Tensor, running_mean: Optional[torch.Tens
     return _batch_norm_pool(
         "batch_norm_max_pool2d", input, running_mean, running_var, weight, bias, training,
         momentum, eps, relu, _FusedPool(geometry, is_max=True),
-        lambda y: F.max_pool2d(y, kernel_size, stride, padding, dilation, ceil_mode))
+        lambda y: F.max_pool2d(y, kernel_size, stride, padding, dilation, ceil_mode),
+        partials)
 
 
 def batch_norm_avg_pool2d(input: torch.Tensor, running_mean: Optional[torch.Tensor],
@@ -436,10 +456,11 @@ def batch_norm_avg_pool2d(input: torch.Tensor, running_mean: Optional[torch.Tens
                           kernel_size: IntOrPair, stride: Optional[IntOrPair] = None,
                           padding: IntOrPair = 0, ceil_mode: bool = False,
                           count_include_pad: bool = True,
-                          divisor_override: Optional[int] = None) -> torch.Tensor:
+                          divisor_override: Optional[int] = None,
+                          partials: Optional[WelfordPartials] = None) -> torch.Tensor:
     """avg_pool2d(relu(batch_norm(input, ...))) (ReLU only if ``relu``) for a 4-D input,
     without writing the normalised tensor; the arguments are F.batch_norm's then
-    F.avg_pool2d's."""
+    F.avg_pool2d's. ``partials`` as in ``batch_norm_relu``."""
     _check_batch_norm_pool_input(input, "batch_norm_avg_pool2d")
     _check_batch_norm_args(input, running_mean, running_var, weight, bias, training)
     _check_pool_input(input, "avg_pool2d")
@@ -452,11 +473,13 @@ def batch_norm_avg_pool2d(input: torch.Tensor, running_mean: Optional[torch.Tens
         "batch_norm_avg_pool2d", input, running_mean, running_var, weight, bias, training,
         momentum, eps, relu, pool,
         lambda y: F.avg_pool2d(y, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                               divisor_override))
+                               divisor_override),
+        partials)
 
 
 # ----------------------------------------------------------------------------- relu
 
+@profiling.named("relu")
 class ReLUFunction(torch.autograd.Function):
     """ReLU on a dense tensor; in place marks the input dirty (as torch.relu_ does)."""
 
@@ -605,6 +628,7 @@ def _autocast_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return cast(x), cast(weight), cast(bias)
 
 
+@profiling.named("conv2d")
 class Conv2dFunction(torch.autograd.Function):
     """conv2d with the fused epilogue; gradients reach input, weight and bias through ReLU
     and the (constant) scale. The Welford partials are extra, non-differentiable outputs."""
@@ -747,6 +771,7 @@ def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
                            f"of size {list(bias.shape)} instead")
 
 
+@profiling.named("linear")
 class LinearFunction(torch.autograd.Function):
     """dropout(relu(x @ W^T + b)) of a 2-D x. Backward recomputes the ReLU mask from the
     saved output and regenerates the dropout mask from ``seed`` (never stored)."""
@@ -813,6 +838,7 @@ def linear(input: torch.Tensor, weight: torch.Tensor,
     return linear_relu_dropout(input, weight, bias, relu=False, p=0.0, training=False)
 
 
+@profiling.named("dropout")
 class DropoutFunction(torch.autograd.Function):
     """Dropout of a dense tensor (contiguous or channels_last), the mask keyed on memory
     order and regenerated from ``seed`` in backward."""

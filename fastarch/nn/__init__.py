@@ -4,8 +4,9 @@ from fastarch.nn.activation import ReLU
 from fastarch.nn.batchnorm import BatchNorm2d
 from fastarch.nn.conv import Conv2d
 from fastarch.nn.dropout import Dropout
+from fastarch.nn.fused import ConvBatchNormReLU, FusedSequential
 from fastarch.nn.linear import Linear
 from fastarch.nn.pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
 
-__all__ = ["AdaptiveAvgPool2d", "AvgPool2d", "BatchNorm2d", "Conv2d", "Dropout", "Linear",
-           "MaxPool2d", "ReLU"]
+__all__ = ["AdaptiveAvgPool2d", "AvgPool2d", "BatchNorm2d", "Conv2d", "ConvBatchNormReLU",
+           "Dropout", "FusedSequential", "Linear", "MaxPool2d", "ReLU"]

@@ -1,0 +1,203 @@
+"""Fused blocks: Conv2d -> BatchNorm2d -> ReLU (-> MaxPool2d / AvgPool2d) and Conv2d -> ReLU
+run as few kernels as the mode allows, while every original module (and so every parameter,
+buffer and state_dict key) stays where it was.
+
+* Training: the conv kernel writes its output and the BatchNorm Welford partials in its
+  epilogue (no statistics pass), a tiny finalize updates the running statistics, and one
+  pass normalises + ReLUs, fused into the pool when one follows (the normalised tensor is
+  never written). Backward runs from the saved fp32 mean / inverse std.
+* Inference (running statistics, no gradient needed for the BatchNorm or conv bias): the
+  BatchNorm and the conv bias fold into the conv epilogue as per-channel fp32 scale and shift,
+  with the ReLU: one kernel. The folded vectors are cached and recomputed when a parameter or
+  running statistic changes (their ``_version`` counters or storage move).
+
+Forward hooks registered on the individual modules of a fused run do not fire; the run's
+modules are still called for everything else (``train()``, ``eval()``, ``state_dict``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from fastarch import functional
+from fastarch.nn.batchnorm import BatchNorm2d
+
+Pool = Union[nn.MaxPool2d, nn.AvgPool2d]
+
+
+@dataclass(frozen=True)
+class FusedRun:
+    """A run of modules executed as one fused block: conv (-> bn) -> relu (-> pool)."""
+    conv: nn.Conv2d
+    bn: Optional[nn.BatchNorm2d]
+    pool: Optional[Pool]
+    length: int
+
+
+def match_run(modules: list[nn.Module], start: int) -> Optional[FusedRun]:
+    """The fusable run beginning at ``modules[start]``, if any."""
+    conv = modules[start]
+    if not (isinstance(conv, nn.Conv2d) and conv.groups == 1 and conv.padding_mode == "zeros"):
+        return None
+    rest = modules[start + 1:start + 4]
+    bn = rest[0] if rest and isinstance(rest[0], nn.BatchNorm2d) \
+        and rest[0].num_features == conv.out_channels else None
+    after_bn = rest[1:] if bn is not None else rest
+    if not after_bn or not isinstance(after_bn[0], nn.ReLU):
+        return None
+    if bn is None:
+        return FusedRun(conv, None, None, 2)
+    pool = after_bn[1] if len(after_bn) > 1 and _fusable_pool(after_bn[1]) else None
+    return FusedRun(conv, bn, pool, 4 if pool is not None else 3)
+
+
+def _fusable_pool(module: nn.Module) -> bool:
+    return (isinstance(module, nn.MaxPool2d) and not module.return_indices) \
+        or isinstance(module, nn.AvgPool2d)
+
+
+class FoldedBatchNorm:
+    """Cache of an eval-mode BatchNorm (and the conv bias before it) folded into the conv
+    epilogue: scale = gamma / sqrt(running_var + eps), shift = (bias - running_mean) * scale
+    + beta, fp32. Recomputed when any source tensor changed since the last fold."""
+
+    def __init__(self) -> None:
+        self._key: Optional[tuple] = None
+        self._scale_shift: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def get(self, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+        key = self._key_of(conv, bn)
+        if key != self._key:
+            self._scale_shift = self._fold(conv, bn)
+            self._key = key
+        return self._scale_shift
+
+    @staticmethod
+    def _key_of(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
+        sources = (conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        return (bn.eps,) + tuple(None if t is None else (t.data_ptr(), t._version, t.device)
+                                 for t in sources)
+
+    @staticmethod
+    @torch.no_grad()
+    def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.float()
+        shift = -bn.running_mean.float() * scale
+        if conv.bias is not None:
+            shift = shift + conv.bias.float() * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.float()
+        return scale.contiguous(), shift.contiguous()
+
+
+def _conv_args(conv: nn.Conv2d) -> tuple:
+    return conv.stride, conv.padding, conv.dilation
+
+
+def _can_fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
+    """Eval with running statistics, and nothing that folding would hide needs a gradient."""
+    if bn.training or bn.running_mean is None:
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not any(t is not None and t.requires_grad for t in (conv.bias, bn.weight, bn.bias))
+
+
+def _pool(pool: Optional[Pool], y: torch.Tensor) -> torch.Tensor:
+    if pool is None:
+        return y
+    if isinstance(pool, nn.MaxPool2d):
+        return functional.max_pool2d(y, pool.kernel_size, pool.stride, pool.padding,
+                                     pool.dilation, pool.ceil_mode)
+    return functional.avg_pool2d(y, pool.kernel_size, pool.stride, pool.padding,
+                                 pool.ceil_mode, pool.count_include_pad, pool.divisor_override)
+
+
+def _batch_norm_relu_pool(bn: nn.BatchNorm2d, pool: Optional[Pool], y: torch.Tensor,
+                          partials: Optional[functional.WelfordPartials]) -> torch.Tensor:
+    """BatchNorm (batch or running statistics, exactly as nn.BatchNorm2d.forward chooses),
+    ReLU and the pool in one pass; ``partials`` are y's statistics from the conv epilogue."""
+    bn._check_input_dim(y)
+    factor = BatchNorm2d._average_factor(bn)
+    use_batch_stats = bn.training or bn.running_mean is None
+    keep_running = not bn.training or bn.track_running_stats
+    args = (y, bn.running_mean if keep_running else None,
+            bn.running_var if keep_running else None, bn.weight, bn.bias, use_batch_stats,
+            factor, bn.eps)
+    if isinstance(pool, nn.MaxPool2d):
+        return functional.batch_norm_max_pool2d(
+            *args, relu=True, kernel_size=pool.kernel_size, stride=pool.stride,
+            padding=pool.padding, dilation=pool.dilation, ceil_mode=pool.ceil_mode,
+            partials=partials)
+    if isinstance(pool, nn.AvgPool2d):
+        return functional.batch_norm_avg_pool2d(
+            *args, relu=True, kernel_size=pool.kernel_size, stride=pool.stride,
+            padding=pool.padding, ceil_mode=pool.ceil_mode,
+            count_include_pad=pool.count_include_pad, divisor_override=pool.divisor_override,
+            partials=partials)
+    return functional.batch_norm_relu(*args, partials=partials)
+
+
+def run_fused(run: FusedRun, x: torch.Tensor, folded: FoldedBatchNorm) -> torch.Tensor:
+    """Execute one fused run on ``x`` (see the module docstring for what fuses when)."""
+    conv, bn = run.conv, run.bn
+    if bn is None:
+        y, _ = functional.conv2d_fused(x, conv.weight, conv.bias, *_conv_args(conv), relu=True)
+        return y
+    if _can_fold(conv, bn):
+        scale, shift = folded.get(conv, bn)
+        y, _ = functional.conv2d_fused(x, conv.weight, None, *_conv_args(conv), scale=scale,
+                                       shift=shift, relu=True)
+        return _pool(run.pool, y)
+    batch_stats = bn.training or bn.running_mean is None
+    y, partials = functional.conv2d_fused(x, conv.weight, conv.bias, *_conv_args(conv),
+                                          stats=batch_stats)
+    return _batch_norm_relu_pool(bn, run.pool, y, partials)
+
+
+class FusedSequential(nn.Sequential):
+    """nn.Sequential that runs its Conv2d -> BatchNorm2d -> ReLU (-> pool) and Conv2d -> ReLU
+    runs fused; everything else runs module by module. Same children, same keys."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        modules = list(self._modules.values())
+        index = 0
+        while index < len(modules):
+            run = match_run(modules, index)
+            if run is None:
+                input = modules[index](input)
+                index += 1
+                continue
+            input = run_fused(run, input, self._folded_cache(index))
+            index += run.length
+        return input
+
+    def _folded_cache(self, index: int) -> FoldedBatchNorm:
+        caches = self.__dict__.setdefault("_fastarch_folded", {})
+        return caches.setdefault(index, FoldedBatchNorm())
+
+
+class ConvBatchNormReLU(FusedSequential):
+    """Conv2d -> BatchNorm2d -> ReLU (-> ``pool``) as one fused block, keyed like
+    torchvision's Conv2dNormActivation (``0.weight``, ``1.running_mean``, ...)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, bias: bool = False, eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1, pool: Optional[Pool] = None,
+                 device=None, dtype=None) -> None:
+        from fastarch.nn.activation import ReLU
+        from fastarch.nn.conv import Conv2d
+        layers: list[nn.Module] = [
+            Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=bias,
+                   device=device, dtype=dtype),
+            BatchNorm2d(out_channels, eps, momentum, device=device, dtype=dtype),
+            ReLU(inplace=True),
+        ]
+        if pool is not None:
+            layers.append(pool)
+        super().__init__(*layers)
