@@ -1,80 +1,197 @@
-"""Turn pytest-benchmark JSON into a side-by-side table (markdown, printed) and a summary JSON.
+"""Turn pytest-benchmark JSON into the results: a markdown table (fastarch / eager / compile
+side by side, printed), a section of benchmarks/RESULTS.md, and a roofline-style PNG.
 
-    python benchmarks/report.py bench.json [--summary summary.json] [--markdown table.md]
+    python benchmarks/report.py bench.json [--markdown table.md] [--results RESULTS.md]
+                                           [--png roofline.png]
+
+A RESULTS.md section is keyed by card, dtype and subset: a new run of the same replaces it,
+other sections stay. The PNG plots every case's achieved rate against the card's ceilings
+(``fastarch.roofline.CEILINGS``): conv / linear / blocks / models in TFLOP/s over arithmetic
+intensity under the roofline, BatchNorm and pools in GB/s under the copy bandwidth.
 """
 from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
+import re
+import sys
+from pathlib import Path
+from typing import Optional
 
+from fastarch.roofline import Ceilings, ceilings_for
 
-def rows_by_case(bench: dict) -> dict[str, dict[str, dict]]:
-    cases: dict[str, dict[str, dict]] = defaultdict(dict)
-    for entry in bench["benchmarks"]:
-        info = entry["extra_info"]
-        cases[info["case"]][info["contender"]] = {
-            "median_ms": entry["stats"]["median"] * 1e3,
-            "GB/s": info.get("GB/s"), "TFLOP/s": info.get("TFLOP/s")}
-    return cases
+CONTENDERS = ("fastarch", "eager", "compile")
+ENVIRONMENT = ("gpu", "torch", "triton", "cudnn", "cuda", "dtype", "tf32", "subset")
 
 
 def summarize(bench: dict) -> dict:
-    cases = rows_by_case(bench)
-    summary = {"machine": bench.get("machine_info", {}).get("node"),
-               "datetime": bench.get("datetime"), "environment": {}, "cases": {}}
-    if bench["benchmarks"]:
-        info = bench["benchmarks"][0]["extra_info"]
-        summary["environment"] = {k: info[k] for k in ("gpu", "torch", "triton", "cudnn")
-                                  if k in info}
-    for case, contenders in cases.items():
-        ours, eager = contenders.get("fastarch"), contenders.get("eager")
-        speedup = eager["median_ms"] / ours["median_ms"] if ours and eager else None
-        summary["cases"][case] = {**{name: c for name, c in contenders.items()},
-                                  "speedup_vs_eager": speedup}
-    return summary
+    """The run's environment and one row per (case, mode) with every contender's median."""
+    rows: dict[tuple[str, str], dict] = {}
+    environment: dict = {}
+    for entry in bench["benchmarks"]:
+        info = entry["extra_info"]
+        environment = environment or {k: info[k] for k in ENVIRONMENT if k in info}
+        row = rows.setdefault((info["case"], info["mode"]), {
+            "case": info["case"], "mode": info["mode"], "kind": info.get("kind", ""),
+            "describe": info.get("describe", ""), "flops": info.get("flops", 0),
+            "bytes": info.get("bytes", 0), "contenders": {}})
+        metric = "TFLOP/s" if row["flops"] else "GB/s"
+        row["contenders"][info["contender"]] = {"median_ms": entry["stats"]["median"] * 1e3,
+                                                "rate": info.get(metric)}
+    for row in rows.values():
+        times = {c: v["median_ms"] for c, v in row["contenders"].items()}
+        for rival in ("eager", "compile"):
+            row[f"speedup_vs_{rival}"] = (times[rival] / times["fastarch"]
+                                          if "fastarch" in times and rival in times else None)
+    commit = bench.get("commit_info", {}).get("id") or ""
+    return {"datetime": bench.get("datetime", ""), "commit": commit[:10],
+            "environment": environment, "rows": list(rows.values())}
+
+
+def operand(environment: dict) -> str:
+    dtype = environment.get("dtype", "bfloat16")
+    if dtype in ("bfloat16", "float16"):
+        return "16bit"
+    return "tf32" if environment.get("tf32") else "fp32"
+
+
+def roof_fraction(row: dict, ceilings: Optional[Ceilings], kind: str) -> Optional[float]:
+    """fastarch's rate as a fraction of the ceiling its metric meets on this card."""
+    ours = row["contenders"].get("fastarch")
+    if ceilings is None or ours is None or ours["rate"] is None:
+        return None
+    peak = ceilings.matmul_tflops.get(kind) if row["flops"] else ceilings.copy_gbs
+    return ours["rate"] / peak if peak else None
+
+
+def _cell(contender: Optional[dict], metric: str) -> str:
+    if contender is None:
+        return "—"
+    rate = contender["rate"]
+    rate_text = "" if rate is None else f" · {rate:.0f} {metric}" if rate >= 10 \
+        else f" · {rate:.3g} {metric}"
+    return f"{contender['median_ms']:.4g} ms{rate_text}"
+
+
+def _ratio(value: Optional[float]) -> str:
+    return "—" if value is None else f"{value:.2f}×"
+
+
+def header(summary: dict) -> str:
+    env = summary["environment"]
+    precision = env.get("dtype", "?") + (" (TF32)" if env.get("dtype") == "float32"
+                                          and env.get("tf32") else "")
+    return (f"{env.get('gpu', '?')} · {precision} · channels_last · {summary['datetime'][:16]} · "
+            f"torch {env.get('torch', '?')} · Triton {env.get('triton', '?')} · "
+            f"cuDNN {env.get('cudnn', '?')} · CUDA {env.get('cuda', '?')} · "
+            f"commit {summary['commit'] or '?'} · {env.get('subset', '?')} run")
 
 
 def markdown(summary: dict) -> str:
-    env = summary["environment"]
-    lines = [f"{env.get('gpu', '?')} · torch {env.get('torch', '?')} · triton "
-             f"{env.get('triton', '?')} · cuDNN {env.get('cudnn', '?')} · {summary['datetime']}",
-             "",
-             "| case | fastarch ms | rate | eager ms | rate | speedup |",
-             "|---|---|---|---|---|---|"]
-    for case, row in summary["cases"].items():
-        cells = []
-        for contender in ("fastarch", "eager"):
-            c = row.get(contender)
-            if c is None:
-                cells += ["—", "—"]
-                continue
-            rate = (f"{c['GB/s']:.0f} GB/s" if c.get("GB/s")
-                    else f"{c['TFLOP/s']:.1f} TFLOP/s" if c.get("TFLOP/s") else "—")
-            cells += [f"{c['median_ms']:.4f}", rate]
-        speedup = row["speedup_vs_eager"]
-        speedup_cell = f"{speedup:.2f}×" if speedup else "—"
-        lines.append(f"| {case} | {' | '.join(cells)} | {speedup_cell} |")
+    ceilings = ceilings_for(summary["environment"].get("gpu", ""))
+    kind = operand(summary["environment"])
+    lines = [header(summary), "",
+             "| case | mode | what | fastarch | eager (cuDNN) | torch.compile | "
+             "fastarch % of roof | vs eager | vs compile |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in summary["rows"]:
+        metric = "TFLOP/s" if row["flops"] else "GB/s"
+        cells = [_cell(row["contenders"].get(c), metric) for c in CONTENDERS]
+        fraction = roof_fraction(row, ceilings, kind)
+        lines.append(f"| {row['case']} | {row['mode']} | {row['describe']} | "
+                     f"{' | '.join(cells)} | "
+                     f"{'—' if fraction is None else f'{fraction:.0%}'} | "
+                     f"{_ratio(row['speedup_vs_eager'])} | {_ratio(row['speedup_vs_compile'])} |")
     return "\n".join(lines)
 
 
-def main() -> None:
+def section_key(summary: dict) -> str:
+    env = summary["environment"]
+    return f"{env.get('gpu', '?')} {env.get('dtype', '?')} {env.get('subset', '?')}"
+
+
+def update_results(path: Path, summary: dict, table: str) -> None:
+    """Replace this card/dtype/subset's section of RESULTS.md, or append it."""
+    key = section_key(summary)
+    begin, end = f"<!-- results: {key} -->", "<!-- /results -->"
+    section = f"{begin}\n## {key}\n\n{table}\n{end}"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text + ("" if text.endswith("\n") else "\n"))
+
+
+def roofline_png(summary: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ceilings = ceilings_for(summary["environment"].get("gpu", ""))
+    kind = operand(summary["environment"])
+    compute = [r for r in summary["rows"] if r["flops"]]
+    memory = [r for r in summary["rows"] if not r["flops"]]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(15, 6.5),
+                                         gridspec_kw={"width_ratios": [1, 1.3]})
+    colours = {"fastarch": "tab:red", "eager": "tab:blue", "compile": "tab:green"}
+    intensities = [r["flops"] / r["bytes"] for r in compute if r["bytes"]]
+    if ceilings is not None and ceilings.matmul_tflops.get(kind) and intensities:
+        peak, bandwidth = ceilings.matmul_tflops[kind], ceilings.copy_gbs / 1e3  # TB/s
+        xs = [min(intensities) / 2, peak / bandwidth, max(intensities) * 2]
+        left.plot(xs, [min(peak, bandwidth * x) for x in xs], "k-", lw=1.5,
+                  label=f"{ceilings.card} roof: {peak:g} TFLOP/s ({kind}), "
+                        f"{ceilings.copy_gbs:g} GB/s")
+    for contender in CONTENDERS:
+        points = [(r["flops"] / r["bytes"], r["contenders"][contender]["rate"]) for r in compute
+                  if contender in r["contenders"] and r["bytes"]]
+        if points:
+            left.scatter(*zip(*points), s=22, c=colours[contender], label=contender, alpha=0.8)
+        bars = [(i, r["contenders"][contender]["rate"]) for i, r in enumerate(memory)
+                if contender in r["contenders"]]
+        if bars:
+            right.scatter(*zip(*bars), s=22, c=colours[contender], label=contender, alpha=0.8)
+    left.set(xscale="log", yscale="log", xlabel="arithmetic intensity (FLOP / byte, minimum bytes)",
+             ylabel="achieved TFLOP/s", title="conv, linear, blocks, models")
+    if ceilings is not None:
+        right.axhline(ceilings.copy_gbs, color="k", lw=1.5,
+                      label=f"{ceilings.card} copy {ceilings.copy_gbs:g} GB/s")
+    right.set_xticks(range(len(memory)), [f"{r['case']} {r['mode']}" for r in memory],
+                     rotation=75, ha="right", fontsize=7)
+    right.set(ylabel="achieved GB/s (bytes read + written once)", title="BatchNorm, pools")
+    right.set_ylim(bottom=0)
+    for axis in (left, right):
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(header(summary), fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bench_json")
-    parser.add_argument("--summary", help="write the summary JSON here")
-    parser.add_argument("--markdown", help="write the markdown table here")
-    args = parser.parse_args()
-    with open(args.bench_json) as f:
-        summary = summarize(json.load(f))
+    parser.add_argument("--markdown", type=Path, help="write the table here")
+    parser.add_argument("--results", type=Path, help="update this RESULTS.md")
+    parser.add_argument("--png", type=Path, help="write the roofline plot here")
+    args = parser.parse_args(argv)
+    if not Path(args.bench_json).exists():  # pytest-benchmark writes none when nothing ran
+        print(f"{args.bench_json}: no such file: no benchmark ran (all skipped or failed?)",
+              file=sys.stderr)
+        return 1
+    summary = summarize(json.loads(Path(args.bench_json).read_text()))
     table = markdown(summary)
-    if args.summary:
-        with open(args.summary, "w") as f:
-            json.dump(summary, f, indent=2)
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table + "\n")
+        args.markdown.write_text(table + "\n")
+    if args.results:
+        update_results(args.results, summary, table)
+    if args.png:
+        roofline_png(summary, args.png)
     print(table)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

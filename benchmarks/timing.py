@@ -1,20 +1,63 @@
-"""Honest GPU timing inside pytest-benchmark: every timed call ends with a synchronize, inputs
-rotate through copies that together exceed L2, and the environment goes into extra_info."""
+"""Honest GPU timing inside pytest-benchmark.
+
+* On a GPU, conftest makes ``synchronized_clock`` pytest-benchmark's timer: it waits for the
+  GPU before reading the clock, so a round measures the device time of its calls, not the
+  time to launch them.
+* A round runs enough back-to-back calls (``iterations``) to last about ``ROUND_SECONDS``, so
+  the synchronize and clock reads vanish in it; each call takes the next of several input
+  copies that together exceed the L2 cache (``rotating``).
+* Warm-up calls run first, outside any timing: Triton and inductor compile, cuDNN autotunes.
+"""
 from __future__ import annotations
 
 import itertools
-from typing import Callable
+import math
+import time
+from collections.abc import Callable
 
 import torch
 
-L2_BYTES = 64 * 2**20  # H100 50 MB, H200 60 MB: rotate until the copies exceed this
+L2_BYTES = 64 * 2**20  # H100 50 MB, H200 60 MB: rotate until the copies exceed twice this
+MAX_COPIES = 512
+ROUND_SECONDS = 2e-3
+MAX_ITERATIONS = 256
+WARMUP_CALLS = 3
+PROBE_CALLS = 5
 
 
-def rotating(make: Callable[[], tuple], bytes_per_copy: int) -> Callable[[], tuple]:
+def synchronized_clock() -> float:
+    """pytest-benchmark's timer on a GPU (``--benchmark-timer timing.synchronized_clock``)."""
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def rotating(make: Callable[[], tuple], bytes_per_copy: int, copies: int | None = None
+             ) -> Callable[[], tuple]:
     """Cycle through enough independently drawn argument tuples to defeat the L2 cache."""
-    copies = 1 if bytes_per_copy >= 2 * L2_BYTES else min(8, -(-2 * L2_BYTES // bytes_per_copy))
+    if copies is None:
+        copies = max(1, min(MAX_COPIES, math.ceil(2 * L2_BYTES / max(bytes_per_copy, 1))))
     pool = itertools.cycle([make() for _ in range(copies)])
     return lambda: next(pool)
+
+
+def iterations_for(seconds_per_call: float) -> int:
+    """Calls per round so that a round lasts about ``ROUND_SECONDS``."""
+    return max(1, min(MAX_ITERATIONS, round(ROUND_SECONDS / max(seconds_per_call, 1e-9))))
+
+
+def measure(benchmark, fn: Callable[..., object], next_args: Callable[[], tuple],
+            rounds: int) -> float:
+    """Warm up, size the rounds, time ``fn(*next_args())``; the median seconds per call."""
+    for _ in range(WARMUP_CALLS):
+        fn(*next_args())
+    start = synchronized_clock()
+    for _ in range(PROBE_CALLS):
+        fn(*next_args())
+    iterations = iterations_for((synchronized_clock() - start) / PROBE_CALLS)
+    benchmark.extra_info["iterations"] = iterations
+    benchmark.pedantic(lambda: fn(*next_args()), rounds=rounds, iterations=iterations,
+                       warmup_rounds=1)
+    return benchmark.stats.stats.median
 
 
 def environment() -> dict[str, str]:
@@ -22,24 +65,6 @@ def environment() -> dict[str, str]:
     info = {"torch": torch.__version__, "triton": triton.__version__}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = str(torch.version.cuda)
         info["cudnn"] = str(torch.backends.cudnn.version())
     return info
-
-
-def run_case(benchmark, fn: Callable[..., object], next_args: Callable[[], tuple],
-             bytes_moved: int, smoke: bool, contender: str, case: str) -> None:
-    """Time ``fn(*next_args())`` (synchronized) and record GB/s beside the environment."""
-    if smoke:  # --benchmark-disable: one untimed call through the interpreter
-        benchmark(fn, *next_args())
-        return
-
-    def timed():
-        fn(*next_args())
-        torch.cuda.synchronize()
-
-    benchmark.group = case
-    benchmark.pedantic(timed, rounds=60, iterations=1, warmup_rounds=10)
-    median = benchmark.stats.stats.median
-    benchmark.extra_info.update(environment())
-    benchmark.extra_info.update({"contender": contender, "case": case,
-                                 "bytes": bytes_moved, "GB/s": bytes_moved / median / 1e9})

@@ -91,6 +91,12 @@ def sm90() -> int:
     return report.main(sys.argv[2:])
 
 
+def profile() -> int:
+    _restart_with_interpreter(not torch.cuda.is_available())
+    from fastarch import profile as profiler
+    return profiler.main(sys.argv[2:])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="fastarch", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -99,9 +105,13 @@ def main() -> int:
                              choices=["float32", "float16", "bfloat16"])
     commands.add_parser("sm90", help="compile every kernel config for Hopper and report",
                         add_help=False)
+    commands.add_parser("profile", help="per-layer times, rates and kernels of a model, and a "
+                        "chrome trace (profile MODEL -h)", add_help=False)
     args, _ = parser.parse_known_args()
     if args.command == "demo":
         return demo(args.dtype)
+    if args.command == "profile":
+        return profile()
     return sm90()
 
 

@@ -1,0 +1,165 @@
+"""Every case of ``cases.py`` in each of its modes, three contenders in one benchmark group:
+PyTorch eager (cuDNN / cuBLAS), torch.compile of the same torch module, and fastarch.
+
+The torch contenders run ``fastarch.profile.torch_twin`` of the fastarch module: the same
+weights on torch's own classes. Blocks and whole models run fastarch fused when
+``fastarch.fusion`` exists. Modes: ``eval`` (no_grad inference), ``train`` (training forward,
+graph recorded), ``fwd_bwd`` (forward + input and weight gradients), ``train_step`` (cross
+entropy, backward, SGD with momentum). Before timing, fastarch's eval / train output is
+checked against the torch twin's; extra_info holds TFLOP/s or GB/s, the speedups, the card
+and the versions.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cases import Case, build, fusion, scenarios
+from fastarch.profile import torch_twin
+from fastarch.roofline import operand_kind
+from timing import environment, measure, rotating
+
+CONTENDERS = ("eager", "compile", "fastarch")  # fastarch last: its speedups need the others
+# Relative L2 error allowed between fastarch and torch, by operand kind; models ×2.5.
+CHECK_TOLERANCE = {"16bit": 2e-2, "tf32": 5e-3, "fp32": 1e-4}
+
+
+def pytest_generate_tests(metafunc):
+    if "scenario" in metafunc.fixturenames:
+        metafunc.parametrize("scenario", [
+            pytest.param((case, mode, contender), id=f"{case.name}-{mode}-{contender}")
+            for case, mode in scenarios(subset_of(metafunc.config)) for contender in CONTENDERS])
+
+
+@functools.lru_cache(maxsize=None)
+def source_model(name: str, smoke: bool, device: str, dtype: torch.dtype) -> nn.Module:
+    """The fastarch model every contender copies its module from (same weights for all)."""
+    torch.manual_seed(0)
+    model = build(name, smoke, device)
+    return model.to(dtype=dtype, memory_format=torch.channels_last)
+
+
+def case_module(case: Case, model: nn.Module) -> nn.Module:
+    """A copy of what ``case`` runs: the whole model, one layer, or a run as a Sequential."""
+    if not case.paths:
+        return copy.deepcopy(model)
+    layers = [copy.deepcopy(model.get_submodule(path)) for path in case.paths]
+    return layers[0] if len(layers) == 1 else nn.Sequential(*layers)
+
+
+def contender_module(case: Case, contender: str, module: nn.Module) -> nn.Module:
+    if contender == "fastarch":
+        fusable = case.kind in ("block", "model") and fusion is not None
+        return fusion.fuse(module) if fusable else module
+    twin = torch_twin(module)
+    if contender == "compile":
+        torch._dynamo.reset()  # each case compiles afresh, far from the recompile limit
+        return torch.compile(twin)
+    return twin
+
+
+def _randn(shape: tuple[int, ...], dtype: torch.dtype, device: str,
+           requires_grad: bool = False) -> torch.Tensor:
+    x = torch.randn(shape, device=device, dtype=dtype)
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_(requires_grad)
+
+
+def workload(module: nn.Module, case: Case, mode: str, smoke: bool, dtype: torch.dtype,
+             device: str):
+    """(fn, make_args, bytes of one argument tuple) for ``mode``."""
+    x_shape, y_shape = case.input_shape(smoke), case.output_shape(smoke)
+    size = torch.finfo(dtype).bits // 8
+    x_bytes = torch.Size(x_shape).numel() * size
+    module.train(mode != "eval")
+    if mode == "eval":
+        def fn(x):
+            with torch.no_grad():
+                return module(x)
+        return fn, lambda: (_randn(x_shape, dtype, device),), x_bytes
+    if mode == "train":
+        return module, lambda: (_randn(x_shape, dtype, device, requires_grad=True),), x_bytes
+    if mode == "fwd_bwd":
+        params = tuple(p for p in module.parameters() if p.requires_grad)
+
+        def fn(x, dy):
+            return torch.autograd.grad(module(x), (x, *params), dy)
+        make = lambda: (_randn(x_shape, dtype, device, requires_grad=True),  # noqa: E731
+                        _randn(y_shape, dtype, device))
+        return fn, make, x_bytes + torch.Size(y_shape).numel() * size
+    optimizer = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
+
+    def step(x, target):
+        loss = F.cross_entropy(module(x), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+    make = lambda: (_randn(x_shape, dtype, device),  # noqa: E731
+                    torch.randint(y_shape[-1], (x_shape[0],), device=device))
+    return step, make, x_bytes
+
+
+def check_against_torch(case: Case, mode: str, fn, args: tuple, source: nn.Module,
+                        smoke: bool, dtype: torch.dtype, device: str, tf32: bool) -> None:
+    """fastarch's output equals the torch twin's on the same input and weights (modes with a
+    deterministic output: no dropout, no optimizer)."""
+    twin_fn, _, _ = workload(torch_twin(case_module(case, source)), case, mode, smoke, dtype,
+                             device)
+    ours, theirs = fn(*args).detach().float(), twin_fn(*args).detach().float()
+    assert ours.shape == theirs.shape and torch.isfinite(ours).all()
+    error = ((ours - theirs).norm() / theirs.norm().clamp_min(1e-30)).item()
+    tolerance = CHECK_TOLERANCE[operand_kind(dtype, tf32)] * (2.5 if case.kind == "model" else 1)
+    assert error <= tolerance, f"{case.name} {mode}: relative error {error:.2e} > {tolerance:g}"
+
+
+def subset_of(config) -> str:
+    if config.getoption("--smoke"):
+        return "smoke"
+    return "quick" if config.getoption("--quick") else "full"
+
+
+def test_case(benchmark, scenario, bench_device, bench_dtype, tf32, smoke, medians, request):
+    case, mode, contender = scenario
+    if smoke and contender == "compile":
+        pytest.skip("torch.compile is not run in --smoke: inductor's first CPU compile takes "
+                    "~25 s of C++ builds; the GPU run compiles every case")
+    source = source_model(case.model, smoke, bench_device, bench_dtype)
+    module = contender_module(case, contender, case_module(case, source))
+    fn, make, bytes_per_copy = workload(module, case, mode, smoke, bench_dtype, bench_device)
+    next_args = rotating(make, bytes_per_copy, copies=1 if smoke else None)
+    benchmark.group = f"{case.name} {mode}"
+    if contender == "fastarch" and mode in ("eval", "train"):
+        check_against_torch(case, mode, fn, next_args(), source, smoke, bench_dtype,
+                            bench_device, tf32)
+    if smoke:  # --benchmark-disable: one untimed call
+        benchmark(fn, *next_args())
+        return
+    median = measure(benchmark, fn, next_args, request.config.getoption("--rounds"))
+    timings = medians.setdefault((case.name, mode), {})
+    timings[contender] = median
+    benchmark.extra_info.update(
+        environment(), contender=contender, case=case.name, mode=mode, kind=case.kind,
+        describe=case.describe(smoke), dtype=str(bench_dtype).removeprefix("torch."), tf32=tf32,
+        channels_last=True, subset=subset_of(request.config),
+        **rates(case, mode, smoke, bench_dtype, median, contender, timings))
+
+
+def rates(case: Case, mode: str, smoke: bool, dtype: torch.dtype, median: float,
+          contender: str, timings: dict[str, float]) -> dict:
+    """FLOPs and bytes, the achieved TFLOP/s or GB/s, and fastarch's speedups."""
+    cost = case.cost(mode, smoke, torch.finfo(dtype).bits // 8)
+    info = {"flops": cost.flops, "bytes": cost.bytes, cost.metric: cost.rate(median)}
+    if contender == "compile":
+        info["compile_mode"] = "default"
+    if contender == "fastarch":
+        info["fused"] = case.kind in ("block", "model") and fusion is not None
+        info.update({f"speedup_vs_{rival}": timings[rival] / median
+                     for rival in ("eager", "compile") if rival in timings})
+    return info
