@@ -1,9 +1,11 @@
-"""The functional API and the autograd Functions behind it.
+"""The functional API.
 
 Each op takes torch.nn.functional's exact arguments, validates them with torch's error types
 and messages, and runs our Triton kernel when ``fastarch.backend`` says the input's device
 runs Triton (CUDA, or CPU under TRITON_INTERPRET=1). Otherwise, and for dtypes we do not
 accelerate (float64), it calls torch's own implementation: the documented fallback.
+The kernels run as the operators of ``fastarch.ops`` (``torch.ops.fastarch.*``), which carry
+their autograd formulas, so ``torch.compile`` traces these functions without graph breaks.
 """
 from __future__ import annotations
 
@@ -13,18 +15,14 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from fastarch import backend, profiling
-from fastarch.kernels import avg_pool as avg_pool_kernels
-from fastarch.kernels import batch_norm as bn_kernels
-from fastarch.kernels import conv2d_dgrad, conv2d_wgrad
-from fastarch.kernels import conv2d_forward as conv_kernels
+from fastarch import backend, ops, profiling
 from fastarch.kernels import linear as linear_kernels
-from fastarch.kernels import max_pool as max_pool_kernels
 from fastarch.kernels import relu as relu_kernels
-from fastarch.kernels import tensor_cores
-from fastarch.kernels.conv2d_forward import WelfordPartials
+from fastarch.kernels.batch_norm import BatchNormStatistics
+from fastarch.kernels.conv2d_forward import WelfordPartials, merge_welford_partials
 from fastarch.kernels.conv_geometry import ConvGeometry
 from fastarch.kernels.pool_tile import PoolGeometry
 
@@ -91,32 +89,12 @@ def _unbatched_like(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return y if x.dim() == 4 else y.squeeze(0)
 
 
+def _records_grad(x: torch.Tensor) -> bool:
+    """Whether autograd records an op on x (what decides the tensors kept for backward)."""
+    return torch.is_grad_enabled() and x.requires_grad
+
+
 # ----------------------------------------------------------------------------- max pool
-
-@profiling.named("max_pool2d")
-class MaxPool2dFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, geometry: PoolGeometry, return_indices: bool):
-        keep_offsets = ctx.needs_input_grad[0]
-        y, offsets, indices = max_pool_kernels.max_pool2d_forward(
-            x, geometry, keep_offsets, return_indices)
-        ctx.geometry = geometry
-        ctx.input_shape = x.shape
-        ctx.memory_format = backend.memory_format_of(x)
-        if keep_offsets:
-            ctx.save_for_backward(offsets)
-        if indices is not None:
-            ctx.mark_non_differentiable(indices)
-            return y, indices
-        return y
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor, *unused_index_grad):
-        (offsets,) = ctx.saved_tensors
-        dx = max_pool_kernels.max_pool2d_backward(dy, offsets, ctx.input_shape,
-                                                  ctx.memory_format, ctx.geometry)
-        return dx, None, None
-
 
 def max_pool2d(input: torch.Tensor, kernel_size: IntOrPair, stride: Optional[IntOrPair] = None,
                padding: IntOrPair = 0, dilation: IntOrPair = 1, ceil_mode: bool = False,
@@ -128,34 +106,15 @@ def max_pool2d(input: torch.Tensor, kernel_size: IntOrPair, stride: Optional[Int
     if not backend.use_triton("max_pool2d", input):
         return F.max_pool2d(input, kernel_size, stride, padding, dilation,
                             ceil_mode=ceil_mode, return_indices=return_indices)
-    out = MaxPool2dFunction.apply(_batched(input), geometry, return_indices)
+    y, _, indices = ops.max_pool2d(_batched(input), *ops.pool_window(geometry),
+                                   keep_offsets=_records_grad(input),
+                                   return_indices=bool(return_indices))
     if return_indices:
-        return _unbatched_like(input, out[0]), _unbatched_like(input, out[1])
-    return _unbatched_like(input, out)
+        return _unbatched_like(input, y), _unbatched_like(input, indices)
+    return _unbatched_like(input, y)
 
 
 # ----------------------------------------------------------------------------- avg pool
-
-@profiling.named("avg_pool2d")
-class AvgPool2dFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, geometry: PoolGeometry, count_include_pad: bool,
-                divisor_override: Optional[int]):
-        ctx.geometry = geometry
-        ctx.count_include_pad = count_include_pad
-        ctx.divisor_override = divisor_override
-        ctx.input_shape = x.shape
-        ctx.memory_format = backend.memory_format_of(x)
-        return avg_pool_kernels.avg_pool2d_forward(x, geometry, count_include_pad,
-                                                   divisor_override)
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        dx = avg_pool_kernels.avg_pool2d_backward(dy, ctx.input_shape, ctx.memory_format,
-                                                  ctx.geometry, ctx.count_include_pad,
-                                                  ctx.divisor_override)
-        return dx, None, None, None
-
 
 def avg_pool2d(input: torch.Tensor, kernel_size: IntOrPair, stride: Optional[IntOrPair] = None,
                padding: IntOrPair = 0, ceil_mode: bool = False, count_include_pad: bool = True,
@@ -168,27 +127,18 @@ def avg_pool2d(input: torch.Tensor, kernel_size: IntOrPair, stride: Optional[Int
     if not backend.use_triton("avg_pool2d", input):
         return F.avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
                             divisor_override)
-    y = AvgPool2dFunction.apply(_batched(input), geometry, bool(count_include_pad),
-                                divisor_override)
+    y = ops.avg_pool2d(_batched(input), *_avg_window(geometry), bool(count_include_pad),
+                       divisor_override)
     return _unbatched_like(input, y)
 
 
+def _avg_window(geometry: PoolGeometry) -> tuple:
+    """An average pool's window as op arguments: kernel, stride, padding, ceil_mode."""
+    kernel, stride, padding, _, ceil_mode = ops.pool_window(geometry)
+    return kernel, stride, padding, ceil_mode
+
+
 # ----------------------------------------------------------------------------- adaptive avg pool
-
-@profiling.named("adaptive_avg_pool2d")
-class AdaptiveAvgPool2dFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, output_size: tuple[int, int]):
-        ctx.input_shape = x.shape
-        ctx.memory_format = backend.memory_format_of(x)
-        return avg_pool_kernels.adaptive_avg_pool2d_forward(x, output_size)
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        dx = avg_pool_kernels.adaptive_avg_pool2d_backward(dy, ctx.input_shape,
-                                                           ctx.memory_format)
-        return dx, None
-
 
 def _adaptive_output_size(x: torch.Tensor,
                           output_size: Union[int, None, Sequence[Optional[int]]]
@@ -232,7 +182,7 @@ def adaptive_avg_pool2d(input: torch.Tensor,
         return F.adaptive_avg_pool2d(input, size)
     if 0 in size:
         return input.new_empty((*input.shape[:-2], *size))
-    y = AdaptiveAvgPool2dFunction.apply(_batched(input), size)
+    y = ops.adaptive_avg_pool2d(_batched(input), list(size))
     return _unbatched_like(input, y)
 
 
@@ -284,71 +234,45 @@ class _FusedPool:
     count_include_pad: bool = True
     divisor_override: Optional[int] = None
 
-    def backward(self, dy: torch.Tensor, offsets: Optional[torch.Tensor],
-                 x: torch.Tensor) -> torch.Tensor:
-        """The gradient of the pool's input (the normalised, ReLU'd x): the pools' gathers."""
-        fmt = backend.memory_format_of(x)
-        if self.is_max:
-            return max_pool_kernels.max_pool2d_backward(dy, offsets, x.shape, fmt, self.geometry)
-        return avg_pool_kernels.avg_pool2d_backward(dy, x.shape, fmt, self.geometry,
-                                                    self.count_include_pad,
-                                                    self.divisor_override)
+
+def _detached(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.detach()
 
 
-@profiling.named("batch_norm")
-class BatchNormFunction(torch.autograd.Function):
-    """BatchNorm2d on a 4-D input, then ReLU (``relu``), then a pool (``pool``) whose input,
-    the normalised tensor, is never written. Training updates the running statistics in
-    place (when given) and saves fp32 mean / invstd; eval normalises with the running ones.
-    Backward recomputes x_hat (and the ReLU mask) from x; with a pool it first runs the
-    pool's backward gather to get the gradient of the normalised tensor."""
+def _batch_norm_statistics(x: torch.Tensor, running_mean: Optional[torch.Tensor],
+                           running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                           bias: Optional[torch.Tensor], training: bool, momentum: float,
+                           eps: float, partials: Optional[WelfordPartials]
+                           ) -> BatchNormStatistics:
+    """What the normalising op takes: in training the batch's statistics, from ``partials``
+    (the conv epilogue's) or a statistics pass over the 4-D x, updating the running ones in
+    place when given; in eval the running statistics. The normalising op differentiates
+    through the batch statistics itself, so these are computed from detached values."""
+    weight, bias = _detached(weight), _detached(bias)
+    if not training:
+        return BatchNormStatistics(*ops.batch_norm_running_statistics(
+            running_mean, running_var, weight, bias, eps))
+    if partials is None:
+        partials = WelfordPartials(*ops.batch_norm_welford_partials(x.detach()).unbind(0))
+    return BatchNormStatistics(*ops.batch_norm_finalize(
+        *partials, weight, bias, running_mean, running_var, momentum, eps))
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: Optional[torch.Tensor],
-                bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
-                running_var: Optional[torch.Tensor], training: bool, momentum: float,
-                eps: float, relu: bool, pool: Optional[_FusedPool],
-                partials: Optional[WelfordPartials]):
-        if training:
-            partials = partials if partials is not None else bn_kernels.welford_partials(x)
-            stats = bn_kernels.batch_norm_finalize(*partials, weight, bias, running_mean,
-                                                   running_var, momentum, eps)
-        else:
-            stats = bn_kernels.batch_norm_running_statistics(running_mean, running_var, weight,
-                                                             bias, eps)
-        offsets = None
-        if pool is None:
-            y = bn_kernels.batch_norm_apply(x, stats, relu)
-        elif pool.is_max:
-            y, offsets = bn_kernels.batch_norm_max_pool2d_forward(
-                x, stats, relu, pool.geometry, keep_offsets=any(ctx.needs_input_grad[:3]))
-        else:
-            y = bn_kernels.batch_norm_avg_pool2d_forward(x, stats, relu, pool.geometry,
-                                                         pool.count_include_pad,
-                                                         pool.divisor_override)
-        ctx.training, ctx.relu, ctx.pool = training, relu, pool
-        ctx.grad_dtypes = (None if weight is None else weight.dtype,
-                           None if bias is None else bias.dtype)
-        ctx.save_for_backward(x, *stats, offsets)
+
+def _normalize(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+               stats: BatchNormStatistics, training: bool, relu: bool,
+               pool: Optional[_FusedPool]) -> torch.Tensor:
+    """(x - mean) * scale + shift of a 4-D x, then ReLU (``relu``), then ``pool`` (whose
+    input, the normalised tensor, is never written)."""
+    if pool is None:
+        return ops.batch_norm(x, weight, bias, *stats, training, relu)
+    if pool.is_max:
+        keep_offsets = any(_records_grad(t) for t in (x, weight, bias) if t is not None)
+        y, _ = ops.batch_norm_max_pool2d(x, weight, bias, *stats, training, relu,
+                                         *ops.pool_window(pool.geometry), keep_offsets)
         return y
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x, mean, invstd, scale, shift, offsets = ctx.saved_tensors
-        stats = bn_kernels.BatchNormStatistics(mean, invstd, scale, shift)
-        if ctx.pool is not None:
-            dy = ctx.pool.backward(dy, offsets, x)
-        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        sums = dw = db = None
-        if (need_dx and ctx.training) or need_dw or need_db:
-            sums, dw, db = bn_kernels.batch_norm_backward_sums(
-                x, dy, stats, ctx.relu, ctx.grad_dtypes[0] if need_dw else None,
-                ctx.grad_dtypes[1] if need_db else None)
-        dx = None
-        if need_dx:
-            dx = bn_kernels.batch_norm_backward_input(x, dy, stats,
-                                                      sums if ctx.training else None, ctx.relu)
-        return dx, dw, db, None, None, None, None, None, None, None, None
+    return ops.batch_norm_avg_pool2d(x, weight, bias, *stats, training, relu,
+                                     *_avg_window(pool.geometry), pool.count_include_pad,
+                                     pool.divisor_override)
 
 
 def _use_batch_norm_kernels(op: str, input: torch.Tensor) -> bool:
@@ -367,9 +291,10 @@ def _batch_norm(op: str, input: torch.Tensor, running_mean: Optional[torch.Tenso
     if not _use_batch_norm_kernels(op, input):
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         return F.relu(y) if relu else y
-    y = BatchNormFunction.apply(_as_4d(input), weight, bias, running_mean, running_var,
-                                bool(training), float(momentum), float(eps), relu, None,
-                                _training_partials(partials, training))
+    x = _as_4d(input)
+    stats = _batch_norm_statistics(x, running_mean, running_var, weight, bias, bool(training),
+                                   float(momentum), float(eps), partials)
+    y = _normalize(x, weight, bias, stats, bool(training), relu, None)
     return y if input.dim() == 4 else y.view(input.shape)
 
 
@@ -398,12 +323,6 @@ def batch_norm_relu(input: torch.Tensor, running_mean: Optional[torch.Tensor],
                        training, momentum, eps, relu=True, partials=partials)
 
 
-def _training_partials(partials: Optional[WelfordPartials],
-                       training: bool) -> Optional[WelfordPartials]:
-    """Precomputed statistics only matter in training; eval normalises with running ones."""
-    return partials if training else None
-
-
 def _batch_norm_pool(op: str, input: torch.Tensor, running_mean: Optional[torch.Tensor],
                      running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                      bias: Optional[torch.Tensor], training: bool, momentum: float, eps: float,
@@ -413,9 +332,9 @@ def _batch_norm_pool(op: str, input: torch.Tensor, running_mean: Optional[torch.
     if not _use_batch_norm_kernels(op, input):
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         return torch_pool(F.relu(y) if relu else y)
-    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
-                                   bool(training), float(momentum), float(eps), relu, pool,
-                                   _training_partials(partials, training))
+    stats = _batch_norm_statistics(input, running_mean, running_var, weight, bias,
+                                   bool(training), float(momentum), float(eps), partials)
+    return _normalize(input, weight, bias, stats, bool(training), relu, pool)
 
 
 def _check_batch_norm_pool_input(input: torch.Tensor, op: str) -> None:
@@ -479,22 +398,22 @@ def batch_norm_avg_pool2d(input: torch.Tensor, running_mean: Optional[torch.Tens
 
 # ----------------------------------------------------------------------------- relu
 
-@profiling.named("relu")
-class ReLUFunction(torch.autograd.Function):
-    """ReLU on a dense tensor; in place marks the input dirty (as torch.relu_ does)."""
+class InPlaceReLUFunction(torch.autograd.Function):
+    """An in-place ReLU that autograd records, in eager mode: ``fastarch::relu_`` writes x,
+    which is marked dirty and saved as the output, so no second tensor is kept (as with
+    torch.relu_). Mutable operators carry no autograd formula, so compiled code takes the
+    out-of-place ``fastarch::relu`` and a copy instead, which Inductor fuses."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, inplace: bool):
-        y = relu_kernels.relu_forward(x, inplace)
-        if inplace:
-            ctx.mark_dirty(x)
-        ctx.save_for_backward(y)
-        return y
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ops.relu_(x)
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(x)
+        return x
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        (y,) = ctx.saved_tensors
-        return relu_kernels.relu_backward(y, dy), None
+    def backward(ctx, dy: torch.Tensor) -> torch.Tensor:
+        return ops.relu_grads(ctx, dy)
 
 
 def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
@@ -502,10 +421,17 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     run on a contiguous copy (and, in place, are written back from it)."""
     if not backend.use_triton("relu", input):
         return torch.relu_(input) if inplace else torch.relu(input)
-    if relu_kernels.dense_format(input) is not None:
-        return ReLUFunction.apply(input, bool(inplace))
-    y = ReLUFunction.apply(input.contiguous(), False)
-    return input.copy_(y) if inplace else y
+    if relu_kernels.dense_format(input) is None:
+        y = ops.relu(input.contiguous())
+        return input.copy_(y) if inplace else y
+    if not inplace:
+        return ops.relu(input)
+    if not _records_grad(input):
+        ops.relu_(input)
+        return input
+    if torch.compiler.is_compiling():
+        return input.copy_(ops.relu(input))
+    return InPlaceReLUFunction.apply(input)
 
 
 # ----------------------------------------------------------------------------- conv2d
@@ -628,49 +554,6 @@ def _autocast_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return cast(x), cast(weight), cast(bias)
 
 
-@profiling.named("conv2d")
-class Conv2dFunction(torch.autograd.Function):
-    """conv2d with the fused epilogue; gradients reach input, weight and bias through ReLU
-    and the (constant) scale. The Welford partials are extra, non-differentiable outputs."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
-                geometry: ConvGeometry, relu: bool, stats: bool):
-        y, partials = conv_kernels.conv2d_forward(x, weight, bias, geometry, scale, shift,
-                                                  relu, stats)
-        ctx.geometry = geometry
-        ctx.input_shape = x.shape
-        ctx.weight_shape = weight.shape
-        ctx.memory_format = backend.memory_format_of(x)
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None,
-                              weight if ctx.needs_input_grad[0] else None,
-                              scale, y if relu else None)
-        if partials is None:
-            return y
-        ctx.mark_non_differentiable(*partials)
-        return y, *partials
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor, *unused_partial_grads):
-        x, weight, scale, y = ctx.saved_tensors
-        if y is not None:
-            dy = dy.masked_fill(y <= 0, 0)  # ReLU: torch's threshold_backward (NaN passes)
-        if scale is not None:
-            dy = (dy.float() * scale.view(1, -1, 1, 1)).to(dy.dtype)
-        allow_tf32 = tensor_cores.cudnn_conv_allows_tf32()
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = conv2d_dgrad.conv2d_input_grad(dy, weight, ctx.input_shape, ctx.memory_format,
-                                                ctx.geometry, allow_tf32)
-        if ctx.needs_input_grad[1]:
-            dw, db = conv2d_wgrad.conv2d_weight_grad(x, dy, ctx.weight_shape, ctx.geometry,
-                                                     ctx.needs_input_grad[2], allow_tf32)
-        elif ctx.needs_input_grad[2]:
-            db = dy.sum((0, 2, 3), dtype=torch.float32).to(dy.dtype)
-        return dx, dw, db, None, None, None, None, None
-
-
 def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            stride: IntOrPair = 1, padding: ConvPadding = 0, dilation: IntOrPair = 1,
            groups: int = 1) -> torch.Tensor:
@@ -685,7 +568,8 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     geometry = _conv_geometry(input, weight, stride, padding, dilation)
     if not backend.use_triton("conv2d", input):
         return F.conv2d(input, weight, bias, stride, padding, dilation)
-    y = Conv2dFunction.apply(_batched(input), weight, bias, None, None, geometry, False, False)
+    y, _ = ops.conv2d(_batched(input), weight, bias, None, None, *ops.conv_window(geometry),
+                      False, False)
     return _unbatched_like(input, y)
 
 
@@ -709,11 +593,11 @@ def conv2d_fused(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     if not backend.use_triton("conv2d_fused", input):
         return _conv2d_fused_torch(input, weight, bias, stride, padding, dilation, scale, shift,
                                    relu, stats)
-    out = Conv2dFunction.apply(_batched(input), weight, bias, scale, shift, geometry, relu,
-                               stats)
+    y, partials = ops.conv2d(_batched(input), weight, bias, scale, shift,
+                             *ops.conv_window(geometry), bool(relu), bool(stats))
     if not stats:
-        return _unbatched_like(input, out), None
-    return _unbatched_like(input, out[0]), WelfordPartials(*out[1:])
+        return _unbatched_like(input, y), None
+    return _unbatched_like(input, y), WelfordPartials(*partials.unbind(0))
 
 
 def _conv2d_fused_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -771,34 +655,6 @@ def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
                            f"of size {list(bias.shape)} instead")
 
 
-@profiling.named("linear")
-class LinearFunction(torch.autograd.Function):
-    """dropout(relu(x @ W^T + b)) of a 2-D x. Backward recomputes the ReLU mask from the
-    saved output and regenerates the dropout mask from ``seed`` (never stored)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                relu: bool, p: float, seed: Optional[torch.Tensor]):
-        y = linear_kernels.linear_forward(x, weight, bias, relu, p, seed,
-                                          tensor_cores.matmul_allows_tf32())
-        ctx.relu = relu
-        ctx.p = p
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None,
-                              weight if ctx.needs_input_grad[0] else None,
-                              y if relu else None, seed)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x, weight, y, seed = ctx.saved_tensors
-        bias_dtype = ctx.bias_dtype if ctx.needs_input_grad[2] else None
-        dx, dw, db = linear_kernels.linear_backward(dy, x, weight, y, seed, ctx.relu, ctx.p,
-                                                    bias_dtype,
-                                                    tensor_cores.matmul_allows_tf32())
-        return dx, dw, db, None, None, None
-
-
 def _linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   relu: bool, p: float) -> torch.Tensor:
     y = F.linear(x, weight, bias)
@@ -828,7 +684,7 @@ def linear_relu_dropout(input: torch.Tensor, weight: torch.Tensor,
         return _linear_torch(input, weight, bias, relu, p)
     seed = linear_kernels.new_seed(input.device) if p > 0 else None
     x2d = input.reshape(input.shape[:-1].numel(), input.shape[-1])
-    y = LinearFunction.apply(x2d, weight, bias, relu, p, seed)
+    y = ops.linear(x2d, weight, bias, bool(relu), p, seed)
     return y if input.dim() == 2 else y.view(*input.shape[:-1], weight.shape[0])
 
 
@@ -836,28 +692,6 @@ def linear(input: torch.Tensor, weight: torch.Tensor,
            bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """torch.nn.functional.linear on our GEMM (see :func:`linear_relu_dropout`)."""
     return linear_relu_dropout(input, weight, bias, relu=False, p=0.0, training=False)
-
-
-@profiling.named("dropout")
-class DropoutFunction(torch.autograd.Function):
-    """Dropout of a dense tensor (contiguous or channels_last), the mask keyed on memory
-    order and regenerated from ``seed`` in backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float, seed: torch.Tensor, inplace: bool):
-        ctx.p = p
-        ctx.memory_format = backend.memory_format_of(x)
-        ctx.save_for_backward(seed)
-        if inplace:
-            ctx.mark_dirty(x)
-            return linear_kernels.dropout_forward(x, p, seed, out=x)
-        return linear_kernels.dropout_forward(x, p, seed)
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        (seed,) = ctx.saved_tensors
-        dy = dy.contiguous(memory_format=ctx.memory_format)  # the mask follows memory order
-        return linear_kernels.dropout_forward(dy, ctx.p, seed), None, None, None
 
 
 def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True,
@@ -874,7 +708,100 @@ def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True,
     if not backend.use_triton("dropout", input):
         return F.dropout(input, p, training, inplace)
     seed = linear_kernels.new_seed(input.device)
-    if input.is_contiguous(memory_format=backend.memory_format_of(input)):
-        return DropoutFunction.apply(input, float(p), seed, inplace)
-    y = DropoutFunction.apply(input.contiguous(), float(p), seed, False)
-    return input.copy_(y) if inplace else y
+    if not input.is_contiguous(memory_format=backend.memory_format_of(input)):
+        y = ops.dropout(input.contiguous(), float(p), seed)
+        return input.copy_(y) if inplace else y
+    if not inplace:
+        return ops.dropout(input, float(p), seed)
+    if _records_grad(input):  # mutable operators carry no autograd formula: write a copy
+        return input.copy_(ops.dropout(input, float(p), seed))
+    ops.dropout_(input, float(p), seed)
+    return input
+
+
+# ----------------------------------------------------------------------------- sync batch norm
+
+def _rank_partials(x: torch.Tensor) -> torch.Tensor:
+    """This process's Welford partials of a 4-D x merged over its pixel tiles (Chan's
+    formula): one [3, C] fp32 (count, mean, M2); zeros for an empty local batch."""
+    channels = x.shape[1]
+    if x.numel() == 0:
+        return torch.zeros((3, channels), dtype=torch.float32, device=x.device)
+    count, mean, m2 = ops.batch_norm_welford_partials(x.detach()).unbind(0)
+    total = count.sum(0)
+    merged_mean, variance = merge_welford_partials(count, mean, m2)
+    return torch.stack([total, merged_mean, variance * total])
+
+
+def _gather_partials(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Every process's partials as [3, world, C]: tiles the finalize merges in rank order,
+    so every process computes the same global statistics."""
+    local = _rank_partials(x)
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, local, group=group)
+    return torch.stack(gathered, dim=1)
+
+
+@profiling.named("sync_batch_norm")
+class SyncBatchNormFunction(torch.autograd.Function):
+    """Training BatchNorm of a 4-D x over the batches of every process in ``group``: the
+    statistics (and running-statistics update) are those of the global batch; backward
+    all-reduces the per-channel sums of dy and dy * x_hat. dweight and dbias stay local, as
+    in torch's SyncBatchNorm: DistributedDataParallel averages parameter gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: Optional[torch.Tensor],
+                bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
+                running_var: Optional[torch.Tensor], momentum: float, eps: float,
+                group: dist.ProcessGroup) -> torch.Tensor:
+        partials = _gather_partials(x, group)
+        stats = BatchNormStatistics(*ops.batch_norm_finalize(
+            *partials.unbind(0), _detached(weight), _detached(bias), running_mean,
+            running_var, momentum, eps))
+        ctx.group = group
+        ctx.grad_dtypes = (None if weight is None else weight.dtype,
+                           None if bias is None else bias.dtype)
+        # The dx kernel averages the sums over its own N*H*W pixels; the share of them in
+        # the global batch rescales the global sums to that.
+        local_share = x.shape[0] * x.shape[2] * x.shape[3] / partials[0, :, 0].sum()
+        ctx.save_for_backward(x, *stats, local_share)
+        return ops.batch_norm(x, None, None, *stats, True, False)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, mean, invstd, scale, shift, local_share = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        sum_dy, sum_dy_xhat, dw, db = ops.batch_norm_backward_reduce(
+            x, dy, mean, invstd, scale, shift, False,
+            ctx.grad_dtypes[0] if need_dw else None, ctx.grad_dtypes[1] if need_db else None)
+        dx = None
+        if need_dx:  # every process takes part: each one's need_dx is the same
+            sums = torch.stack([sum_dy, sum_dy_xhat])
+            dist.all_reduce(sums, group=ctx.group)
+            sums = sums * local_share
+            dx = ops.batch_norm_backward_input(x, dy, mean, invstd, scale, shift, sums[0],
+                                               sums[1], False)
+        return (dx, dw if need_dw else None, db if need_db else None,
+                None, None, None, None, None)
+
+
+def sync_batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor],
+                    running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                    bias: Optional[torch.Tensor], momentum: float, eps: float,
+                    process_group: dist.ProcessGroup) -> torch.Tensor:
+    """Training batch norm of an (N, C, ...) input over the global batch of
+    ``process_group`` (gloo on the CPU under the interpreter, NCCL on CUDA): each process's
+    Welford partials are all-gathered and merged with Chan's formula. float64 and devices
+    without our kernels run torch's own SyncBatchNorm function (a counted fallback), which
+    takes CUDA tensors only."""
+    _check_batch_norm_args(input, running_mean, running_var, weight, bias, True)
+    if not backend.use_triton("sync_batch_norm", input):
+        if input.device.type != "cuda":
+            raise ValueError("SyncBatchNorm expected input tensor to be on GPU (or on the CPU "
+                             "under TRITON_INTERPRET=1)")
+        return torch.nn.modules._functions.SyncBatchNorm.apply(
+            input, weight, bias, running_mean, running_var, eps, momentum, process_group,
+            dist.get_world_size(process_group))
+    y = SyncBatchNormFunction.apply(_as_4d(input), weight, bias, running_mean, running_var,
+                                    float(momentum), float(eps), process_group)
+    return y if input.dim() == 4 else y.view(input.shape)

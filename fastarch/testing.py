@@ -27,8 +27,10 @@ def assert_close(actual: torch.Tensor, reference: torch.Tensor, dtype: torch.dty
                  reduction_length: int = 1, name: str = "output") -> None:
     """Compare a kernel result with its float64 reference; the result's dtype is checked too."""
     expected_dtype = torch.float32 if dtype == "tf32" else dtype
-    assert actual.dtype == expected_dtype, f"{name}: dtype {actual.dtype}, expected {expected_dtype}"
-    assert actual.shape == reference.shape, f"{name}: shape {tuple(actual.shape)}, expected {tuple(reference.shape)}"
+    assert actual.dtype == expected_dtype, \
+        f"{name}: dtype {actual.dtype}, expected {expected_dtype}"
+    assert actual.shape == reference.shape, \
+        f"{name}: shape {tuple(actual.shape)}, expected {tuple(reference.shape)}"
     rtol, atol = tolerance(dtype, reduction_length)
     torch.testing.assert_close(actual.detach().cpu().double(), reference.detach().cpu().double(),
                                rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{name}: {m}")

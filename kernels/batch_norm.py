@@ -552,12 +552,25 @@ def _reduction_tiles(x: torch.Tensor) -> tuple[configs.PoolConfig, int, int]:
     return config, steps, max(1, triton.cdiv(pixels, steps * config.block_m))
 
 
-def welford_partials(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(count, mean, M2) per pixel tile and channel of x [N, C, H, W] (N*H*W > 0), each a
-    [tiles, C] fp32 view of one [3, tiles, C] buffer: what ``batch_norm_finalize`` takes."""
+def partial_tiles(x: torch.Tensor) -> int:
+    """The pixel tiles ``welford_partials`` and ``batch_norm_backward_sums`` split x into
+    (the partials' tile dimension): what a shape function needs without running them."""
+    return _reduction_tiles(x)[2]
+
+
+def welford_partial_buffer(x: torch.Tensor) -> torch.Tensor:
+    """(count, mean, M2) per pixel tile and channel of x [N, C, H, W] (N*H*W > 0) in one
+    [3, tiles, C] fp32 buffer."""
     config, steps, tiles = _reduction_tiles(x)
     partials = backend.empty((3, tiles, x.shape[1]), torch.float32, x.device)
     partials_launch(x, partials, steps, config)()
+    return partials
+
+
+def welford_partials(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``welford_partial_buffer`` as (count, mean, M2), each a [tiles, C] fp32 view of the
+    buffer: what ``batch_norm_finalize`` takes."""
+    partials = welford_partial_buffer(x)
     return partials[0], partials[1], partials[2]
 
 

@@ -29,8 +29,8 @@ from fastarch import backend
 from . import configs
 from .conv_geometry import ConvGeometry
 from .launch import Launch
-from .tensor_cores import dot, dot_precision, operand_kind, upcast_operands
 from .pool_tile import meta_tensor, strided_args
+from .tensor_cores import dot, dot_precision, operand_kind, upcast_operands
 
 
 @triton.jit

@@ -38,8 +38,8 @@ from fastarch import backend
 from . import configs
 from .conv_geometry import ConvGeometry
 from .launch import Launch
-from .tensor_cores import cudnn_conv_allows_tf32, dot, operand_kind, upcast_operands
 from .pool_tile import meta_tensor, split_pixel, strided_args
+from .tensor_cores import cudnn_conv_allows_tf32, dot, operand_kind, upcast_operands
 
 
 @triton.jit
@@ -238,27 +238,45 @@ def _epilogue_suffix(bias: bool, stats: bool, scale_shift: bool, relu: bool) -> 
     return "".join(f"+{flag}" for flag, on in flags if on)
 
 
+def _forward_config(x: torch.Tensor, weight: torch.Tensor, geometry: ConvGeometry,
+                    operand: str) -> configs.ConvConfig:
+    N, C, H, W = x.shape
+    P, Q = geometry.output_size(H, W)
+    reduction = C * weight.shape[2] * weight.shape[3]
+    return configs.conv_forward_config(C, weight.shape[0], reduction, operand,
+                                       backend.INTERPRETER, N * P * Q)
+
+
+def stats_tiles(x: torch.Tensor, weight: torch.Tensor, geometry: ConvGeometry) -> int:
+    """The M tiles of the Welford partials ``conv2d_forward`` writes with ``stats`` (their
+    shape is [3, tiles, K_out]): what a shape function needs to know without running it."""
+    N, _, H, W = x.shape
+    P, Q = geometry.output_size(H, W)
+    config = _forward_config(x, weight, geometry,
+                             operand_kind(x.dtype, cudnn_conv_allows_tf32()))
+    return triton.cdiv(N * P * Q, config.block_m)
+
+
 def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    geometry: ConvGeometry, scale: torch.Tensor | None = None,
                    shift: torch.Tensor | None = None, relu: bool = False,
-                   stats: bool = False) -> tuple[torch.Tensor, WelfordPartials | None]:
+                   stats: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """y = conv2d(x, weight) (+ bias) [* scale + shift] [ReLU], in x's dtype and memory
-    format, and the Welford partials of conv + bias when ``stats``. x is 4-D; scale and
+    format, and when ``stats`` the Welford partials of conv + bias: one [3, tiles, K_out] fp32
+    buffer of (count, mean, M2) (``WelfordPartials(*buffer.unbind(0))``). x is 4-D; scale and
     shift are per-output-channel fp32; fp32 uses TF32 when torch allows it for cuDNN."""
-    N, C, H, W = x.shape
+    N, _, H, W = x.shape
     K_out = weight.shape[0]
     P, Q = geometry.output_size(H, W)
     y = backend.empty((N, K_out, P, Q), x.dtype, x.device, backend.memory_format_of(x))
     operand = operand_kind(x.dtype, cudnn_conv_allows_tf32())
     weight_rsc = weight_matrix(weight)
-    reduction = C * weight.shape[2] * weight.shape[3]
-    config = configs.conv_forward_config(C, K_out, reduction, operand, backend.INTERPRETER,
-                                         N * P * Q)
+    config = _forward_config(x, weight, geometry, operand)
     m_tiles = triton.cdiv(N * P * Q, config.block_m)
     partials = backend.empty((3, m_tiles, K_out), torch.float32, x.device) if stats else None
     forward_launch(x, weight_rsc, bias, scale, shift, relu, y, partials, geometry, operand,
                    config)()
-    return y, None if partials is None else WelfordPartials(*partials.unbind(0))
+    return y, partials
 
 
 # The layer each config is meant for (channels_last, batch 64): C, K_out, size, kernel, pad.

@@ -29,8 +29,8 @@ from . import configs
 from .conv2d_dgrad import split_pixels
 from .conv_geometry import ConvGeometry
 from .launch import Launch
-from .tensor_cores import dot, dot_precision, operand_kind, upcast_operands
 from .pool_tile import meta_tensor, strided_args
+from .tensor_cores import dot, dot_precision, operand_kind, upcast_operands
 
 # Hopper's SM count, used where no device can be asked (the compile check's meta tensors).
 SM90_SM_COUNT = 132

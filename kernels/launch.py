@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import triton
 
 
@@ -21,6 +22,13 @@ class Launch:
     def __call__(self) -> None:
         if any(g == 0 for g in self.grid):
             return
+        if torch.autograd._profiler_enabled():  # traces show the kernel and its config
+            with torch.autograd.profiler.record_function(self.name or self.kernel.__name__):
+                self._launch()
+        else:
+            self._launch()
+
+    def _launch(self) -> None:
         self.kernel[self.grid](**self.args, **self.constexprs,
                                num_warps=self.num_warps, num_stages=self.num_stages)
 

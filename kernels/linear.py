@@ -37,7 +37,7 @@ from fastarch import backend
 
 from . import configs
 from .launch import Launch
-from .tensor_cores import dot, matmul_allows_tf32, operand_kind, upcast_operands
+from .tensor_cores import dot, operand_kind, upcast_operands
 
 # Hopper's SM count, used where no device can be asked (the compile check's meta tensors).
 SM90_SM_COUNT = 132

@@ -7,6 +7,7 @@ from fastarch.nn.dropout import Dropout
 from fastarch.nn.fused import ConvBatchNormReLU, FusedSequential
 from fastarch.nn.linear import Linear
 from fastarch.nn.pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
+from fastarch.nn.syncbatchnorm import SyncBatchNorm
 
 __all__ = ["AdaptiveAvgPool2d", "AvgPool2d", "BatchNorm2d", "Conv2d", "ConvBatchNormReLU",
-           "Dropout", "FusedSequential", "Linear", "MaxPool2d", "ReLU"]
+           "Dropout", "FusedSequential", "Linear", "MaxPool2d", "ReLU", "SyncBatchNorm"]

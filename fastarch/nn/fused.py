@@ -69,6 +69,10 @@ class FoldedBatchNorm:
         self._scale_shift: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def get(self, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+        # Compiled code and CUDA graphs fold inside the graph, so each run folds the current
+        # values (and the cache keys' data_ptr reads stay out of traced code).
+        if torch.compiler.is_compiling() or _capturing_cuda_graph():
+            return FoldedBatchNorm._fold(conv, bn)
         key = self._key_of(conv, bn)
         if key != self._key:
             self._scale_shift = self._fold(conv, bn)
@@ -93,6 +97,10 @@ class FoldedBatchNorm:
         if bn.bias is not None:
             shift = shift + bn.bias.float()
         return scale.contiguous(), shift.contiguous()
+
+
+def _capturing_cuda_graph() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _conv_args(conv: nn.Conv2d) -> tuple:

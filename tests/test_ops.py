@@ -1,0 +1,102 @@
+"""The operator layer (``fastarch.ops``): every ``torch.ops.fastarch`` operator passes
+``torch.library.opcheck`` (its schema tells the truth about mutation and aliasing, its fake
+function matches the real op's shapes, dtypes and strides, its autograd registration is
+complete, and AOTAutograd traces it with dynamic shapes), and the profiler still shows each
+op and each backward as a ``fastarch::`` range."""
+import collections
+
+import pytest
+import torch
+
+from fastarch import ops
+from fastarch.testing import random_input
+from tiny_net import INPUT_SHAPE, TinyNet
+
+WINDOW = ([3, 3], [2, 2], [1, 1], [1, 1], False)  # kernel, stride, padding, dilation, ceil
+AVG_WINDOW = ([2, 2], [2, 2], [0, 0], True)  # kernel, stride, padding, ceil
+
+
+def _cases(device: str, channels_last: bool) -> dict:
+    """Arguments for every operator, on small tensors in the given layout."""
+    def t(*shape, grad=False, dtype=torch.float32):
+        return random_input(shape, dtype, device, channels_last=channels_last and len(shape) == 4,
+                            requires_grad=grad)
+    x, w, b = t(2, 3, 7, 7, grad=True), t(4, 3, 3, 3, grad=True), t(4, grad=True)
+    gamma, beta = t(3, grad=True), t(3, grad=True)
+    mean, var = t(3), t(3).abs() + 0.5
+    partials = ops.batch_norm_welford_partials(x.detach())
+    stats = ops.batch_norm_running_statistics(mean, var, gamma.detach(), beta.detach(), 1e-5)
+    pooled, offsets, _ = ops.max_pool2d(x.detach(), *WINDOW, True, False)
+    shape, last = list(x.shape), channels_last
+    y = ops.relu(x.detach())
+    seed = torch.tensor([1234], dtype=torch.int64, device=device)
+    conv_window = ([1, 1], [1, 1], [1, 1], [1, 1])
+    conv_y, _ = ops.conv2d(x.detach(), w.detach(), b.detach(), None, None, *conv_window, True,
+                           False)
+    a, weight = t(5, 6, grad=True), t(4, 6, grad=True)
+    linear_y = ops.linear(a.detach(), weight.detach(), None, True, 0.5, seed)
+    return {
+        "max_pool2d": (x, *WINDOW, True, True),
+        "max_pool2d_backward": (t(*pooled.shape), offsets, shape, last, *WINDOW),
+        "avg_pool2d": (x, *AVG_WINDOW, False, None),
+        "avg_pool2d_backward": (t(2, 3, 4, 4), shape, last, *AVG_WINDOW, True, 3),
+        "adaptive_avg_pool2d": (x, [3, 2]),
+        "adaptive_avg_pool2d_backward": (t(2, 3, 3, 2), shape, last),
+        "batch_norm_welford_partials": (x.detach(),),
+        "batch_norm_finalize": (*partials.unbind(0), gamma.detach(), None, mean.clone(),
+                                var.clone(), 0.1, 1e-5),
+        "batch_norm_running_statistics": (mean, var, None, beta.detach(), 1e-3),
+        "batch_norm": (x, gamma, beta, *stats, True, True),
+        "batch_norm_max_pool2d": (x, gamma, None, *stats, True, False, *WINDOW, True),
+        "batch_norm_avg_pool2d": (x, None, beta, *stats, False, True, *AVG_WINDOW, True, None),
+        "batch_norm_backward_reduce": (x.detach(), t(*shape), *stats, True, torch.float32,
+                                       None),
+        "batch_norm_backward_input": (x.detach(), t(*shape), *stats, t(3), t(3), False),
+        "relu": (x,),
+        "relu_": (x.detach().clone(),),
+        "relu_backward": (y, t(*shape)),
+        "conv2d": (x, w, b, None, None, *conv_window, True, True),
+        "conv2d_backward": (t(*conv_y.shape), x.detach(), w.detach(), None, conv_y, shape, last,
+                            list(w.shape), *conv_window, True, True, True),
+        "linear": (a, weight, t(4, grad=True), True, 0.5, seed),
+        "linear_backward": (t(5, 4), a.detach(), weight.detach(), linear_y, seed, True, 0.5,
+                            torch.float32),
+        "dropout": (x, 0.25, seed),
+        "dropout_": (x.detach().clone(), 0.25, seed),
+    }
+
+
+def test_every_operator_has_a_case():
+    names = {name.split("::")[1] for name in torch._library.custom_ops.OPDEFS
+             if name.startswith("fastarch::")}
+    assert names == set(_cases("cpu", False))
+
+
+# channels_last inputs only change strides: the fake-tensor check compares them.
+@pytest.mark.parametrize("channels_last, checks", [
+    (False, ("test_schema", "test_autograd_registration", "test_faketensor",
+             "test_aot_dispatch_dynamic")),
+    (True, ("test_faketensor",)),
+], ids=["nchw", "nhwc"])
+def test_operators_pass_opcheck(device, channels_last, checks):
+    failures = {}
+    for name, args in _cases(device, channels_last).items():
+        results = torch.library.opcheck(getattr(ops, name), args, test_utils=checks,
+                                        raise_exception=False)
+        failed = {test: result for test, result in results.items() if result != "SUCCESS"}
+        if failed:
+            failures[name] = failed
+    assert not failures
+
+
+def test_profiler_names_every_op_and_backward(device):
+    model = TinyNet(dropout=0.5).to(device)
+    x = random_input(INPUT_SHAPE, torch.float32, device, requires_grad=True)
+    with torch.profiler.profile() as profile:
+        model(x).sum().backward()
+    names = collections.Counter(e.name for e in profile.events() if e.name.startswith("fastarch"))
+    for op in ("conv2d", "batch_norm", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
+               "linear", "dropout"):
+        assert names[f"fastarch::{op}"] >= 1, op
+        assert names[f"fastarch::{op}.backward"] >= 1, op
+    assert names["fastarch::relu_"] == names["fastarch::relu.backward"] == 4
