@@ -1,9 +1,11 @@
 """LeNet-5, AlexNet and VGG built from ``fastarch.nn`` modules only; the state_dict keys and
-shapes are torchvision's (and the seed's for LeNet-5), so checkpoints load unchanged."""
+shapes are torchvision's (and the lecture notes' for LeNet-5 and the compact AlexNet), so
+checkpoints load unchanged."""
 from fastarch.models.alexnet import AlexNet, CompactAlexNet, alexnet, compact_alexnet
 from fastarch.models.lenet import LeNet5, lenet5
-from fastarch.models.vgg import (VGG, vgg11, vgg11_bn, vgg13, vgg13_bn, vgg16, vgg16_bn, vgg19,
-                                 vgg19_bn)
+from fastarch.models.vgg import (VGG, make_layers, vgg11, vgg11_bn, vgg13, vgg13_bn, vgg16,
+                                 vgg16_bn, vgg19, vgg19_bn)
 
 __all__ = ["AlexNet", "CompactAlexNet", "LeNet5", "VGG", "alexnet", "compact_alexnet", "lenet5",
-           "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"]
+           "make_layers", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19",
+           "vgg19_bn"]

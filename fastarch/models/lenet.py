@@ -1,5 +1,9 @@
 """LeNet-5 as in the lecture notes: 32x32 grey input, two 5x5 convolutions each followed by
-ReLU and 2x2 average pooling (the "sub-sampling" layers), then 400 -> 120 -> 84 -> classes."""
+ReLU and 2x2 average pooling (the "sub-sampling" layers), then 400 -> 120 -> 84 -> classes.
+The state_dict keys are the notes' (conv1, conv2, fc1, fc2, fc3); the ReLUs, which the notes
+call as functions, are modules here so that they run our kernel."""
+from typing import Any
+
 import torch
 
 from fastarch import nn
@@ -29,5 +33,6 @@ class LeNet5(torch.nn.Module):
         return self.fc3(x)
 
 
-def lenet5(num_classes: int = 10) -> LeNet5:
-    return LeNet5(num_classes)
+def lenet5(**kwargs: Any) -> LeNet5:
+    """LeNet-5; the keyword arguments go to :class:`LeNet5`."""
+    return LeNet5(**kwargs)
