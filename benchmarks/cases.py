@@ -23,14 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastarch import models
+from fastarch import fusion, models
 from fastarch.profile import Leaf, label, run_cost, shape_text, torch_twin, trace_leaves
 from fastarch.roofline import Cost
-
-try:  # the fusion pass is new; without it blocks and models run unfused
-    from fastarch import fusion
-except ImportError:
-    fusion = None
 
 
 @dataclass(frozen=True)
@@ -193,8 +188,6 @@ def _layer_runs(leaves: list[Leaf]) -> list[tuple[tuple[str, ...], str, str]]:
 def _block_runs(model: str, layer_names: dict[str, str]) -> list[tuple[tuple[str, ...], str, str]]:
     """(paths, "block", name) of every conv -> bn -> relu (-> pool) run fusion fuses (its
     conv -> relu runs are the conv cases with a ReLU epilogue), named after the conv."""
-    if fusion is None:
-        return []
     runs = fusion.fused_runs(build(model, False, "meta"))
     return [(run, "block", f"{layer_names[run[0]]}_block") for run in runs if len(run) >= 3]
 

@@ -2,8 +2,8 @@
 PyTorch eager (cuDNN / cuBLAS), torch.compile of the same torch module, and fastarch.
 
 The torch contenders run ``fastarch.profile.torch_twin`` of the fastarch module: the same
-weights on torch's own classes. Blocks and whole models run fastarch fused when
-``fastarch.fusion`` exists. Modes: ``eval`` (no_grad inference), ``train`` (training forward,
+weights on torch's own classes. Blocks and whole models run fastarch fused
+(``fastarch.fusion.fuse``). Modes: ``eval`` (no_grad inference), ``train`` (training forward,
 graph recorded), ``fwd_bwd`` (forward + input and weight gradients), ``train_step`` (cross
 entropy, backward, SGD with momentum). Before timing, fastarch's eval / train output is
 checked against the torch twin's; extra_info holds TFLOP/s or GB/s, the speedups, the card
@@ -17,12 +17,12 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import Case, build, fusion, scenarios
+from timing import environment, measure, rotating
 from torch import nn
 
-from cases import Case, build, fusion, scenarios
 from fastarch.profile import torch_twin
 from fastarch.roofline import operand_kind
-from timing import environment, measure, rotating
 
 CONTENDERS = ("eager", "compile", "fastarch")  # fastarch last: its speedups need the others
 # Relative L2 error allowed between fastarch and torch, by operand kind; models ×2.5.
@@ -54,8 +54,7 @@ def case_module(case: Case, model: nn.Module) -> nn.Module:
 
 def contender_module(case: Case, contender: str, module: nn.Module) -> nn.Module:
     if contender == "fastarch":
-        fusable = case.kind in ("block", "model") and fusion is not None
-        return fusion.fuse(module) if fusable else module
+        return fusion.fuse(module) if case.kind in ("block", "model") else module
     twin = torch_twin(module)
     if contender == "compile":
         torch._dynamo.reset()  # each case compiles afresh, far from the recompile limit

@@ -1,7 +1,6 @@
 """BatchNorm2d (alone, + ReLU, + ReLU + pool) and ReLU against float64 torch, in the
 interpreter: outputs, input and parameter gradients, running statistics and
 num_batches_tracked, stepped in lockstep with torch.nn over several batches."""
-import copy
 
 import pytest
 import torch
