@@ -2,6 +2,9 @@
 
 Sums are fp32 whatever the input dtype. Both backward passes are gathers: each input element
 sums dy / divisor over the windows that contain it, in a fixed order, without atomics.
+
+With NORMALIZE the average pool's forward pools a BatchNorm (+ ReLU) of x computed on the fly
+(padding pads the normalised tensor with zeros, not x): ``kernels.batch_norm`` uses it.
 """
 from __future__ import annotations
 
@@ -15,8 +18,18 @@ from fastarch import backend
 
 from . import configs
 from .launch import Launch
-from .pool_tile import (PoolGeometry, address, grid, meta_tensor, pixel_tile, split_pixel,
-                        strided_args)
+from .max_pool import Normalization
+from .pool_tile import (
+    PoolGeometry,
+    address,
+    channel_vector,
+    grid,
+    meta_tensor,
+    normalize,
+    pixel_tile,
+    split_pixel,
+    strided_args,
+)
 
 
 @triton.jit
@@ -44,15 +57,20 @@ def avg_pool_divisor(p, q, H, W, divisor_override,
 
 @triton.jit
 def avg_pool2d_forward_kernel(
-    x_ptr, y_ptr, M, C, H, W, P, Q,
+    x_ptr, y_ptr, mean_ptr, scale_ptr, shift_ptr, M, C, H, W, P, Q,
     x_sn, x_sh, x_sw, x_sc, y_sn, y_sh, y_sw, y_sc, divisor_override,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr,
     COUNT_INCLUDE_PAD: tl.constexpr, HAS_DIVISOR_OVERRIDE: tl.constexpr,
+    NORMALIZE: tl.constexpr, RELU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     m, c, m_ok, c_ok = pixel_tile(M, C, BLOCK_M, BLOCK_C)
     n, p, q = split_pixel(m, P, Q)
+    if NORMALIZE:
+        mean = channel_vector(mean_ptr, c, c_ok)
+        scale = channel_vector(scale_ptr, c, c_ok)
+        shift = channel_vector(shift_ptr, c, c_ok)
     acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
     for kh in tl.static_range(KH):
         h = p * SH - PH + kh
@@ -60,8 +78,11 @@ def avg_pool2d_forward_kernel(
         for kw in tl.static_range(KW):
             w = q * SW - PW + kw
             mask = (h_ok & (w >= 0) & (w < W))[:, None] & c_ok[None, :]
-            acc += tl.load(x_ptr + address(n, h, w, c, x_sn, x_sh, x_sw, x_sc),
-                           mask=mask, other=0.0).to(tl.float32)
+            v = tl.load(x_ptr + address(n, h, w, c, x_sn, x_sh, x_sw, x_sc),
+                        mask=mask, other=0.0).to(tl.float32)
+            if NORMALIZE:
+                v = tl.where(mask, normalize(v, mean, scale, shift, RELU), 0.0)
+            acc += v
     divisor = avg_pool_divisor(p, q, H, W, divisor_override, KH, KW, SH, SW, PH, PW,
                                COUNT_INCLUDE_PAD, HAS_DIVISOR_OVERRIDE)
     tl.store(y_ptr + address(n, p, q, c, y_sn, y_sh, y_sw, y_sc),
@@ -172,16 +193,23 @@ def _avg_constexprs(geometry: PoolGeometry, count_include_pad: bool,
 
 def avg_forward_launch(x: torch.Tensor, y: torch.Tensor, geometry: PoolGeometry,
                        count_include_pad: bool, divisor_override: int | None,
-                       config: configs.PoolConfig) -> Launch:
+                       config: configs.PoolConfig, normalization: Normalization | None = None,
+                       relu: bool = False) -> Launch:
+    """``normalization``: (mean, scale, shift) fp32 [C] vectors of a BatchNorm applied to x
+    (then ReLU if ``relu``) before pooling."""
     N, C, H, W = x.shape
     P, Q = y.shape[2:]
+    mean, scale, shift = normalization if normalization is not None else (y, y, y)
+    suffix = ("+bn+relu" if relu else "+bn") if normalization is not None else ""
     return Launch(
         avg_pool2d_forward_kernel, grid(N * P * Q, C, config),
-        args={"x_ptr": x, "y_ptr": y, "M": N * P * Q, "C": C, "H": H, "W": W, "P": P, "Q": Q,
+        args={"x_ptr": x, "y_ptr": y, "mean_ptr": mean, "scale_ptr": scale,
+              "shift_ptr": shift, "M": N * P * Q, "C": C, "H": H, "W": W, "P": P, "Q": Q,
               **strided_args("x", x), **strided_args("y", y),
               "divisor_override": divisor_override or 0},
-        constexprs=_avg_constexprs(geometry, count_include_pad, divisor_override, config),
-        num_warps=config.num_warps, name=f"avg_pool2d_forward[{config.name}]")
+        constexprs={**_avg_constexprs(geometry, count_include_pad, divisor_override, config),
+                    "NORMALIZE": normalization is not None, "RELU": relu},
+        num_warps=config.num_warps, name=f"avg_pool2d_forward[{config.name}{suffix}]")
 
 
 def avg_backward_launch(dy: torch.Tensor, dx: torch.Tensor, geometry: PoolGeometry,

@@ -38,33 +38,26 @@ import triton.language as tl
 
 from fastarch import backend
 
-from . import configs
-from .avg_pool import avg_pool_divisor
+from . import avg_pool, configs, max_pool
 from .launch import Launch
 from .max_pool import window_offset_dtype
-from .pool_tile import (PoolGeometry, address, grid, meta_tensor, pixel_tile, split_pixel,
-                        strided_args)
-
-
-@triton.jit
-def _channel(ptr, c, c_ok):
-    """A per-channel vector as fp32 (zero on masked channels)."""
-    return tl.load(ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _normalize(x, mean, scale, shift, RELU: tl.constexpr):
-    """(x - mean) * scale + shift on a [BLOCK_M, BLOCK_C] tile; ReLU keeps NaN, as torch."""
-    z = (x - mean[None, :]) * scale[None, :] + shift[None, :]
-    if RELU:
-        z = tl.where(z < 0.0, 0.0, z)
-    return z
+from .pool_tile import (
+    PoolGeometry,
+    address,
+    channel_vector,
+    grid,
+    meta_tensor,
+    normalize,
+    pixel_tile,
+    split_pixel,
+    strided_args,
+)
 
 
 @triton.jit
 def _relu_grad(dy, x, mean, scale, shift):
     """torch's threshold_backward on the recomputed pre-ReLU value: zero where z <= 0."""
-    return tl.where(_normalize(x, mean, scale, shift, False) <= 0.0, 0.0, dy)
+    return tl.where(normalize(x, mean, scale, shift, False) <= 0.0, 0.0, dy)
 
 
 @triton.jit
@@ -165,10 +158,10 @@ def batch_norm_finalize_kernel(
     invstd = 1.0 / tl.sqrt_rn(var + eps)
     scale = invstd
     if HAS_WEIGHT:
-        scale = scale * _channel(weight_ptr, c, c_ok)
+        scale = scale * channel_vector(weight_ptr, c, c_ok)
     shift = tl.zeros_like(scale)
     if HAS_BIAS:
-        shift = _channel(bias_ptr, c, c_ok)
+        shift = channel_vector(bias_ptr, c, c_ok)
     tl.store(save_mean_ptr + c, mean, mask=c_ok)
     tl.store(save_invstd_ptr + c, invstd, mask=c_ok)
     tl.store(scale_ptr + c, scale, mask=c_ok)
@@ -186,82 +179,10 @@ def batch_norm_apply_kernel(
     mask = m_ok[:, None] & c_ok[None, :]
     x = tl.load(x_ptr + address(n, h, w, c, x_sn, x_sh, x_sw, x_sc), mask=mask,
                 other=0.0).to(tl.float32)
-    y = _normalize(x, _channel(mean_ptr, c, c_ok), _channel(scale_ptr, c, c_ok),
-                   _channel(shift_ptr, c, c_ok), RELU)
+    y = normalize(x, channel_vector(mean_ptr, c, c_ok), channel_vector(scale_ptr, c, c_ok),
+                   channel_vector(shift_ptr, c, c_ok), RELU)
     tl.store(y_ptr + address(n, h, w, c, y_sn, y_sh, y_sw, y_sc),
              y.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def batch_norm_max_pool2d_kernel(
-    x_ptr, mean_ptr, scale_ptr, shift_ptr, y_ptr, offset_ptr,
-    M, C, H, W, P, Q,
-    x_sn, x_sh, x_sw, x_sc, y_sn, y_sh, y_sw, y_sc,
-    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    RELU: tl.constexpr, WRITE_OFFSETS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    m, c, m_ok, c_ok = pixel_tile(M, C, BLOCK_M, BLOCK_C)
-    n, p, q = split_pixel(m, P, Q)
-    mean = _channel(mean_ptr, c, c_ok)
-    scale = _channel(scale_ptr, c, c_ok)
-    shift = _channel(shift_ptr, c, c_ok)
-    h0 = p * SH - PH
-    w0 = q * SW - PW
-    best = tl.full((BLOCK_M, BLOCK_C), float("-inf"), tl.float32)
-    best_offset = tl.full((BLOCK_M, BLOCK_C), -1, tl.int32)
-    for kh in tl.static_range(KH):
-        h = h0 + kh * DH
-        h_ok = m_ok & (h >= 0) & (h < H)
-        for kw in tl.static_range(KW):
-            w = w0 + kw * DW
-            mask = (h_ok & (w >= 0) & (w < W))[:, None] & c_ok[None, :]
-            x = tl.load(x_ptr + address(n, h, w, c, x_sn, x_sh, x_sw, x_sc), mask=mask,
-                        other=0.0).to(tl.float32)
-            v = tl.where(mask, _normalize(x, mean, scale, shift, RELU), float("-inf"))
-            # max_pool2d_forward_kernel's rule: the first valid tap seeds the window, then a
-            # strictly greater value or any NaN takes over.
-            take = mask & ((v > best) | (v != v) | (best_offset < 0))
-            best = tl.where(take, v, best)
-            best_offset = tl.where(take, kh * KW + kw, best_offset)
-    out = address(n, p, q, c, y_sn, y_sh, y_sw, y_sc)
-    out_mask = m_ok[:, None] & c_ok[None, :]
-    tl.store(y_ptr + out, best.to(y_ptr.dtype.element_ty), mask=out_mask)
-    if WRITE_OFFSETS:
-        tl.store(offset_ptr + out, best_offset.to(offset_ptr.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit
-def batch_norm_avg_pool2d_kernel(
-    x_ptr, mean_ptr, scale_ptr, shift_ptr, y_ptr, M, C, H, W, P, Q,
-    x_sn, x_sh, x_sw, x_sc, y_sn, y_sh, y_sw, y_sc, divisor_override,
-    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    PH: tl.constexpr, PW: tl.constexpr,
-    COUNT_INCLUDE_PAD: tl.constexpr, HAS_DIVISOR_OVERRIDE: tl.constexpr,
-    RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    m, c, m_ok, c_ok = pixel_tile(M, C, BLOCK_M, BLOCK_C)
-    n, p, q = split_pixel(m, P, Q)
-    mean = _channel(mean_ptr, c, c_ok)
-    scale = _channel(scale_ptr, c, c_ok)
-    shift = _channel(shift_ptr, c, c_ok)
-    acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
-    for kh in tl.static_range(KH):
-        h = p * SH - PH + kh
-        h_ok = m_ok & (h >= 0) & (h < H)
-        for kw in tl.static_range(KW):
-            w = q * SW - PW + kw
-            mask = (h_ok & (w >= 0) & (w < W))[:, None] & c_ok[None, :]
-            x = tl.load(x_ptr + address(n, h, w, c, x_sn, x_sh, x_sw, x_sc), mask=mask,
-                        other=0.0).to(tl.float32)
-            # Padding pads the normalised tensor with zeros, not the input.
-            acc += tl.where(mask, _normalize(x, mean, scale, shift, RELU), 0.0)
-    divisor = avg_pool_divisor(p, q, H, W, divisor_override, KH, KW, SH, SW, PH, PW,
-                               COUNT_INCLUDE_PAD, HAS_DIVISOR_OVERRIDE)
-    tl.store(y_ptr + address(n, p, q, c, y_sn, y_sh, y_sw, y_sc),
-             (acc / divisor[:, None]).to(y_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & c_ok[None, :])
 
 
 @triton.jit
@@ -274,10 +195,10 @@ def batch_norm_backward_partials_kernel(
     tile = tl.program_id(0)
     c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    mean = _channel(mean_ptr, c, c_ok)
-    invstd = _channel(invstd_ptr, c, c_ok)
-    scale = _channel(scale_ptr, c, c_ok)
-    shift = _channel(shift_ptr, c, c_ok)
+    mean = channel_vector(mean_ptr, c, c_ok)
+    invstd = channel_vector(invstd_ptr, c, c_ok)
+    scale = channel_vector(scale_ptr, c, c_ok)
+    shift = channel_vector(shift_ptr, c, c_ok)
     sum_dy = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
     sum_dy_xhat = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
     for step in range(TILE_STEPS):
@@ -335,19 +256,19 @@ def batch_norm_backward_input_kernel(
     m, c, m_ok, c_ok = pixel_tile(M, C, BLOCK_M, BLOCK_C)
     n, h, w = split_pixel(m, H, W)
     mask = m_ok[:, None] & c_ok[None, :]
-    scale = _channel(scale_ptr, c, c_ok)
+    scale = channel_vector(scale_ptr, c, c_ok)
     dy = tl.load(dy_ptr + address(n, h, w, c, dy_sn, dy_sh, dy_sw, dy_sc), mask=mask,
                  other=0.0).to(tl.float32)
     if READ_X:  # training or ReLU
-        mean = _channel(mean_ptr, c, c_ok)
+        mean = channel_vector(mean_ptr, c, c_ok)
         x = tl.load(x_ptr + address(n, h, w, c, x_sn, x_sh, x_sw, x_sc), mask=mask,
                     other=0.0).to(tl.float32)
         if RELU:
-            dy = _relu_grad(dy, x, mean, scale, _channel(shift_ptr, c, c_ok))
+            dy = _relu_grad(dy, x, mean, scale, channel_vector(shift_ptr, c, c_ok))
     if TRAINING:
-        x_hat = (x - mean[None, :]) * _channel(invstd_ptr, c, c_ok)[None, :]
-        mean_dy = _channel(sum_dy_ptr, c, c_ok) * inv_count
-        mean_dy_xhat = _channel(sum_dy_xhat_ptr, c, c_ok) * inv_count
+        x_hat = (x - mean[None, :]) * channel_vector(invstd_ptr, c, c_ok)[None, :]
+        mean_dy = channel_vector(sum_dy_ptr, c, c_ok) * inv_count
+        mean_dy_xhat = channel_vector(sum_dy_xhat_ptr, c, c_ok) * inv_count
         dx = scale[None, :] * (dy - mean_dy[None, :] - x_hat * mean_dy_xhat[None, :])
     else:
         dx = scale[None, :] * dy
@@ -428,6 +349,11 @@ def finalize_launch(partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | 
         name=f"batch_norm_finalize[{config.name}{'' if training else '+eval'}]")
 
 
+def _normalization(stats: BatchNormStatistics) -> max_pool.Normalization:
+    """What the pool kernels take to pool the normalised tensor without writing it."""
+    return stats.mean, stats.scale, stats.shift
+
+
 def _stats_args(stats: BatchNormStatistics) -> dict[str, torch.Tensor]:
     return {"mean_ptr": stats.mean, "scale_ptr": stats.scale, "shift_ptr": stats.shift}
 
@@ -442,43 +368,6 @@ def apply_launch(x: torch.Tensor, y: torch.Tensor, stats: BatchNormStatistics, r
         constexprs={"RELU": relu, "BLOCK_M": config.block_m, "BLOCK_C": config.block_c},
         num_warps=config.num_warps,
         name=_name("batch_norm_apply", config, x, relu=relu))
-
-
-def max_pool_launch(x: torch.Tensor, stats: BatchNormStatistics, relu: bool, y: torch.Tensor,
-                    offsets: torch.Tensor | None, geometry: PoolGeometry,
-                    config: configs.PoolConfig) -> Launch:
-    N, C, H, W = x.shape
-    P, Q = y.shape[2:]
-    return Launch(
-        batch_norm_max_pool2d_kernel, grid(N * P * Q, C, config),
-        args={"x_ptr": x, **_stats_args(stats), "y_ptr": y,
-              "offset_ptr": offsets if offsets is not None else y,
-              "M": N * P * Q, "C": C, "H": H, "W": W, "P": P, "Q": Q,
-              **strided_args("x", x), **strided_args("y", y)},
-        constexprs={**geometry.constexprs(), "RELU": relu, "WRITE_OFFSETS": offsets is not None,
-                    "BLOCK_M": config.block_m, "BLOCK_C": config.block_c},
-        num_warps=config.num_warps,
-        name=_name("batch_norm_max_pool2d", config, x, relu=relu))
-
-
-def avg_pool_launch(x: torch.Tensor, stats: BatchNormStatistics, relu: bool, y: torch.Tensor,
-                    geometry: PoolGeometry, count_include_pad: bool,
-                    divisor_override: int | None, config: configs.PoolConfig) -> Launch:
-    N, C, H, W = x.shape
-    P, Q = y.shape[2:]
-    window = geometry.constexprs()
-    del window["DH"], window["DW"]
-    return Launch(
-        batch_norm_avg_pool2d_kernel, grid(N * P * Q, C, config),
-        args={"x_ptr": x, **_stats_args(stats), "y_ptr": y,
-              "M": N * P * Q, "C": C, "H": H, "W": W, "P": P, "Q": Q,
-              **strided_args("x", x), **strided_args("y", y),
-              "divisor_override": divisor_override or 0},
-        constexprs={**window, "COUNT_INCLUDE_PAD": bool(count_include_pad),
-                    "HAS_DIVISOR_OVERRIDE": divisor_override is not None, "RELU": relu,
-                    "BLOCK_M": config.block_m, "BLOCK_C": config.block_c},
-        num_warps=config.num_warps,
-        name=_name("batch_norm_avg_pool2d", config, x, relu=relu))
 
 
 def backward_partials_launch(x: torch.Tensor, dy: torch.Tensor, stats: BatchNormStatistics,
@@ -631,7 +520,8 @@ def batch_norm_max_pool2d_forward(x: torch.Tensor, stats: BatchNormStatistics, r
     offsets = (backend.empty((N, C, P, Q), window_offset_dtype(geometry), x.device, fmt)
                if keep_offsets else None)
     config = configs.batch_norm_config(C, backend.INTERPRETER, N * P * Q)
-    max_pool_launch(x, stats, relu, y, offsets, geometry, config)()
+    max_pool.forward_launch(x, y, offsets, None, geometry, config, _normalization(stats),
+                            relu)()
     return y, offsets
 
 
@@ -643,8 +533,8 @@ def batch_norm_avg_pool2d_forward(x: torch.Tensor, stats: BatchNormStatistics, r
     P, Q = geometry.output_size(H, W)
     y = backend.empty((N, C, P, Q), x.dtype, x.device, backend.memory_format_of(x))
     config = configs.batch_norm_config(C, backend.INTERPRETER, N * P * Q)
-    avg_pool_launch(x, stats, relu, y, geometry, count_include_pad, divisor_override,
-                    config)()
+    avg_pool.avg_forward_launch(x, y, geometry, count_include_pad, divisor_override, config,
+                                _normalization(stats), relu)()
     return y
 
 
@@ -715,9 +605,10 @@ def _sm90_tile_launches(config: configs.PoolConfig, dtype: torch.dtype) -> list[
     return [
         partials_launch(x, meta_tensor((3, tiles, C), torch.float32, False), steps, config),
         apply_launch(x, x, stats, True, config),
-        max_pool_launch(x, stats, True, pooled, meta_tensor((64, C, 28, 28), torch.int8),
-                        max_geometry, config),
-        avg_pool_launch(x, stats, True, pooled, avg_geometry, True, None, config),
+        max_pool.forward_launch(x, pooled, meta_tensor((64, C, 28, 28), torch.int8), None,
+                                max_geometry, config, _normalization(stats), True),
+        avg_pool.avg_forward_launch(x, pooled, avg_geometry, True, None, config,
+                                    _normalization(stats), True),
         backward_partials_launch(x, x, stats, True,
                                  meta_tensor((2, tiles, C), torch.float32, False), steps, config),
         backward_input_launch(x, x, x, stats, BackwardSums(stats.mean, stats.mean), True,

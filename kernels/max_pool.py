@@ -10,6 +10,9 @@ atomics, a fixed summation order: bitwise deterministic, overlapping windows inc
 
 NaN propagates as in torch: a NaN always wins the comparison, and the last NaN of a window
 is the one whose position is kept.
+
+With NORMALIZE the forward pools a BatchNorm (+ ReLU) of x, (x - mean) * scale + shift,
+computed on the fly: the normalised tensor is never written (``kernels.batch_norm``).
 """
 from __future__ import annotations
 
@@ -21,22 +24,36 @@ from fastarch import backend
 
 from . import configs
 from .launch import Launch
-from .pool_tile import (PoolGeometry, address, grid, meta_tensor, pixel_tile, split_pixel,
-                        strided_args)
+from .pool_tile import (
+    PoolGeometry,
+    address,
+    channel_vector,
+    grid,
+    meta_tensor,
+    normalize,
+    pixel_tile,
+    split_pixel,
+    strided_args,
+)
 
 
 @triton.jit
 def max_pool2d_forward_kernel(
-    x_ptr, y_ptr, offset_ptr, index_ptr,
+    x_ptr, y_ptr, offset_ptr, index_ptr, mean_ptr, scale_ptr, shift_ptr,
     M, C, H, W, P, Q,
     x_sn, x_sh, x_sw, x_sc, y_sn, y_sh, y_sw, y_sc,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     WRITE_OFFSETS: tl.constexpr, WRITE_INDICES: tl.constexpr,
+    NORMALIZE: tl.constexpr, RELU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     m, c, m_ok, c_ok = pixel_tile(M, C, BLOCK_M, BLOCK_C)
     n, p, q = split_pixel(m, P, Q)
+    if NORMALIZE:
+        mean = channel_vector(mean_ptr, c, c_ok)
+        scale = channel_vector(scale_ptr, c, c_ok)
+        shift = channel_vector(shift_ptr, c, c_ok)
     h0 = p * SH - PH
     w0 = q * SW - PW
     best = tl.full((BLOCK_M, BLOCK_C), float("-inf"), tl.float32)
@@ -47,8 +64,13 @@ def max_pool2d_forward_kernel(
         for kw in tl.static_range(KW):
             w = w0 + kw * DW
             mask = (h_ok & (w >= 0) & (w < W))[:, None] & c_ok[None, :]
-            v = tl.load(x_ptr + address(n, h, w, c, x_sn, x_sh, x_sw, x_sc), mask=mask,
-                        other=float("-inf")).to(tl.float32)
+            if NORMALIZE:
+                x = tl.load(x_ptr + address(n, h, w, c, x_sn, x_sh, x_sw, x_sc), mask=mask,
+                            other=0.0).to(tl.float32)
+                v = tl.where(mask, normalize(x, mean, scale, shift, RELU), float("-inf"))
+            else:
+                v = tl.load(x_ptr + address(n, h, w, c, x_sn, x_sh, x_sw, x_sc), mask=mask,
+                            other=float("-inf")).to(tl.float32)
             # The first valid element seeds the window (so an all -inf window keeps a real
             # position); after it a strictly greater value or any NaN takes over, as in torch.
             take = mask & ((v > best) | (v != v) | (best_offset < 0))
@@ -94,6 +116,9 @@ def max_pool2d_backward_kernel(
              acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
 
+Normalization = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 def window_offset_dtype(geometry: PoolGeometry) -> torch.dtype:
     taps = geometry.kernel[0] * geometry.kernel[1]
     return torch.int8 if taps <= 127 else torch.int16 if taps <= 32767 else torch.int32
@@ -101,20 +126,27 @@ def window_offset_dtype(geometry: PoolGeometry) -> torch.dtype:
 
 def forward_launch(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor | None,
                    indices: torch.Tensor | None, geometry: PoolGeometry,
-                   config: configs.PoolConfig) -> Launch:
+                   config: configs.PoolConfig, normalization: Normalization | None = None,
+                   relu: bool = False) -> Launch:
+    """``normalization``: (mean, scale, shift) fp32 [C] vectors of a BatchNorm applied to x
+    (then ReLU if ``relu``) before pooling."""
     N, C, H, W = x.shape
     P, Q = y.shape[2:]
     M = N * P * Q
+    mean, scale, shift = normalization if normalization is not None else (y, y, y)
+    suffix = ("+bn+relu" if relu else "+bn") if normalization is not None else ""
     return Launch(
         max_pool2d_forward_kernel, grid(M, C, config),
         args={"x_ptr": x, "y_ptr": y, "offset_ptr": offsets if offsets is not None else y,
               "index_ptr": indices if indices is not None else y,
+              "mean_ptr": mean, "scale_ptr": scale, "shift_ptr": shift,
               "M": M, "C": C, "H": H, "W": W, "P": P, "Q": Q,
               **strided_args("x", x), **strided_args("y", y)},
         constexprs={**geometry.constexprs(), "WRITE_OFFSETS": offsets is not None,
                     "WRITE_INDICES": indices is not None,
+                    "NORMALIZE": normalization is not None, "RELU": relu,
                     "BLOCK_M": config.block_m, "BLOCK_C": config.block_c},
-        num_warps=config.num_warps, name=f"max_pool2d_forward[{config.name}]")
+        num_warps=config.num_warps, name=f"max_pool2d_forward[{config.name}{suffix}]")
 
 
 def backward_launch(dy: torch.Tensor, offsets: torch.Tensor, dx: torch.Tensor,

@@ -33,6 +33,22 @@ def split_pixel(m, H, W):
 
 
 @triton.jit
+def channel_vector(ptr, c, c_ok):
+    """A per-channel vector as fp32 (zero on masked channels)."""
+    return tl.load(ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def normalize(x, mean, scale, shift, RELU: tl.constexpr):
+    """(x - mean) * scale + shift on a [BLOCK_M, BLOCK_C] tile (a BatchNorm with its
+    statistics folded in); ReLU keeps NaN, as torch."""
+    z = (x - mean[None, :]) * scale[None, :] + shift[None, :]
+    if RELU:
+        z = tl.where(z < 0.0, 0.0, z)
+    return z
+
+
+@triton.jit
 def address(n, h, w, c, stride_n, stride_h, stride_w, stride_c):
     """[BLOCK_M, BLOCK_C] element offsets of pixels (n, h, w) and channels c."""
     return (n * stride_n + h * stride_h + w * stride_w)[:, None] + (c * stride_c)[None, :]
