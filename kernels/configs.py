@@ -278,7 +278,8 @@ def batch_norm_tile_steps(pixels: int, channels: int, config: PoolConfig,
     return min(blocks, max(BATCH_NORM_MIN_TILE_STEPS, -(-blocks // wanted_tiles)))
 
 
-# ReLU runs on the flat storage of a dense tensor: BLOCK elements a program.
+# Elementwise kernels (ReLU, standalone dropout) run on the flat storage of a dense tensor:
+# BLOCK elements a program.
 @dataclass(frozen=True)
 class ElementwiseConfig:
     name: str
@@ -407,20 +408,12 @@ def linear_row_tile_config(M: int, N: int, interpreter: bool) -> RowTileConfig:
     return LINEAR_ROW_TILE
 
 
-@dataclass(frozen=True)
-class DropoutConfig:
-    """BLOCK elements a program of the standalone dropout kernel."""
-    name: str
-    block: int
-    num_warps: int
-
-
 # Philox costs ~100 integer ops an element, so dropout is compute-bound: 8 elements a thread.
-DROPOUT_CONFIG = DropoutConfig("block2048", block=2048, num_warps=8)
+DROPOUT_CONFIG = ElementwiseConfig("block2048", block=2048, num_warps=8)
 
 
-def dropout_config(numel: int, interpreter: bool) -> DropoutConfig:
+def dropout_config(numel: int, interpreter: bool) -> ElementwiseConfig:
     if interpreter:
-        return DropoutConfig("interpreter", block=min(_pow2_at_least(numel, 16), 65536),
+        return ElementwiseConfig("interpreter", block=min(_pow2_at_least(numel, 16), 65536),
                              num_warps=4)
     return DROPOUT_CONFIG

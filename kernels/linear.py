@@ -315,7 +315,7 @@ def sum_rows_launch(partial: torch.Tensor, out: torch.Tensor,
 
 
 def dropout_launch(x: torch.Tensor, y: torch.Tensor, seed: torch.Tensor, p: float,
-                   config: configs.DropoutConfig) -> Launch:
+                   config: configs.ElementwiseConfig) -> Launch:
     return Launch(dropout_kernel, (triton.cdiv(x.numel(), config.block),),
                   args={"x_ptr": x, "y_ptr": y, "seed_ptr": seed, "numel": x.numel(),
                         "p": float(p), "scale": dropout_scale(p)},
