@@ -9,7 +9,8 @@ model cases. Batches: 1024 for LeNet-5, 256 for AlexNet (shared/targets.md quote
 layers at 128), 64 for VGG. Layers are numbered per kind in call order: ``vgg16_bn.conv7`` is
 VGG's conv3_3. Adaptive average pools are left out: at these input sizes they are the identity.
 
-``--quick`` runs ``QUICK``; ``--smoke`` runs ``SMOKE`` on the same architectures with every
+``--quick`` runs ``QUICK``, ``--dry-run`` ``DRY_RUN`` (a few of them) at the smoke shapes;
+``--smoke`` runs ``SMOKE`` on the same architectures with every
 channel and feature count divided by ``MODELS[...].smoke_divisor`` (image channels and classes
 kept) at a tiny input, so that the Triton interpreter gets through them on a CPU.
 """
@@ -47,26 +48,41 @@ MODELS = {
 LAYER_MODELS = ("lenet5", "alexnet", "vgg16_bn")
 LAYER_KINDS = ((nn.Conv2d, "conv"), (nn.BatchNorm2d, "bn"), ((nn.MaxPool2d, nn.AvgPool2d), "pool"),
                (nn.Linear, "fc"))
+CONTENDERS = ("eager", "compile", "fastarch")  # fastarch last: its speedups need the others
 LAYER_MODES = ("eval", "train", "fwd_bwd")
 MODEL_MODES = ("eval", "train_step")
 
-# The --quick subset (gpu_check.sh), in priority order: a time budget cuts its tail. The
-# targets of shared/targets.md first, then one of each remaining kind.
+# The --quick subset (gpu_check.sh; --dry-run at the smoke shapes), in priority order, since a
+# cut run keeps only its head: the headline (VGG16-BN inference, fused, vs cuDNN) first, then
+# the other models, then the targets of shared/targets.md, then one of each remaining kind.
 QUICK = (
+    ("vgg16_bn", "eval"),
+    ("vgg16", "eval"),
+    ("alexnet", "eval"),
+    ("lenet5", "eval"),
+    ("lenet5", "train_step"),
+    ("vgg16_bn", "train_step"),
     ("vgg16_bn.conv7_block", "eval"),     # conv3_3 + bn + relu + pool, fused vs eager
     ("vgg16_bn.conv7_block", "fwd_bwd"),
     ("vgg16_bn.conv6", "eval"),           # conv3_2 = conv3_3 alone vs cuDNN
     ("vgg16_bn.pool1", "eval"),           # max 2x2 on 64x64x224x224
     ("vgg16_bn.pool1", "fwd_bwd"),
     ("vgg16_bn.bn5", "train"),            # BN statistics + apply on 64x256x56x56
-    ("vgg16_bn", "eval"),
-    ("lenet5", "eval"),
-    ("lenet5", "train_step"),
     ("alexnet.pool1", "eval"),            # max 3x3 s2
     ("alexnet.fc2", "eval"),              # 4096->4096 at batch 256
     ("vgg16_bn.conv2", "eval"),           # conv1_2 64->64 at 224
     ("vgg16_bn.conv6", "fwd_bwd"),
     ("lenet5.conv1", "eval"),
+)
+# The dry run (gpu_check.sh --dry-run, in CI, on the interpreter): the headline, a training
+# step, and one case of each layer kind from QUICK, at the smoke shapes.
+DRY_RUN = (
+    ("vgg16_bn", "eval"),
+    ("lenet5", "train_step"),
+    ("vgg16_bn.conv7_block", "fwd_bwd"),
+    ("vgg16_bn.pool1", "eval"),
+    ("vgg16_bn.bn5", "train"),
+    ("alexnet.fc2", "eval"),
 )
 # The --smoke subset (CI, interpreter): every kind in every mode on its smallest case, every
 # model in eval, one training step (the interpreter takes seconds per large conv backward).
@@ -219,9 +235,9 @@ def all_cases() -> tuple[Case, ...]:
 
 def scenarios(subset: str = "full") -> list[tuple[Case, str]]:
     """(case, mode) pairs in run order: every case, whole models first ("full"), the "quick"
-    subset in its priority order, or the "smoke" subset."""
-    if subset == "quick":
+    or "dry-run" subset in its priority order, or the "smoke" subset."""
+    if subset in ("quick", "dry-run"):
         by_name = {case.name: case for case in all_cases()}
-        return [(by_name[name], mode) for name, mode in QUICK]
+        return [(by_name[name], mode) for name, mode in (QUICK if subset == "quick" else DRY_RUN)]
     return [(case, mode) for case in all_cases() for mode in case.modes
             if subset == "full" or mode in SMOKE.get(case.name, ())]

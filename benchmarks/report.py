@@ -1,8 +1,12 @@
 """Turn pytest-benchmark JSON into the results: a markdown table (fastarch / eager / compile
 side by side, printed), a section of benchmarks/RESULTS.md, and a roofline-style PNG.
 
-    python benchmarks/report.py bench.json [--markdown table.md] [--results RESULTS.md]
-                                           [--png roofline.png]
+    python benchmarks/report.py STAGE.json [STAGE.json ...] [--merged bench.json]
+                                [--markdown table.md] [--results RESULTS.md] [--png roofline.png]
+
+Several JSON files (gpu_check.sh's stages: eager + fastarch, then torch.compile) merge into one
+run; files a stage never wrote (it was cut before its session ended) are passed over. A wall
+time whose kernels took under ``LAUNCH_BOUND`` of it shows the device time beside it.
 
 A RESULTS.md section is keyed by card, dtype and subset: a new run of the same replaces it,
 other sections stay. The PNG plots every case's achieved rate against the card's ceilings
@@ -21,6 +25,7 @@ from typing import Optional
 from fastarch.roofline import Ceilings, ceilings_for
 
 CONTENDERS = ("fastarch", "eager", "compile")
+LAUNCH_BOUND = 0.8  # device time / wall time below this: the host's launches dominate
 ENVIRONMENT = ("gpu", "torch", "triton", "cudnn", "cuda", "dtype", "tf32", "subset")
 
 
@@ -36,8 +41,10 @@ def summarize(bench: dict) -> dict:
             "describe": info.get("describe", ""), "flops": info.get("flops", 0),
             "bytes": info.get("bytes", 0), "contenders": {}})
         metric = "TFLOP/s" if row["flops"] else "GB/s"
-        row["contenders"][info["contender"]] = {"median_ms": entry["stats"]["median"] * 1e3,
-                                                "rate": info.get(metric)}
+        device_s = info.get("device_seconds")
+        row["contenders"][info["contender"]] = {
+            "median_ms": entry["stats"]["median"] * 1e3, "rate": info.get(metric),
+            "device_ms": None if device_s is None else device_s * 1e3}
     for row in rows.values():
         times = {c: v["median_ms"] for c, v in row["contenders"].items()}
         for rival in ("eager", "compile"):
@@ -70,7 +77,10 @@ def _cell(contender: Optional[dict], metric: str) -> str:
     rate = contender["rate"]
     rate_text = "" if rate is None else f" · {rate:.0f} {metric}" if rate >= 10 \
         else f" · {rate:.3g} {metric}"
-    return f"{contender['median_ms']:.4g} ms{rate_text}"
+    wall, device = contender["median_ms"], contender.get("device_ms")
+    device_text = f" (device {device:.4g} ms)" if device is not None \
+        and device < LAUNCH_BOUND * wall else ""
+    return f"{wall:.4g} ms{device_text}{rate_text}"
 
 
 def _ratio(value: Optional[float]) -> str:
@@ -163,25 +173,41 @@ def roofline_png(summary: dict, path: Path) -> None:
     right.set_ylim(bottom=0)
     for axis in (left, right):
         axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=8)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
     figure.suptitle(header(summary), fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
+def merge(paths: list[Path]) -> Optional[dict]:
+    """One pytest-benchmark document holding the benchmarks of every file that exists (the
+    first file's machine and commit info); None when none does."""
+    documents = [json.loads(path.read_text()) for path in paths if path.exists()]
+    if not documents:
+        return None
+    merged = dict(documents[0])
+    merged["benchmarks"] = [entry for document in documents for entry in document["benchmarks"]]
+    return merged
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("bench_json")
+    parser.add_argument("bench_json", nargs="+", type=Path)
+    parser.add_argument("--merged", type=Path, help="write the merged JSON here")
     parser.add_argument("--markdown", type=Path, help="write the table here")
     parser.add_argument("--results", type=Path, help="update this RESULTS.md")
     parser.add_argument("--png", type=Path, help="write the roofline plot here")
     args = parser.parse_args(argv)
-    if not Path(args.bench_json).exists():  # pytest-benchmark writes none when nothing ran
-        print(f"{args.bench_json}: no such file: no benchmark ran (all skipped or failed?)",
-              file=sys.stderr)
+    bench = merge(args.bench_json)
+    if bench is None or not bench["benchmarks"]:  # pytest-benchmark writes none when cut hard
+        print(f"{', '.join(map(str, args.bench_json))}: no benchmark results (none ran, all "
+              "skipped, or every stage was killed before its session ended)", file=sys.stderr)
         return 1
-    summary = summarize(json.loads(Path(args.bench_json).read_text()))
+    if args.merged:
+        args.merged.write_text(json.dumps(bench, indent=1) + "\n")
+    summary = summarize(bench)
     table = markdown(summary)
     if args.markdown:
         args.markdown.write_text(table + "\n")

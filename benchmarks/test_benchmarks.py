@@ -1,5 +1,6 @@
-"""Every case of ``cases.py`` in each of its modes, three contenders in one benchmark group:
-PyTorch eager (cuDNN / cuBLAS), torch.compile of the same torch module, and fastarch.
+"""Every case of ``cases.py`` in each of its modes, up to three contenders in one benchmark
+group: PyTorch eager (cuDNN / cuBLAS), torch.compile of the same torch module, and fastarch
+(``--contenders`` picks some: gpu_check.sh runs eager + fastarch first, compile later).
 
 The torch contenders run ``fastarch.profile.torch_twin`` of the fastarch module: the same
 weights on torch's own classes. Blocks and whole models run fastarch fused
@@ -7,7 +8,8 @@ weights on torch's own classes. Blocks and whole models run fastarch fused
 graph recorded), ``fwd_bwd`` (forward + input and weight gradients), ``train_step`` (cross
 entropy, backward, SGD with momentum). Before timing, fastarch's eval / train output is
 checked against the torch twin's; extra_info holds TFLOP/s or GB/s, the speedups, the card
-and the versions.
+and the versions, and on a GPU the device time (the kernels' own durations) beside the wall
+time, which for small launch-bound cases is mostly the host launching them.
 """
 from __future__ import annotations
 
@@ -17,30 +19,40 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import Case, build, fusion, scenarios
-from timing import environment, measure, rotating
+from cases import CONTENDERS, Case, build, fusion, scenarios
+from timing import device_seconds, environment, measure, rotating
 from torch import nn
 
 from fastarch.profile import torch_twin
 from fastarch.roofline import operand_kind
 
-CONTENDERS = ("eager", "compile", "fastarch")  # fastarch last: its speedups need the others
 # Relative L2 error allowed between fastarch and torch, by operand kind; models ×2.5.
 CHECK_TOLERANCE = {"16bit": 2e-2, "tf32": 5e-3, "fp32": 1e-4}
 
 
 def pytest_generate_tests(metafunc):
     if "scenario" in metafunc.fixturenames:
+        chosen = contenders_of(metafunc.config)
         metafunc.parametrize("scenario", [
             pytest.param((case, mode, contender), id=f"{case.name}-{mode}-{contender}")
-            for case, mode in scenarios(subset_of(metafunc.config)) for contender in CONTENDERS])
+            for case, mode in scenarios(subset_of(metafunc.config)) for contender in chosen])
+
+
+def contenders_of(config) -> tuple[str, ...]:
+    """The ``--contenders`` asked for, in CONTENDERS order."""
+    asked = {name.strip() for name in config.getoption("--contenders").split(",") if name.strip()}
+    unknown = asked - set(CONTENDERS)
+    if unknown or not asked:
+        raise pytest.UsageError(f"--contenders: expected some of {','.join(CONTENDERS)}, "
+                                f"got {config.getoption('--contenders')!r}")
+    return tuple(name for name in CONTENDERS if name in asked)
 
 
 @functools.lru_cache(maxsize=None)
-def source_model(name: str, smoke: bool, device: str, dtype: torch.dtype) -> nn.Module:
+def source_model(name: str, tiny: bool, device: str, dtype: torch.dtype) -> nn.Module:
     """The fastarch model every contender copies its module from (same weights for all)."""
     torch.manual_seed(0)
-    model = build(name, smoke, device)
+    model = build(name, tiny, device)
     return model.to(dtype=dtype, memory_format=torch.channels_last)
 
 
@@ -52,13 +64,14 @@ def case_module(case: Case, model: nn.Module) -> nn.Module:
     return layers[0] if len(layers) == 1 else nn.Sequential(*layers)
 
 
-def contender_module(case: Case, contender: str, module: nn.Module) -> nn.Module:
+def contender_module(case: Case, contender: str, module: nn.Module,
+                     compile_backend: str = "inductor") -> nn.Module:
     if contender == "fastarch":
         return fusion.fuse(module) if case.kind in ("block", "model") else module
     twin = torch_twin(module)
     if contender == "compile":
         torch._dynamo.reset()  # each case compiles afresh, far from the recompile limit
-        return torch.compile(twin)
+        return torch.compile(twin, backend=compile_backend)
     return twin
 
 
@@ -70,10 +83,10 @@ def _randn(shape: tuple[int, ...], dtype: torch.dtype, device: str,
     return x.requires_grad_(requires_grad)
 
 
-def workload(module: nn.Module, case: Case, mode: str, smoke: bool, dtype: torch.dtype,
+def workload(module: nn.Module, case: Case, mode: str, tiny: bool, dtype: torch.dtype,
              device: str):
     """(fn, make_args, bytes of one argument tuple) for ``mode``."""
-    x_shape, y_shape = case.input_shape(smoke), case.output_shape(smoke)
+    x_shape, y_shape = case.input_shape(tiny), case.output_shape(tiny)
     size = torch.finfo(dtype).bits // 8
     x_bytes = torch.Size(x_shape).numel() * size
     module.train(mode != "eval")
@@ -106,10 +119,10 @@ def workload(module: nn.Module, case: Case, mode: str, smoke: bool, dtype: torch
 
 
 def check_against_torch(case: Case, mode: str, fn, args: tuple, source: nn.Module,
-                        smoke: bool, dtype: torch.dtype, device: str, tf32: bool) -> None:
+                        tiny: bool, dtype: torch.dtype, device: str, tf32: bool) -> None:
     """fastarch's output equals the torch twin's on the same input and weights (modes with a
     deterministic output: no dropout, no optimizer)."""
-    twin_fn, _, _ = workload(torch_twin(case_module(case, source)), case, mode, smoke, dtype,
+    twin_fn, _, _ = workload(torch_twin(case_module(case, source)), case, mode, tiny, dtype,
                              device)
     ours, theirs = fn(*args).detach().float(), twin_fn(*args).detach().float()
     assert ours.shape == theirs.shape and torch.isfinite(ours).all()
@@ -119,44 +132,50 @@ def check_against_torch(case: Case, mode: str, fn, args: tuple, source: nn.Modul
 
 
 def subset_of(config) -> str:
-    if config.getoption("--smoke"):
-        return "smoke"
-    return "quick" if config.getoption("--quick") else "full"
+    for subset in ("smoke", "dry-run", "quick"):
+        if config.getoption(subset.replace("-", "_")):
+            return subset
+    return "full"
 
 
-def test_case(benchmark, scenario, bench_device, bench_dtype, tf32, smoke, medians, request):
+def test_case(benchmark, scenario, bench_device, bench_dtype, tf32, smoke, tiny, medians,
+              request):
     case, mode, contender = scenario
     if smoke and contender == "compile":
         pytest.skip("torch.compile is not run in --smoke: inductor's first CPU compile takes "
                     "~25 s of C++ builds; the GPU run compiles every case")
-    source = source_model(case.model, smoke, bench_device, bench_dtype)
-    module = contender_module(case, contender, case_module(case, source))
-    fn, make, bytes_per_copy = workload(module, case, mode, smoke, bench_dtype, bench_device)
-    next_args = rotating(make, bytes_per_copy, copies=1 if smoke else None)
+    dry_run = request.config.getoption("--dry-run")
+    compile_backend = "aot_eager" if dry_run else "inductor"
+    source = source_model(case.model, tiny, bench_device, bench_dtype)
+    module = contender_module(case, contender, case_module(case, source), compile_backend)
+    fn, make, bytes_per_copy = workload(module, case, mode, tiny, bench_dtype, bench_device)
+    next_args = rotating(make, bytes_per_copy, copies=1 if tiny else None)
     benchmark.group = f"{case.name} {mode}"
     if contender == "fastarch" and mode in ("eval", "train"):
-        check_against_torch(case, mode, fn, next_args(), source, smoke, bench_dtype,
+        check_against_torch(case, mode, fn, next_args(), source, tiny, bench_dtype,
                             bench_device, tf32)
     if smoke:  # --benchmark-disable: one untimed call
         benchmark(fn, *next_args())
         return
-    median = measure(benchmark, fn, next_args, request.config.getoption("--rounds"))
+    median = measure(benchmark, fn, next_args, request.config.getoption("--rounds"),
+                     brief=dry_run)
     timings = medians.setdefault((case.name, mode), {})
     timings[contender] = median
     benchmark.extra_info.update(
         environment(), contender=contender, case=case.name, mode=mode, kind=case.kind,
-        describe=case.describe(smoke), dtype=str(bench_dtype).removeprefix("torch."), tf32=tf32,
+        describe=case.describe(tiny), dtype=str(bench_dtype).removeprefix("torch."), tf32=tf32,
         channels_last=True, subset=subset_of(request.config),
-        **rates(case, mode, smoke, bench_dtype, median, contender, timings))
+        device_seconds=device_seconds(fn, next_args),
+        **rates(case, mode, tiny, bench_dtype, median, contender, timings, compile_backend))
 
 
-def rates(case: Case, mode: str, smoke: bool, dtype: torch.dtype, median: float,
-          contender: str, timings: dict[str, float]) -> dict:
+def rates(case: Case, mode: str, tiny: bool, dtype: torch.dtype, median: float,
+          contender: str, timings: dict[str, float], compile_backend: str) -> dict:
     """FLOPs and bytes, the achieved TFLOP/s or GB/s, and fastarch's speedups."""
-    cost = case.cost(mode, smoke, torch.finfo(dtype).bits // 8)
+    cost = case.cost(mode, tiny, torch.finfo(dtype).bits // 8)
     info = {"flops": cost.flops, "bytes": cost.bytes, cost.metric: cost.rate(median)}
     if contender == "compile":
-        info["compile_mode"] = "default"
+        info["compile_mode"] = f"default ({compile_backend})"
     if contender == "fastarch":
         info["fused"] = case.kind in ("block", "model") and fusion is not None
         info.update({f"speedup_vs_{rival}": timings[rival] / median

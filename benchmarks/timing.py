@@ -7,6 +7,9 @@
   the synchronize and clock reads vanish in it; each call takes the next of several input
   copies that together exceed the L2 cache (``rotating``).
 * Warm-up calls run first, outside any timing: Triton and inductor compile, cuDNN autotunes.
+* Beside that wall time, ``device_seconds`` sums the durations of the kernels one call runs
+  (torch.profiler's CUDA activity): for a small case the wall time is mostly the host
+  launching kernels, and the difference says how much.
 """
 from __future__ import annotations
 
@@ -23,11 +26,15 @@ ROUND_SECONDS = 2e-3
 MAX_ITERATIONS = 256
 WARMUP_CALLS = 3
 PROBE_CALLS = 5
+DEVICE_CALLS = 3
+CPU_DRY_RUN = "CPU dry run (Triton interpreter)"
 
 
 def synchronized_clock() -> float:
-    """pytest-benchmark's timer on a GPU (``--benchmark-timer timing.synchronized_clock``)."""
-    torch.cuda.synchronize()
+    """pytest-benchmark's timer on a GPU (``--benchmark-timer timing.synchronized_clock``);
+    without one (the dry run) a plain clock."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter()
 
 
@@ -46,23 +53,43 @@ def iterations_for(seconds_per_call: float) -> int:
 
 
 def measure(benchmark, fn: Callable[..., object], next_args: Callable[[], tuple],
-            rounds: int) -> float:
-    """Warm up, size the rounds, time ``fn(*next_args())``; the median seconds per call."""
-    for _ in range(WARMUP_CALLS):
-        fn(*next_args())
-    start = synchronized_clock()
-    for _ in range(PROBE_CALLS):
-        fn(*next_args())
-    iterations = iterations_for((synchronized_clock() - start) / PROBE_CALLS)
+            rounds: int, brief: bool = False) -> float:
+    """Warm up, size the rounds, time ``fn(*next_args())``; the median seconds per call.
+    ``brief`` (the CPU dry run, where nothing compiles and a call takes seconds) times
+    single calls with no warm-up."""
+    iterations = 1
+    if not brief:
+        for _ in range(WARMUP_CALLS):
+            fn(*next_args())
+        start = synchronized_clock()
+        for _ in range(PROBE_CALLS):
+            fn(*next_args())
+        iterations = iterations_for((synchronized_clock() - start) / PROBE_CALLS)
     benchmark.extra_info["iterations"] = iterations
     benchmark.pedantic(lambda: fn(*next_args()), rounds=rounds, iterations=iterations,
-                       warmup_rounds=1)
+                       warmup_rounds=0 if brief else 1)
     return benchmark.stats.stats.median
+
+
+def device_seconds(fn: Callable[..., object], next_args: Callable[[], tuple]) -> float | None:
+    """Seconds per call that the GPU spends in kernels (None without a GPU)."""
+    if not torch.cuda.is_available():
+        return None
+    args = [next_args() for _ in range(DEVICE_CALLS)]
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for call_args in args:
+            fn(*call_args)
+        torch.cuda.synchronize()
+    kernel_us = sum(event.time_range.elapsed_us() for event in prof.events()
+                    if event.device_type == torch.autograd.DeviceType.CUDA)
+    return kernel_us * 1e-6 / DEVICE_CALLS
 
 
 def environment() -> dict[str, str]:
     import triton
-    info = {"torch": torch.__version__, "triton": triton.__version__}
+    info = {"torch": torch.__version__, "triton": triton.__version__, "gpu": CPU_DRY_RUN}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = str(torch.version.cuda)

@@ -6,6 +6,9 @@
 * Anything else (CPU without the interpreter, other devices, dtypes we do not accelerate)
   runs torch's own implementation. Every such call is counted in ``fallback_counts`` so the
   test suite can prove it exercised the Triton kernels and not the fallback.
+* Forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp`` / ``jacfwd``) runs torch's
+  implementation too, counted: our operators carry backward formulas only, torch's ops carry
+  the forward-mode (jvp) ones, so tangents come out right instead of silently zero.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import os
 from collections.abc import Sequence
 
 import torch
+from torch.autograd import forward_ad
 
 INTERPRETER: bool = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
@@ -35,10 +39,18 @@ def runs_triton(tensor: torch.Tensor) -> bool:
 
 def use_triton(op: str, tensor: torch.Tensor) -> bool:
     """Decide between our kernel and torch's fallback for ``op``; counts every fallback."""
-    if runs_triton(tensor) and tensor.dtype in ACCELERATED_DTYPES:
+    if runs_triton(tensor) and tensor.dtype in ACCELERATED_DTYPES \
+            and not forward_ad_active():
         return True
     count_fallback(op)
     return False
+
+
+def forward_ad_active() -> bool:
+    """Whether forward-mode AD can be carrying tangents: only inside
+    ``torch.autograd.forward_ad.dual_level()``, which ``torch.func.jvp`` and ``jacfwd`` enter
+    (a dual tensor's tangent does not outlive its level)."""
+    return forward_ad._current_level >= 0
 
 
 def count_fallback(op: str) -> None:

@@ -10,12 +10,13 @@ In place, like ``Module.to()``: the model is returned, and each converted module
 object with its class changed (the twins subclass torch.nn's and add no state). So
 parameters and buffers are shared, not copied — an optimizer built before the conversion
 keeps training the converted model — and the training flag, hooks and any other attribute
-stay as they were (forward hooks on the modules inside a fused run do not fire: see
+stay as they were, so every hook still fires (a run with a hooked module is not fused: see
 ``fastarch.nn.fused``); the state_dict is unchanged (keys, values, dtypes). Copy first
 (``copy.deepcopy(model)``) to keep a torch.nn original.
 
-Left alone: subclasses of those types (their ``forward`` may differ), every other module,
-and functional calls inside a ``forward`` (``F.relu(x)`` stays torch's).
+Left alone: subclasses of those types (their ``forward`` may differ; a module parametrized
+with ``torch.nn.utils.parametrize`` is one), every other module, and functional calls
+inside a ``forward`` (``F.relu(x)`` stays torch's).
 """
 from __future__ import annotations
 

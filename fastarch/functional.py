@@ -3,13 +3,15 @@
 Each op takes torch.nn.functional's exact arguments, validates them with torch's error types
 and messages, and runs our Triton kernel when ``fastarch.backend`` says the input's device
 runs Triton (CUDA, or CPU under TRITON_INTERPRET=1). Otherwise, and for dtypes we do not
-accelerate (float64), it calls torch's own implementation: the documented fallback.
+accelerate (float64, integers), it calls torch's own implementation, which answers or raises
+as torch does: the documented fallback.
 The kernels run as the operators of ``fastarch.ops`` (``torch.ops.fastarch.*``), which carry
 their autograd formulas, so ``torch.compile`` traces these functions without graph breaks.
 """
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -31,15 +33,26 @@ IntOrPair = Union[int, Sequence[int]]
 
 # ----------------------------------------------------------------------------- arguments
 
+def _ints(value: IntOrPair, name: str, op: str) -> tuple[int, ...]:
+    """An int or a sequence of ints as a tuple; torch's TypeError naming the argument for
+    anything else (a float, a bool, a string)."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return tuple(_index(v, name, op, f"found element of type {type(v).__name__} at pos {i}")
+                     for i, v in enumerate(value))
+    return (_index(value, name, op, f"not {type(value).__name__}"),)
+
+
+def _index(value, name: str, op: str, problem: str) -> int:
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise TypeError(f"{op}(): argument '{name}' must be tuple of ints, {problem}")
+    return operator.index(value)
+
+
 def _pair(value: IntOrPair, name: str, op: str) -> tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    values = tuple(value)
-    if len(values) == 1:
-        return values[0], values[0]
-    if len(values) != 2:
+    values = _ints(value, name, op)
+    if len(values) not in (1, 2):
         raise RuntimeError(f"{op}: {name} must either be a single int, or a tuple of two ints")
-    return int(values[0]), int(values[1])
+    return values[0], values[-1]
 
 
 def _check_pool_input(x: torch.Tensor, op: str) -> None:
@@ -49,16 +62,13 @@ def _check_pool_input(x: torch.Tensor, op: str) -> None:
     if x.dim() not in (3, 4) or any(size == 0 for size in x.shape[-3:]):
         raise RuntimeError(f"{op}: expected a non-empty 3D or 4D (batch mode) tensor for "
                            f"input, with optional 0 batch size, but got shape {list(x.shape)}")
-    if not x.dtype.is_floating_point:
-        raise NotImplementedError(f'"{op}" not implemented for input dtype {x.dtype}: '
-                                  "pooling takes floating-point tensors")
 
 
 def _pool_geometry(op: str, x: torch.Tensor, kernel_size: IntOrPair,
                    stride: Optional[IntOrPair], padding: IntOrPair, dilation: IntOrPair,
                    ceil_mode: bool) -> PoolGeometry:
     kernel = _pair(kernel_size, "kernel_size", op)
-    steps = kernel if stride is None or (not isinstance(stride, int) and len(stride) == 0) \
+    steps = kernel if stride is None or (isinstance(stride, Sequence) and len(stride) == 0) \
         else _pair(stride, "stride", op)
     pads = _pair(padding, "padding", op)
     dilations = _pair(dilation, "dilation", op)
@@ -68,8 +78,10 @@ def _pool_geometry(op: str, x: torch.Tensor, kernel_size: IntOrPair,
         raise RuntimeError(f"{op}: stride must be greater than zero, but got {steps}")
     if min(dilations) <= 0:
         raise RuntimeError(f"{op}: dilation must be greater than zero, but got {dilations}")
+    if min(pads) < 0:
+        raise RuntimeError(f"{op}: pad must be non-negative, but got pad: {min(pads)}")
     # torch's CUDA kernels and its indices path bound padding by the undilated kernel.
-    if any(pad < 0 or pad > k // 2 for pad, k in zip(pads, kernel)):
+    if any(pad > k // 2 for pad, k in zip(pads, kernel)):
         raise RuntimeError(f"{op}: pad should be at most half of kernel size, but got "
                            f"padding={pads} and kernel_size={kernel}")
     geometry = PoolGeometry(kernel, steps, pads, dilations, bool(ceil_mode))
@@ -92,6 +104,20 @@ def _unbatched_like(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _records_grad(x: torch.Tensor) -> bool:
     """Whether autograd records an op on x (what decides the tensors kept for backward)."""
     return torch.is_grad_enabled() and x.requires_grad
+
+
+def _check_inplace(x: torch.Tensor) -> None:
+    """Before an in-place kernel writes x: raise torch's own error where torch refuses to
+    write x in place (a leaf that requires grad, a view of one, a view autograd cannot
+    rebase, an inference tensor outside inference mode). For every x that may be refused,
+    ``x.copy_(x)`` runs torch's in-place checks and copies nothing; where torch accepts, it
+    records an identity. Not traced: under torch.compile, autograd's checks run on the
+    captured graph's in-place ops."""
+    if torch.compiler.is_compiling():
+        return
+    outside_inference = x.is_inference() and not torch.is_inference_mode_enabled()
+    if outside_inference or (_records_grad(x) and (x.is_leaf or x._is_view())):
+        x.copy_(x)
 
 
 # ----------------------------------------------------------------------------- max pool
@@ -169,17 +195,14 @@ def adaptive_avg_pool2d(input: torch.Tensor,
     if input.dim() not in (3, 4):
         raise RuntimeError("adaptive_avg_pool2d(): expected a 3D or 4D tensor for input, but "
                            f"got shape {list(input.shape)}")
-    if not input.dtype.is_floating_point:
-        raise NotImplementedError(f'"adaptive_avg_pool2d" not implemented for input dtype '
-                                  f"{input.dtype}: pooling takes floating-point tensors")
     size = _adaptive_output_size(input, output_size)
-    if any(s == 0 for s in input.shape[-3:]):
+    if 0 in input.shape[-2:]:  # torch takes an empty batch or channel dimension
         raise RuntimeError("adaptive_avg_pool2d(): expected input to have non-zero size for "
                            f"non-batch dimensions, but got shape {list(input.shape)}")
-    if tuple(input.shape[-2:]) == size:
-        return input
     if not backend.use_triton("adaptive_avg_pool2d", input):
         return F.adaptive_avg_pool2d(input, size)
+    if tuple(input.shape[-2:]) == size:
+        return input
     if 0 in size:
         return input.new_empty((*input.shape[:-2], *size))
     y = ops.adaptive_avg_pool2d(_batched(input), list(size))
@@ -190,8 +213,9 @@ def adaptive_avg_pool2d(input: torch.Tensor,
 
 def _check_batch_norm_args(x: torch.Tensor, running_mean: Optional[torch.Tensor],
                            running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
-                           bias: Optional[torch.Tensor], training: bool) -> None:
-    """torch's checks, error types and messages for F.batch_norm."""
+                           bias: Optional[torch.Tensor], training: bool, eps: float) -> None:
+    """torch's checks, error types and messages for F.batch_norm, all made before anything
+    (the running statistics) is written."""
     if x.dim() < 2:
         raise RuntimeError("batch_norm: expected input with at least 2 dimensions (N, C, ...), "
                            f"but got shape {list(x.shape)}")
@@ -204,17 +228,39 @@ def _check_batch_norm_args(x: torch.Tensor, running_mean: Optional[torch.Tensor]
         raise NotImplementedError(f'"batch_norm" not implemented for input dtype {x.dtype}: '
                                   "batch norm takes floating-point tensors")
     channels = x.shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var),
-                    ("weight", weight), ("bias", bias)):
-        if t is not None and t.numel() != channels:
+    given = {name: t for name, t in (("running_mean", running_mean),
+                                     ("running_var", running_var), ("weight", weight),
+                                     ("bias", bias)) if t is not None}
+    for name, t in given.items():
+        if t.numel() != channels:
             raise RuntimeError(f"batch_norm: {name} should contain {channels} elements not "
                                f"{t.numel()}")
-        if t is not None and t.device != x.device:
+        if t.device != x.device:
             raise RuntimeError(f"batch_norm: expected {name} on the input's device {x.device}, "
                                f"but got {name} on {t.device}")
+        if name.startswith("running") and t.dim() != 1:  # weight and bias may be any shape
+            raise RuntimeError(f"batch_norm: expected {name} of shape [{channels}] "
+                               f"(TensorAccessor expected 1 dims but tensor has {t.dim()})")
+    _check_batch_norm_dtypes(x, given)
     if training and x.shape[0] * math.prod(x.shape[2:]) == 1:
         raise ValueError("Expected more than 1 value per channel when training, got input size "
                          f"{x.size()}")
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
+def _check_batch_norm_dtypes(x: torch.Tensor, given: dict[str, torch.Tensor]) -> None:
+    """torch's rule: the running statistics, weight and bias all in the input's dtype or, for
+    a float16/bfloat16 input, all in float32."""
+    mixed = x.dtype in (torch.float16, torch.bfloat16) and \
+        any(t.dtype == torch.float32 for t in given.values())
+    expected = torch.float32 if mixed else x.dtype
+    for name, t in given.items():
+        if t.dtype != expected:
+            raise RuntimeError(f"batch_norm: mixed dtype: expected {name} to have scalar type "
+                               f"{expected}, but got {t.dtype}")
 
 
 def _as_4d(x: torch.Tensor) -> torch.Tensor:
@@ -287,7 +333,8 @@ def _batch_norm(op: str, input: torch.Tensor, running_mean: Optional[torch.Tenso
                 running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                 bias: Optional[torch.Tensor], training: bool, momentum: float, eps: float,
                 relu: bool, partials: Optional[WelfordPartials] = None) -> torch.Tensor:
-    _check_batch_norm_args(input, running_mean, running_var, weight, bias, training)
+    if input.numel() != 0:  # torch answers an empty input (of any rank) before checking
+        _check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
     if not _use_batch_norm_kernels(op, input):
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         return F.relu(y) if relu else y
@@ -356,7 +403,7 @@ def batch_norm_max_pool2d(input: torch.Tensor, running_mean: Optional[torch.Tens
     without writing the normalised tensor; the arguments are F.batch_norm's then
     F.max_pool2d's (no return_indices). ``partials`` as in ``batch_norm_relu``."""
     _check_batch_norm_pool_input(input, "batch_norm_max_pool2d")
-    _check_batch_norm_args(input, running_mean, running_var, weight, bias, training)
+    _check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
     _check_pool_input(input, "max_pool2d")
     geometry = _pool_geometry("max_pool2d", input, kernel_size, stride, padding, dilation,
                               ceil_mode)
@@ -381,7 +428,7 @@ def batch_norm_avg_pool2d(input: torch.Tensor, running_mean: Optional[torch.Tens
     without writing the normalised tensor; the arguments are F.batch_norm's then
     F.avg_pool2d's. ``partials`` as in ``batch_norm_relu``."""
     _check_batch_norm_pool_input(input, "batch_norm_avg_pool2d")
-    _check_batch_norm_args(input, running_mean, running_var, weight, bias, training)
+    _check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
     _check_pool_input(input, "avg_pool2d")
     geometry = _pool_geometry("avg_pool2d", input, kernel_size, stride, padding, 1, ceil_mode)
     if divisor_override is not None and divisor_override == 0:
@@ -421,6 +468,8 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     run on a contiguous copy (and, in place, are written back from it)."""
     if not backend.use_triton("relu", input):
         return torch.relu_(input) if inplace else torch.relu(input)
+    if inplace:
+        _check_inplace(input)
     if relu_kernels.dense_format(input) is None:
         y = ops.relu(input.contiguous())
         return input.copy_(y) if inplace else y
@@ -440,9 +489,7 @@ ConvPadding = Union[str, int, Sequence[int]]
 
 
 def _conv_pair(value: IntOrPair, name: str) -> tuple[int, int]:
-    values = (value,) if isinstance(value, int) else tuple(value)
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise TypeError(f"conv2d: {name} must be an int or a tuple of ints, but got {value!r}")
+    values = _ints(value, name, "conv2d")
     if len(values) not in (1, 2):
         raise RuntimeError(f"conv2d: expected {name} to be a single integer value or a list of "
                            f"2 values to match the convolution dimensions, but got "
@@ -492,8 +539,8 @@ def _conv_geometry(x: torch.Tensor, weight: torch.Tensor, stride: IntOrPair,
 
 def _check_conv_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
                      ) -> None:
-    """torch's checks and error types: RuntimeError for shapes, devices and mixed dtypes,
-    NotImplementedError for dtypes no convolution kernel implements (integers)."""
+    """torch's checks and error types: RuntimeError for shapes, devices and mixed dtypes.
+    Dtypes we do not accelerate (integers, float64) go on to torch, which answers or raises."""
     if x.dim() not in (3, 4):
         raise RuntimeError("conv2d: expected 3D (unbatched) or 4D (batched) input, but got "
                            f"input of size: {list(x.shape)}")
@@ -507,9 +554,6 @@ def _check_conv_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         if t is not None and t.dtype != x.dtype:
             raise RuntimeError(f"conv2d: input dtype {x.dtype} and {name} dtype {t.dtype} "
                                "should be the same")
-    if not x.dtype.is_floating_point:
-        raise NotImplementedError(f'"conv2d" not implemented for input dtype {x.dtype}: '
-                                  "convolution takes floating-point tensors")
     if weight.shape[0] == 0 or 0 in weight.shape[2:]:
         raise RuntimeError(f"conv2d: expected weight with at least one output channel and a "
                            f"non-empty kernel, but got weight of size {list(weight.shape)}")
@@ -521,7 +565,7 @@ def _check_conv_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 
 
 def _check_bias_shape(op: str, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
-    """torch's message for a bias that is not one value per output channel / feature."""
+    """torch's message for a bias that is not one value per output channel."""
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise RuntimeError(f"{op}: given weight of size {list(weight.shape)}, expected bias "
                            f"to be 1-dimensional with {weight.shape[0]} elements, but got bias "
@@ -563,7 +607,8 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
            stride: IntOrPair = 1, padding: ConvPadding = 0, dilation: IntOrPair = 1,
            groups: int = 1) -> torch.Tensor:
     """torch.nn.functional.conv2d on our implicit-GEMM kernels; the output takes the input's
-    memory format. groups > 1 runs torch's convolution (a counted fallback), as does float64.
+    memory format. groups > 1 runs torch's convolution (a counted fallback), as do float64 and
+    integer inputs.
     Under torch.autocast the arguments are cast as torch would cast them."""
     input, weight, bias = _autocast_args(input, weight, bias)
     if groups != 1:
@@ -629,14 +674,18 @@ def _conv2d_fused_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
 # ----------------------------------------------------------------------------- linear, dropout
 
 def _check_dropout_p(p: float) -> None:
+    """torch's checks: ValueError out of [0, 1] (F.dropout's own), RuntimeError for NaN,
+    which passes that comparison and is refused by the kernel's check."""
     if p < 0.0 or p > 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if math.isnan(p):
+        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {p}")
 
 
 def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                        op: str) -> None:
-    """torch's error types: RuntimeError for shapes, devices and mixed dtypes,
-    NotImplementedError for dtypes no matmul kernel implements (integers)."""
+    """torch's error types: RuntimeError for shapes, devices and mixed dtypes. Dtypes we do not
+    accelerate (integers, float64) go on to torch, which answers or raises."""
     if x.dim() == 0:
         raise RuntimeError(f"{op}: expected input with at least one dimension, but got a 0-D "
                            "tensor")
@@ -647,14 +696,10 @@ def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
         if t is not None and t.dtype != x.dtype:
             raise RuntimeError(f"{op}: input dtype {x.dtype} and {name} dtype {t.dtype} "
                                "should be the same")
-    if not x.dtype.is_floating_point:
-        raise NotImplementedError(f'"{op}" not implemented for input dtype {x.dtype}: linear '
-                                  "layers take floating-point tensors")
     if weight.shape[1] != x.shape[-1]:
         raise RuntimeError(f"{op}: input of size {list(x.shape)} has {x.shape[-1]} features "
                            f"but weight of size {list(weight.shape)} expects "
                            f"in_features={weight.shape[1]}")
-    _check_bias_shape(op, weight, bias)
 
 
 def _linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -673,12 +718,14 @@ def linear_relu_dropout(input: torch.Tensor, weight: torch.Tensor,
     ``p`` > 0) are each optional; the input may have any leading dimensions and strides.
     The dropout seed is drawn from torch's generator on the input's device at every call.
     fp32 uses TF32 when ``torch.backends.cuda.matmul.allow_tf32`` is on. A weight that is not
-    2-D (torch also takes 1-D) and float64 run torch's implementation (a counted fallback);
-    under torch.autocast the arguments are cast as torch would cast them."""
+    2-D (torch also takes 1-D), a bias that is not one value per output feature (torch
+    broadcasts it: a single value, or one row per input row), float64 and integers run torch's
+    implementation (a counted fallback); under torch.autocast the arguments are cast as torch
+    would cast them."""
     _check_dropout_p(p)
     input, weight, bias = _autocast_args(input, weight, bias)
     p = float(p) if training else 0.0
-    if weight.dim() != 2:
+    if weight.dim() != 2 or (bias is not None and tuple(bias.shape) != weight.shape[:1]):
         backend.count_fallback("linear")
         return _linear_torch(input, weight, bias, relu, p)
     _check_linear_args(input, weight, bias, "linear")
@@ -709,6 +756,8 @@ def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True,
                            f"{input.dtype}")
     if not backend.use_triton("dropout", input):
         return F.dropout(input, p, training, inplace)
+    if inplace:
+        _check_inplace(input)
     seed = linear_kernels.new_seed(input.device)
     if not input.is_contiguous(memory_format=backend.memory_format_of(input)):
         y = ops.dropout(input.contiguous(), float(p), seed)
@@ -796,7 +845,7 @@ def sync_batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor],
     Welford partials are all-gathered and merged with Chan's formula. float64 and devices
     without our kernels run torch's own SyncBatchNorm function (a counted fallback), which
     takes CUDA tensors only."""
-    _check_batch_norm_args(input, running_mean, running_var, weight, bias, True)
+    _check_batch_norm_args(input, running_mean, running_var, weight, bias, True, eps)
     if not backend.use_triton("sync_batch_norm", input):
         if input.device.type != "cuda":
             raise ValueError("SyncBatchNorm expected input tensor to be on GPU (or on the CPU "

@@ -2,7 +2,10 @@
 AvgPool2d) and Conv2d -> ReLU runs inside every nn.Sequential of a model and makes them run
 fused (``fastarch.nn.fused``), keeping every original module, parameter, buffer and
 state_dict key: torchvision checkpoints load unchanged and ``train()`` / ``eval()`` behave
-as before. Runs are found at each forward, so later edits to a Sequential are honoured.
+as before. Runs are found at each forward, so later edits to a Sequential are honoured, and
+a run fuses only modules of exactly torch.nn's (or fastarch.nn's) types that carry no hook
+(``fastarch.nn.fused.match_run``): subclasses, parametrized modules and hooked modules run
+as themselves.
 
 It works in place: each such nn.Sequential becomes a ``FusedSequential`` (the same object,
 its class swapped), so references to it, optimizers and hooks on it stay valid.
@@ -28,7 +31,6 @@ def unfuse(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if type(module) is FusedSequential:
             module.__class__ = nn.Sequential
-            module.__dict__.pop("_fastarch_folded", None)
     return model
 
 

@@ -16,6 +16,7 @@ statistics, in-place ReLU and dropout) are mutable and have no autograd formula:
 functional API calls them where no gradient flows through the written tensor, or (in-place
 ReLU in eager mode) inside an autograd Function that marks the tensor dirty.
 """
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -97,6 +98,18 @@ def _no_grads(count: int) -> tuple[None, ...]:
     return (None,) * count
 
 
+def _no_double_backward(forward: str) -> Callable[..., None]:
+    """The autograd formula of ``forward``'s backward op: a clear error, since fastarch has
+    no kernels for the gradient of a gradient (double backward: a gradient taken with
+    ``create_graph=True``, then differentiated again)."""
+    def refuse(ctx, *grads):
+        raise RuntimeError(
+            f"fastarch::{forward}: double backward (differentiating a gradient taken with "
+            "create_graph=True) is not supported by fastarch's kernels; compute higher-order "
+            f"gradients with torch's own torch.nn.functional.{forward} (or torch.nn layers)")
+    return refuse
+
+
 # ----------------------------------------------------------------------------- max pool
 
 @torch.library.custom_op("fastarch::max_pool2d", mutates_args=())
@@ -155,6 +168,9 @@ def _(dy, offsets, input_shape, channels_last, kernel_size, stride, padding, dil
     return _empty(input_shape, dy.dtype, dy, _format(channels_last))
 
 
+max_pool2d_backward.register_autograd(_no_double_backward("max_pool2d"))
+
+
 # ----------------------------------------------------------------------------- avg pool
 
 @torch.library.custom_op("fastarch::avg_pool2d", mutates_args=())
@@ -205,6 +221,9 @@ def _(dy, input_shape, channels_last, kernel_size, stride, padding, ceil_mode,
     return _empty(input_shape, dy.dtype, dy, _format(channels_last))
 
 
+avg_pool2d_backward.register_autograd(_no_double_backward("avg_pool2d"))
+
+
 # ----------------------------------------------------------------------------- adaptive pool
 
 @torch.library.custom_op("fastarch::adaptive_avg_pool2d", mutates_args=())
@@ -241,6 +260,9 @@ def adaptive_avg_pool2d_backward(dy: Tensor, input_shape: list[int],
 @adaptive_avg_pool2d_backward.register_fake
 def _(dy, input_shape, channels_last):
     return _empty(input_shape, dy.dtype, dy, _format(channels_last))
+
+
+adaptive_avg_pool2d_backward.register_autograd(_no_double_backward("adaptive_avg_pool2d"))
 
 
 # ----------------------------------------------------------------------------- batch norm stats
@@ -449,6 +471,9 @@ def _(x, dy, mean, invstd, scale, shift, relu, weight_grad_dtype, bias_grad_dtyp
             absent(x) if bias_grad_dtype is None else _empty(channels, bias_grad_dtype, x))
 
 
+batch_norm_backward_reduce.register_autograd(_no_double_backward("batch_norm"))
+
+
 @torch.library.custom_op("fastarch::batch_norm_backward_input", mutates_args=())
 def batch_norm_backward_input(x: Tensor, dy: Tensor, mean: Tensor, invstd: Tensor,
                               scale: Tensor, shift: Tensor, sum_dy: Optional[Tensor],
@@ -463,6 +488,9 @@ def batch_norm_backward_input(x: Tensor, dy: Tensor, mean: Tensor, invstd: Tenso
 @batch_norm_backward_input.register_fake
 def _(x, dy, mean, invstd, scale, shift, sum_dy, sum_dy_xhat, relu):
     return _empty(x.shape, dy.dtype, x, backend.memory_format_of(x))
+
+
+batch_norm_backward_input.register_autograd(_no_double_backward("batch_norm"))
 
 
 # ----------------------------------------------------------------------------- relu
@@ -512,6 +540,9 @@ def relu_backward(y: Tensor, dy: Tensor) -> Tensor:
 @relu_backward.register_fake
 def _(y, dy):
     return _empty(y.shape, dy.dtype, y, relu_kernels.dense_format(y))
+
+
+relu_backward.register_autograd(_no_double_backward("relu"))
 
 
 # ----------------------------------------------------------------------------- conv2d
@@ -602,6 +633,9 @@ def _(dy, x, weight, scale, y, input_shape, channels_last, weight_shape, stride,
             _empty(weight_shape[:1], dy.dtype, dy) if bias_grad else absent(dy))
 
 
+conv2d_backward.register_autograd(_no_double_backward("conv2d"))
+
+
 # ----------------------------------------------------------------------------- linear
 
 @torch.library.custom_op("fastarch::linear", mutates_args=())
@@ -657,6 +691,9 @@ def _(dy, x, weight, y, seed, relu, p, bias_dtype):
                                                      dy.dtype, dy),
             absent(dy) if x is None else _empty((dy.shape[1], x.shape[1]), x.dtype, dy),
             absent(dy) if bias_dtype is None else _empty((dy.shape[1],), bias_dtype, dy))
+
+
+linear_backward.register_autograd(_no_double_backward("linear"))
 
 
 # ----------------------------------------------------------------------------- dropout

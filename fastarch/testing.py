@@ -1,8 +1,11 @@
 """What the tests and benchmarks share: float64 references, tolerances by dtype and
-reduction length, and random inputs (FlagGems' testing/ is the model)."""
+reduction length, random inputs, and outcomes compared with torch's (FlagGems' testing/ is
+the model)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -53,3 +56,22 @@ def reference_grads(fn, inputs: list[torch.Tensor], grad_output: torch.Tensor
     out = fn(*leaves)
     out.backward(grad_output.detach().cpu().double())
     return out.detach(), [leaf.grad for leaf in leaves]
+
+
+def assert_same_outcome(ours: Callable[[], Any], theirs: Callable[[], Any]) -> None:
+    """``ours()`` returns exactly what ``theirs()`` returns (a tensor or a tuple of them), or
+    raises the exception type it raises."""
+    try:
+        expected = theirs()
+    except Exception as error:  # any type: its type is what ours must raise
+        try:
+            ours()
+        except Exception as mine:
+            assert type(mine) is type(error), f"raised {mine!r}, torch raised {error!r}"
+            return
+        raise AssertionError(f"returned a result, torch raised {error!r}") from None
+    actual = ours()
+    pairs = zip(actual, expected, strict=True) if isinstance(expected, tuple) \
+        else [(actual, expected)]
+    for mine, torchs in pairs:
+        assert mine.dtype == torchs.dtype and torch.equal(mine, torchs), (mine, torchs)

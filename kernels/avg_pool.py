@@ -17,8 +17,8 @@ import triton.language as tl
 from fastarch import backend
 
 from . import configs
-from .launch import Launch
-from .max_pool import Normalization
+from .launch import Extent, Launch
+from .max_pool import Normalization, normalization_extents
 from .pool_tile import (
     PoolGeometry,
     address,
@@ -29,6 +29,7 @@ from .pool_tile import (
     pixel_tile,
     split_pixel,
     strided_args,
+    strided_extent,
 )
 
 
@@ -191,6 +192,12 @@ def _avg_constexprs(geometry: PoolGeometry, count_include_pad: bool,
             "BLOCK_M": config.block_m, "BLOCK_C": config.block_c}
 
 
+def _gather_extents(N: int, C: int, H: int, W: int, P: int, Q: int) -> dict[str, Extent]:
+    """A backward gather's dy [N, C, P, Q] and dx [N, C, H, W]."""
+    return {"dy_ptr": strided_extent("dy", (N, C, P, Q)),
+            "dx_ptr": strided_extent("dx", (N, C, H, W))}
+
+
 def avg_forward_launch(x: torch.Tensor, y: torch.Tensor, geometry: PoolGeometry,
                        count_include_pad: bool, divisor_override: int | None,
                        config: configs.PoolConfig, normalization: Normalization | None = None,
@@ -207,6 +214,9 @@ def avg_forward_launch(x: torch.Tensor, y: torch.Tensor, geometry: PoolGeometry,
               "shift_ptr": shift, "M": N * P * Q, "C": C, "H": H, "W": W, "P": P, "Q": Q,
               **strided_args("x", x), **strided_args("y", y),
               "divisor_override": divisor_override or 0},
+        extents={"x_ptr": strided_extent("x", (N, C, H, W)),
+                 "y_ptr": strided_extent("y", (N, C, P, Q)),
+                 **normalization_extents(C, normalization)},
         constexprs={**_avg_constexprs(geometry, count_include_pad, divisor_override, config),
                     "NORMALIZE": normalization is not None, "RELU": relu},
         num_warps=config.num_warps, name=f"avg_pool2d_forward[{config.name}{suffix}]")
@@ -222,6 +232,7 @@ def avg_backward_launch(dy: torch.Tensor, dx: torch.Tensor, geometry: PoolGeomet
         args={"dy_ptr": dy, "dx_ptr": dx, "M": N * H * W, "C": C, "H": H, "W": W,
               "P": P, "Q": Q, **strided_args("dy", dy), **strided_args("dx", dx),
               "divisor_override": divisor_override or 0},
+        extents=_gather_extents(N, C, H, W, P, Q),
         constexprs=_avg_constexprs(geometry, count_include_pad, divisor_override, config),
         num_warps=config.num_warps, name=f"avg_pool2d_backward[{config.name}]")
 
@@ -241,6 +252,8 @@ def adaptive_forward_launch(x: torch.Tensor, y: torch.Tensor,
         adaptive_avg_pool2d_forward_kernel, grid(N * P * Q, C, config),
         args={"x_ptr": x, "y_ptr": y, "M": N * P * Q, "C": C, "H": H, "W": W, "P": P, "Q": Q,
               **strided_args("x", x), **strided_args("y", y)},
+        extents={"x_ptr": strided_extent("x", (N, C, H, W)),
+                 "y_ptr": strided_extent("y", (N, C, P, Q))},
         constexprs={"MAX_KH": adaptive_span(H, P), "MAX_KW": adaptive_span(W, Q),
                     "BLOCK_M": config.block_m, "BLOCK_C": config.block_c},
         num_warps=config.num_warps, name=f"adaptive_avg_pool2d_forward[{config.name}]")
@@ -254,6 +267,7 @@ def adaptive_backward_launch(dy: torch.Tensor, dx: torch.Tensor,
         adaptive_avg_pool2d_backward_kernel, grid(N * H * W, C, config),
         args={"dy_ptr": dy, "dx_ptr": dx, "M": N * H * W, "C": C, "H": H, "W": W,
               "P": P, "Q": Q, **strided_args("dy", dy), **strided_args("dx", dx)},
+        extents=_gather_extents(N, C, H, W, P, Q),
         constexprs={"MAX_WINDOWS_H": adaptive_span(P, H), "MAX_WINDOWS_W": adaptive_span(Q, W),
                     "BLOCK_M": config.block_m, "BLOCK_C": config.block_c},
         num_warps=config.num_warps, name=f"adaptive_avg_pool2d_backward[{config.name}]")

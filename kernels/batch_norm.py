@@ -39,8 +39,9 @@ import triton.language as tl
 from fastarch import backend
 
 from . import avg_pool, configs, max_pool
-from .launch import Launch
+from .launch import UNUSED, Extent, Launch, dense, vector
 from .max_pool import window_offset_dtype
+from .welford import chan_merge
 from .pool_tile import (
     PoolGeometry,
     address,
@@ -51,7 +52,10 @@ from .pool_tile import (
     pixel_tile,
     split_pixel,
     strided_args,
+    strided_extent,
 )
+
+FP32 = (torch.float32,)
 
 
 @triton.jit
@@ -76,6 +80,10 @@ def welford_partials_kernel(
     tile = tl.program_id(0)
     c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
+    # Every statistic is of x - pivot, the tile's first pixel (see kernels/welford.py).
+    n0, h0, w0 = split_pixel(tile.to(tl.int64) * TILE_STEPS * BLOCK_M, H, W)
+    pivot = tl.load(x_ptr + n0 * x_sn + h0 * x_sh + w0 * x_sw + c * x_sc, mask=c_ok,
+                    other=0.0).to(tl.float32)
     count = tl.zeros((BLOCK_M,), tl.float32)
     mean = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
     m2 = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
@@ -84,19 +92,18 @@ def welford_partials_kernel(
         n, h, w = split_pixel(m, H, W)
         ok = m_ok[:, None] & c_ok[None, :]
         x = tl.load(x_ptr + address(n, h, w, c, x_sn, x_sh, x_sw, x_sc), mask=ok,
-                    other=0.0).to(tl.float32)
+                    other=0.0).to(tl.float32) - pivot[None, :]
         count += m_ok.to(tl.float32)
         delta = tl.where(ok, x - mean, 0.0)
         mean += delta / tl.maximum(count, 1.0)[:, None]
         m2 += delta * (x - mean)
     # Chan's formula across the row lanes (a lane past the end has count 0 and adds nothing).
-    total = tl.sum(count, axis=0)
-    tile_mean = tl.sum(mean * count[:, None], axis=0) / total
-    deviation = mean - tile_mean[None, :]
-    tile_m2 = tl.sum(m2, axis=0) + tl.sum(count[:, None] * deviation * deviation, axis=0)
+    lanes = tl.broadcast_to(count[:, None], (BLOCK_M, BLOCK_C))
+    total, tile_offset, tile_m2 = chan_merge(lanes, mean, m2, lanes > 0)
+    tile_mean = pivot + tile_offset
     plane = tl.num_programs(0).to(tl.int64) * C
     offsets = tile.to(tl.int64) * C + c
-    tl.store(partial_ptr + offsets, tl.zeros_like(tile_mean) + total, mask=c_ok)
+    tl.store(partial_ptr + offsets, total, mask=c_ok)
     tl.store(partial_ptr + plane + offsets, tile_mean, mask=c_ok)
     tl.store(partial_ptr + 2 * plane + offsets, tile_m2, mask=c_ok)
 
@@ -105,35 +112,34 @@ def welford_partials_kernel(
 def _merge_welford(count_ptr, mean_ptr, m2_ptr, NUM_TILES, c, c_ok, p_st, p_sc,
                    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     """(count, mean, M2) per channel from [tiles, C] partials: Chan's formula within each
-    block of BLOCK_T tiles, then between the blocks, in tile order."""
+    block of BLOCK_T tiles, then between the blocks, in tile order, on the tile means less
+    the first tile's (see kernels/welford.py)."""
+    pivot = tl.load(mean_ptr + c * p_sc, mask=c_ok & (NUM_TILES > 0), other=0.0)
     n = tl.zeros((BLOCK_C,), tl.float32)
-    mean = tl.zeros((BLOCK_C,), tl.float32)
+    offset = tl.zeros((BLOCK_C,), tl.float32)
     m2 = tl.zeros((BLOCK_C,), tl.float32)
     for start in range(0, NUM_TILES, BLOCK_T):
         t = start + tl.arange(0, BLOCK_T)
         ok = (t < NUM_TILES)[:, None] & c_ok[None, :]
         offsets = t.to(tl.int64)[:, None] * p_st + c[None, :] * p_sc
         tile_count = tl.load(count_ptr + offsets, mask=ok, other=0.0)
-        tile_mean = tl.load(mean_ptr + offsets, mask=ok, other=0.0)
+        tile_offset = tl.load(mean_ptr + offsets, mask=ok, other=0.0) - pivot[None, :]
         tile_m2 = tl.load(m2_ptr + offsets, mask=ok, other=0.0)
-        n_b = tl.sum(tile_count, axis=0)
-        mean_b = tl.sum(tile_count * tile_mean, axis=0) / tl.maximum(n_b, 1.0)
-        deviation = tl.where(ok, tile_mean - mean_b[None, :], 0.0)
-        m2_b = tl.sum(tile_m2, axis=0) + tl.sum(tile_count * deviation * deviation, axis=0)
+        n_b, offset_b, m2_b = chan_merge(tile_count, tile_offset, tile_m2, ok)
         n_ab = n + n_b
-        delta = mean_b - mean
+        delta = offset_b - offset
         weight_b = n_b / tl.maximum(n_ab, 1.0)
-        mean += delta * weight_b
+        offset += delta * weight_b
         m2 += m2_b + delta * delta * n * weight_b
         n = n_ab
-    return n, mean, m2
+    return n, pivot + offset, m2
 
 
 @triton.jit
 def batch_norm_finalize_kernel(
     count_ptr, mean_ptr, m2_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr,
     save_mean_ptr, save_invstd_ptr, scale_ptr, shift_ptr,
-    NUM_TILES, C, p_st, p_sc, rm_s, rv_s, momentum, eps,
+    NUM_TILES, C, p_st, p_sc, w_s, b_s, rm_s, rv_s, momentum, eps,
     TRAINING: tl.constexpr, UPDATE_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -158,10 +164,10 @@ def batch_norm_finalize_kernel(
     invstd = 1.0 / tl.sqrt_rn(var + eps)
     scale = invstd
     if HAS_WEIGHT:
-        scale = scale * channel_vector(weight_ptr, c, c_ok)
+        scale = scale * channel_vector(weight_ptr, c * w_s, c_ok)
     shift = tl.zeros_like(scale)
     if HAS_BIAS:
-        shift = channel_vector(bias_ptr, c, c_ok)
+        shift = channel_vector(bias_ptr, c * b_s, c_ok)
     tl.store(save_mean_ptr + c, mean, mask=c_ok)
     tl.store(save_invstd_ptr + c, invstd, mask=c_ok)
     tl.store(scale_ptr + c, scale, mask=c_ok)
@@ -311,6 +317,8 @@ def partials_launch(x: torch.Tensor, partials: torch.Tensor, tile_steps: int,
         welford_partials_kernel, (partials.shape[1], triton.cdiv(C, config.block_c)),
         args={"x_ptr": x, "partial_ptr": partials, "M": N * H * W, "C": C, "H": H, "W": W,
               "TILE_STEPS": tile_steps, **strided_args("x", x)},
+        extents={"x_ptr": strided_extent("x", (N, C, H, W)),
+                 "partial_ptr": dense(3, partials.shape[1], C, dtypes=FP32)},
         constexprs={"BLOCK_M": config.block_m, "BLOCK_C": config.block_c},
         num_warps=config.num_warps, name=_name("batch_norm_welford_partials", config, x))
 
@@ -321,11 +329,13 @@ def finalize_launch(partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | 
                     stats: BatchNormStatistics, momentum: float, eps: float,
                     config: configs.PoolConfig) -> Launch:
     """Training (``partials`` given: (count, mean, M2), each [tiles, C] with equal strides)
-    or eval mode (running statistics read, ``partials`` None)."""
+    or eval mode (running statistics read, ``partials`` None); weight, bias and the running
+    statistics are [C] vectors of any stride."""
     C = stats.mean.shape[0]
     training = partials is not None
     count, mean, m2 = partials if training else (stats.mean,) * 3
     placeholder = stats.mean
+    vectors = {"w": weight, "b": bias, "rm": running_mean, "rv": running_var}
     return Launch(
         batch_norm_finalize_kernel, (triton.cdiv(C, config.block_c),),
         args={"count_ptr": count, "mean_ptr": mean, "m2_ptr": m2,
@@ -338,9 +348,15 @@ def finalize_launch(partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | 
               "NUM_TILES": count.shape[0] if training else 0, "C": C,
               "p_st": count.stride(0) if training else 0,
               "p_sc": count.stride(1) if training else 0,
-              "rm_s": running_mean.stride(0) if running_mean is not None else 0,
-              "rv_s": running_var.stride(0) if running_var is not None else 0,
+              **{f"{name}_s": 0 if t is None else t.stride(0) for name, t in vectors.items()},
               "momentum": float(momentum), "eps": float(eps)},
+        extents={**{f"{name}_ptr": Extent((count.shape[0], C), ("p_st", "p_sc"), FP32)
+                    if training else UNUSED for name in ("count", "mean", "m2")},
+                 "weight_ptr": vector(weight, C, "w_s"), "bias_ptr": vector(bias, C, "b_s"),
+                 "running_mean_ptr": vector(running_mean, C, "rm_s"),
+                 "running_var_ptr": vector(running_var, C, "rv_s"),
+                 **_statistics_extents(C, "save_mean_ptr", "save_invstd_ptr", "scale_ptr",
+                                       "shift_ptr")},
         constexprs={"TRAINING": training,
                     "UPDATE_RUNNING": training and running_mean is not None,
                     "HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None,
@@ -358,6 +374,11 @@ def _stats_args(stats: BatchNormStatistics) -> dict[str, torch.Tensor]:
     return {"mean_ptr": stats.mean, "scale_ptr": stats.scale, "shift_ptr": stats.shift}
 
 
+def _statistics_extents(channels: int, *names: str) -> dict[str, Extent]:
+    """The dense fp32 [C] vectors (statistics, sums) among a launch's arguments."""
+    return {name: dense(channels, dtypes=FP32) for name in names}
+
+
 def apply_launch(x: torch.Tensor, y: torch.Tensor, stats: BatchNormStatistics, relu: bool,
                  config: configs.PoolConfig) -> Launch:
     N, C, H, W = x.shape
@@ -365,6 +386,9 @@ def apply_launch(x: torch.Tensor, y: torch.Tensor, stats: BatchNormStatistics, r
         batch_norm_apply_kernel, grid(N * H * W, C, config),
         args={"x_ptr": x, "y_ptr": y, **_stats_args(stats), "M": N * H * W, "C": C,
               "H": H, "W": W, **strided_args("x", x), **strided_args("y", y)},
+        extents={"x_ptr": strided_extent("x", (N, C, H, W)),
+                 "y_ptr": strided_extent("y", (N, C, H, W)),
+                 **_statistics_extents(C, *_stats_args(stats))},
         constexprs={"RELU": relu, "BLOCK_M": config.block_m, "BLOCK_C": config.block_c},
         num_warps=config.num_warps,
         name=_name("batch_norm_apply", config, x, relu=relu))
@@ -382,6 +406,10 @@ def backward_partials_launch(x: torch.Tensor, dy: torch.Tensor, stats: BatchNorm
               "scale_ptr": stats.scale, "shift_ptr": stats.shift, "partial_ptr": partials,
               "M": N * H * W, "C": C, "H": H, "W": W, "TILE_STEPS": tile_steps,
               **strided_args("x", x), **strided_args("dy", dy)},
+        extents={"x_ptr": strided_extent("x", (N, C, H, W)),
+                 "dy_ptr": strided_extent("dy", (N, C, H, W)),
+                 **_statistics_extents(C, "mean_ptr", "invstd_ptr", "scale_ptr", "shift_ptr"),
+                 "partial_ptr": dense(2, partials.shape[1], C, dtypes=FP32)},
         constexprs={"RELU": relu, "BLOCK_M": config.block_m, "BLOCK_C": config.block_c},
         num_warps=config.num_warps,
         name=_name("batch_norm_backward_partials", config, x, relu=relu))
@@ -399,6 +427,10 @@ def backward_reduce_launch(partials: torch.Tensor, sums: BackwardSums,
               "grad_bias_ptr": grad_bias if grad_bias is not None else sums.sum_dy,
               "NUM_TILES": tiles, "C": C, "p_sp": partials.stride(0),
               "p_st": partials.stride(1)},
+        extents={"partial_ptr": Extent((2, tiles, C), ("p_sp", "p_st", 1), FP32),
+                 **_statistics_extents(C, "sum_dy_ptr", "sum_dy_xhat_ptr"),
+                 "grad_weight_ptr": UNUSED if grad_weight is None else dense(C),
+                 "grad_bias_ptr": UNUSED if grad_bias is None else dense(C)},
         constexprs={"WRITE_GRAD_WEIGHT": grad_weight is not None,
                     "WRITE_GRAD_BIAS": grad_bias is not None,
                     "BLOCK_T": config.block_m, "BLOCK_C": config.block_c},
@@ -419,6 +451,11 @@ def backward_input_launch(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor,
               "sum_dy_xhat_ptr": sums.sum_dy_xhat if training else stats.mean,
               "inv_count": 1.0 / max(N * H * W, 1), "M": N * H * W, "C": C, "H": H, "W": W,
               **strided_args("x", x), **strided_args("dy", dy), **strided_args("dx", dx)},
+        extents={**{f"{name}_ptr": strided_extent(name, (N, C, H, W))
+                    for name in ("x", "dy", "dx")},
+                 **_statistics_extents(C, "mean_ptr", "invstd_ptr", "scale_ptr", "shift_ptr"),
+                 **(_statistics_extents(C, "sum_dy_ptr", "sum_dy_xhat_ptr") if training
+                    else {"sum_dy_ptr": UNUSED, "sum_dy_xhat_ptr": UNUSED})},
         constexprs={"TRAINING": training, "RELU": relu, "READ_X": training or relu,
                     "BLOCK_M": config.block_m, "BLOCK_C": config.block_c},
         num_warps=config.num_warps,
@@ -496,7 +533,9 @@ def batch_norm_running_statistics(running_mean: torch.Tensor, running_var: torch
 
 
 def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.contiguous()
+    """weight or bias (C elements, any shape torch takes) as a [C] vector: a view when its
+    strides allow, since the finalize takes any stride."""
+    return None if t is None else t.reshape(-1)
 
 
 def batch_norm_apply(x: torch.Tensor, stats: BatchNormStatistics, relu: bool) -> torch.Tensor:

@@ -28,8 +28,8 @@ from fastarch import backend
 
 from . import configs
 from .conv_geometry import ConvGeometry
-from .launch import Launch
-from .pool_tile import meta_tensor, strided_args
+from .launch import Extent, Launch
+from .pool_tile import meta_tensor, strided_args, strided_extent
 from .tensor_cores import dot, dot_precision, operand_kind, upcast_operands
 
 
@@ -163,6 +163,9 @@ def dgrad_launch(dy: torch.Tensor, weight_rsck: torch.Tensor, dx: torch.Tensor,
               **strided_args("dy", dy),
               "w_sk": w_sk, "w_sc": w_sc, "w_sr": w_sr, "w_ss": w_ss,
               **strided_args("dx", dx)},
+        extents={"dy_ptr": strided_extent("dy", (N, K_out, P, Q)),
+                 "w_ptr": Extent((R, S, C, K_out), ("w_sr", "w_ss", "w_sc", "w_sk")),
+                 "dx_ptr": strided_extent("dx", (N, C, H, W))},
         constexprs={"R": R, "S": S, "SH": SH, "SW": SW,
                     "PH": geometry.padding[0], "PW": geometry.padding[1], "DH": DH, "DW": DW,
                     "STEP_R": step_r, "STEP_S": step_s, "DSTEP_R": dstep_r,

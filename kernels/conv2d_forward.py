@@ -20,7 +20,7 @@ weight, one copy of the (small) weight per call otherwise (VGG's largest, 512x51
 is 4.7 MB).
 
 Epilogue, constexpr flags applied in this order on the fp32 accumulator:
-HAS_BIAS (+ bias[k]), STATS (Welford partials of this tile: count, mean, M2 per channel,
+HAS_BIAS (+ bias[k], any stride), STATS (Welford partials of this tile: count, mean, M2 per channel,
 of conv + bias, for BatchNorm's batch statistics; written to a [3, M tiles, K_out] fp32
 buffer and merged on the host with Chan's formula, no atomics), HAS_SCALE_SHIFT
 (* scale[k] + shift[k], e.g. an eval-mode BatchNorm folded in), RELU.
@@ -37,9 +37,10 @@ from fastarch import backend
 
 from . import configs
 from .conv_geometry import ConvGeometry
-from .launch import Launch
-from .pool_tile import meta_tensor, split_pixel, strided_args
+from .launch import UNUSED, Extent, Launch, dense, vector
+from .pool_tile import meta_tensor, split_pixel, strided_args, strided_extent
 from .tensor_cores import cudnn_conv_allows_tf32, dot, operand_kind, upcast_operands
+from .welford import tile_statistics
 
 
 @triton.jit
@@ -102,13 +103,9 @@ def _flat_k_loop(acc, x_ptr, w_ptr, pixel_base, h0, w0, m_ok, w_cols, k_out_ok,
 @triton.jit
 def _store_welford_partials(acc, m_ok, k_out, k_out_ok, tile_m, M, K_OUT, NUM_M_TILES,
                             stats_ptr, BLOCK_M: tl.constexpr):
-    """count, mean and M2 of this tile's valid rows, per channel; M2 from the deviations
-    (two passes over registers), never from E[x^2] - E[x]^2."""
+    """count, mean and M2 of this tile's valid rows, per channel (``welford.tile_statistics``)."""
     count = tl.minimum(M - tile_m.to(tl.int64) * BLOCK_M, BLOCK_M).to(tl.float32)
-    rows = m_ok[:, None]
-    mean = tl.sum(tl.where(rows, acc, 0.0), axis=0) / count
-    deviation = tl.where(rows, acc - mean[None, :], 0.0)
-    m2 = tl.sum(deviation * deviation, axis=0)
+    mean, m2 = tile_statistics(acc, m_ok, BLOCK_M)
     plane = NUM_M_TILES.to(tl.int64) * K_OUT
     offsets = tile_m.to(tl.int64) * K_OUT + k_out
     tl.store(stats_ptr + offsets, tl.zeros_like(mean) + count, mask=k_out_ok)
@@ -120,7 +117,7 @@ def _store_welford_partials(acc, m_ok, k_out, k_out_ok, tile_m, M, K_OUT, NUM_M_
 def conv2d_forward_kernel(
     x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, y_ptr, stats_ptr,
     M, C, C_TILES, H, W, P, Q, K_OUT, K_TOTAL, NUM_M_TILES,
-    x_sn, x_sh, x_sw, x_sc, w_sk, y_sn, y_sh, y_sw, y_sc,
+    x_sn, x_sh, x_sw, x_sc, w_sk, bias_s, scale_s, shift_s, y_sn, y_sh, y_sw, y_sc,
     R: tl.constexpr, S: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     FLAT_K: tl.constexpr, EVEN_C: tl.constexpr,
@@ -155,13 +152,14 @@ def conv2d_forward_kernel(
                                  EVEN_C, DOT_PRECISION, UPCAST_OPERANDS, BLOCK_K)
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + k_out, mask=k_out_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + k_out * bias_s, mask=k_out_ok,
+                       other=0.0).to(tl.float32)[None, :]
     if STATS:
         _store_welford_partials(acc, m_ok, k_out, k_out_ok, tile_m, M, K_OUT, NUM_M_TILES,
                                 stats_ptr, BLOCK_M)
     if HAS_SCALE_SHIFT:
-        scale = tl.load(scale_ptr + k_out, mask=k_out_ok, other=0.0)
-        shift = tl.load(shift_ptr + k_out, mask=k_out_ok, other=0.0)
+        scale = tl.load(scale_ptr + k_out * scale_s, mask=k_out_ok, other=0.0)
+        shift = tl.load(shift_ptr + k_out * shift_s, mask=k_out_ok, other=0.0)
         acc = acc * scale[None, :] + shift[None, :]
     if RELU:
         acc = tl.where(acc < 0.0, 0.0, acc)  # NaN stays NaN, as in torch.relu
@@ -182,9 +180,11 @@ class WelfordPartials(NamedTuple):
 def merge_welford_partials(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor,
                            unbiased: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (mean, variance) from [tiles, channels] partials, Chan's parallel formula
-    over all tiles at once: M2 = sum M2_i + sum n_i (mean_i - mean)^2. Deterministic."""
+    over all tiles at once: M2 = sum M2_i + sum n_i (mean_i - mean)^2, the mean summed as
+    deviations from the fullest tile's (as ``welford.chan_merge``). Deterministic."""
     total = count.sum(0)
-    merged_mean = (count * mean).sum(0) / total
+    pivot = mean.gather(0, count.argmax(0, keepdim=True))
+    merged_mean = pivot[0] + (count * (mean - pivot)).sum(0) / total
     merged_m2 = m2.sum(0) + (count * (mean - merged_mean).square()).sum(0)
     return merged_mean, merged_m2 / (total - 1 if unbiased else total)
 
@@ -199,22 +199,32 @@ def forward_launch(x: torch.Tensor, weight_rsc: torch.Tensor, bias: torch.Tensor
                    scale: torch.Tensor | None, shift: torch.Tensor | None, relu: bool,
                    y: torch.Tensor, stats: torch.Tensor | None, geometry: ConvGeometry,
                    operand: str, config: configs.ConvConfig) -> Launch:
-    """The launch for x [N, C, H, W] (any strides) and ``weight_rsc`` [K_out, R, S, C]."""
+    """The launch for x [N, C, H, W] (any strides), ``weight_rsc`` [K_out, R, S, C] with
+    (r, s, c) contiguous, and [K_out] bias, scale and shift (any stride)."""
     N, C, H, W = x.shape
     K_out, R, S, _ = weight_rsc.shape
     P, Q = y.shape[2:]
     M = N * P * Q
     m_tiles = triton.cdiv(M, config.block_m)
     flat = C < configs.CONV_SMALL_C
+    vectors = {"bias": bias, "scale": scale, "shift": shift}
     return Launch(
         conv2d_forward_kernel, (m_tiles * triton.cdiv(K_out, config.block_n),),
-        args={"x_ptr": x, "w_ptr": weight_rsc, "bias_ptr": bias if bias is not None else y,
-              "scale_ptr": scale if scale is not None else y,
-              "shift_ptr": shift if shift is not None else y, "y_ptr": y,
+        args={"x_ptr": x, "w_ptr": weight_rsc, "y_ptr": y,
+              **{f"{name}_ptr": y if t is None else t for name, t in vectors.items()},
               "stats_ptr": stats if stats is not None else y,
               "M": M, "C": C, "C_TILES": triton.cdiv(C, config.block_k), "H": H, "W": W,
               "P": P, "Q": Q, "K_OUT": K_out, "K_TOTAL": R * S * C, "NUM_M_TILES": m_tiles,
-              **strided_args("x", x), "w_sk": weight_rsc.stride(0), **strided_args("y", y)},
+              **strided_args("x", x), "w_sk": weight_rsc.stride(0), **strided_args("y", y),
+              **{f"{name}_s": 0 if t is None else t.stride(0) for name, t in vectors.items()}},
+        extents={"x_ptr": strided_extent("x", (N, C, H, W)),
+                 "w_ptr": Extent((K_out, R * S * C), ("w_sk", 1)),
+                 "y_ptr": strided_extent("y", (N, K_out, P, Q)),
+                 "bias_ptr": vector(bias, K_out, "bias_s"),
+                 "scale_ptr": vector(scale, K_out, "scale_s", (torch.float32,)),
+                 "shift_ptr": vector(shift, K_out, "shift_s", (torch.float32,)),
+                 "stats_ptr": UNUSED if stats is None
+                 else dense(3, m_tiles, K_out, dtypes=(torch.float32,))},
         constexprs={"R": R, "S": S, "SH": geometry.stride[0], "SW": geometry.stride[1],
                     "PH": geometry.padding[0], "PW": geometry.padding[1],
                     "DH": geometry.dilation[0], "DW": geometry.dilation[1],

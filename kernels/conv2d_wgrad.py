@@ -28,8 +28,8 @@ from fastarch import backend
 from . import configs
 from .conv2d_dgrad import split_pixels
 from .conv_geometry import ConvGeometry
-from .launch import Launch
-from .pool_tile import meta_tensor, strided_args
+from .launch import UNUSED, Extent, Launch, dense
+from .pool_tile import meta_tensor, strided_args, strided_extent
 from .tensor_cores import dot, dot_precision, operand_kind, upcast_operands
 
 # Hopper's SM count, used where no device can be asked (the compile check's meta tensors).
@@ -151,16 +151,15 @@ def split_reduction(pixels: int, splits: int, block_k: int) -> tuple[int, int]:
 
 
 def wgrad_launch(x: torch.Tensor, dy: torch.Tensor, out: torch.Tensor,
-                 out_strides: tuple[int, int, int, int, int], bias_out: torch.Tensor | None,
-                 bias_strides: tuple[int, int], splits: int, per_split: int,
+                 bias_out: torch.Tensor | None, splits: int, per_split: int,
                  geometry: ConvGeometry, precision: str, config: configs.ConvConfig) -> Launch:
-    """``out`` receives split i's dW through ``out_strides`` = (split, r, s, c, k) strides,
-    ``bias_out`` its db through ``bias_strides`` = (split, k) (a partial buffer, or the
-    final tensors with a split stride of 0 when ``splits`` is 1)."""
+    """``out`` [splits, R, S, C, K_out] (any strides) receives split i's dW, ``bias_out``
+    [splits, K_out] (K_out contiguous) its db: partial buffers, or with one split views of
+    dW and db themselves."""
     N, C, H, W = x.shape
     K_out, P, Q = dy.shape[1:]
     R, S = geometry.kernel
-    o_split, o_sr, o_ss, o_sc, o_sk = out_strides
+    o_split, o_sr, o_ss, o_sc, o_sk = out.stride()
     return Launch(
         conv2d_wgrad_kernel,
         (triton.cdiv(R * S * C, config.block_m), triton.cdiv(K_out, config.block_n), splits),
@@ -170,7 +169,13 @@ def wgrad_launch(x: torch.Tensor, dy: torch.Tensor, out: torch.Tensor,
               "split_pixels_count": per_split,
               **strided_args("x", x), **strided_args("dy", dy),
               "o_split": o_split, "o_sr": o_sr, "o_ss": o_ss, "o_sc": o_sc, "o_sk": o_sk,
-              "b_split": bias_strides[0]},
+              "b_split": bias_out.stride(0) if bias_out is not None else 0},
+        extents={"x_ptr": strided_extent("x", (N, C, H, W)),
+                 "dy_ptr": strided_extent("dy", (N, K_out, P, Q)),
+                 "out_ptr": Extent((splits, R, S, C, K_out),
+                                   ("o_split", "o_sr", "o_ss", "o_sc", "o_sk")),
+                 "bias_out_ptr": UNUSED if bias_out is None
+                 else Extent((splits, K_out), ("b_split", 1))},
         constexprs={"R": R, "S": S, "SH": geometry.stride[0], "SW": geometry.stride[1],
                     "PH": geometry.padding[0], "PW": geometry.padding[1],
                     "DH": geometry.dilation[0], "DW": geometry.dilation[1],
@@ -185,17 +190,18 @@ def wgrad_launch(x: torch.Tensor, dy: torch.Tensor, out: torch.Tensor,
 MERGE_BLOCK = 1024
 
 
-def merge_launch(partial: torch.Tensor, out: torch.Tensor,
-                 out_strides: tuple[int, int, int, int]) -> Launch:
-    """Sum a dense [splits, D0, D1, D2, D3] fp32 partial over splits into ``out``, whose
-    element (i0, i1, i2, i3) sits at the dot product with ``out_strides``."""
-    splits, _, d1, d2, d3 = partial.shape
-    numel = partial[0].numel()
-    s0, s1, s2, s3 = out_strides
-    return Launch(sum_splits_kernel, (triton.cdiv(numel, MERGE_BLOCK),),
+def merge_launch(partial: torch.Tensor, out: torch.Tensor) -> Launch:
+    """Sum a dense [splits, D0, D1, D2, D3] fp32 partial over splits into ``out``
+    [D0, D1, D2, D3] (any strides)."""
+    splits, d0, d1, d2, d3 = partial.shape
+    s0, s1, s2, s3 = out.stride()
+    return Launch(sum_splits_kernel, (triton.cdiv(d0 * d1 * d2 * d3, MERGE_BLOCK),),
                   args={"partial_ptr": partial, "out_ptr": out, "splits": splits,
-                        "numel": numel, "D1": d1, "D2": d2, "D3": d3,
+                        "numel": d0 * d1 * d2 * d3, "D1": d1, "D2": d2, "D3": d3,
                         "o_s0": s0, "o_s1": s1, "o_s2": s2, "o_s3": s3},
+                  extents={"partial_ptr": dense(splits, d0, d1, d2, d3,
+                                                dtypes=(torch.float32,)),
+                           "out_ptr": Extent((d0, d1, d2, d3), ("o_s0", "o_s1", "o_s2", "o_s3"))},
                   constexprs={"BLOCK": MERGE_BLOCK}, num_warps=4, name="conv2d_wgrad_merge")
 
 
@@ -222,19 +228,20 @@ def wgrad_plan(x: torch.Tensor, dy: torch.Tensor, weight_shape: torch.Size,
     dw = backend.empty(weight_shape, x.dtype, x.device)
     db = backend.empty((K_out,), x.dtype, x.device) if need_bias_grad else None
     precision = dot_precision(x.dtype, allow_tf32)
-    sk, sc, sr, ss = dw.stride()
+    dw_rsck = dw.permute(2, 3, 1, 0)  # the (r, s, c, k) order of the GEMM's M x N
     if splits == 1:
-        main = wgrad_launch(x, dy, dw, (0, sr, ss, sc, sk), db, (0, 1), 1, per_split,
-                            geometry, precision, config)
+        main = wgrad_launch(x, dy, dw_rsck[None], None if db is None else db[None], 1,
+                            per_split, geometry, precision, config)
         return [main], dw, db
     partial = backend.empty((splits, R, S, C, K_out), torch.float32, x.device)
     bias_partial = (backend.empty((splits, 1, 1, 1, K_out), torch.float32, x.device)
                     if need_bias_grad else None)
-    launches = [wgrad_launch(x, dy, partial, partial.stride(), bias_partial, (K_out, 1),
+    launches = [wgrad_launch(x, dy, partial,
+                             None if bias_partial is None else bias_partial.view(splits, K_out),
                              splits, per_split, geometry, precision, config),
-                merge_launch(partial, dw, (sr, ss, sc, sk))]
+                merge_launch(partial, dw_rsck)]
     if need_bias_grad:
-        launches.append(merge_launch(bias_partial, db, (0, 0, 0, 1)))
+        launches.append(merge_launch(bias_partial, db.view(1, 1, 1, K_out)))
     return launches, dw, db
 
 

@@ -36,7 +36,7 @@ import triton.language as tl
 from fastarch import backend
 
 from . import configs
-from .launch import Launch
+from .launch import UNUSED, Extent, Launch, dense, flat, vector
 from .tensor_cores import dot, operand_kind, upcast_operands
 
 # Hopper's SM count, used where no device can be asked (the compile check's meta tensors).
@@ -50,11 +50,12 @@ def dropout_keep(seed_ptr, flat_index, p):
 
 
 @triton.jit
-def epilogue(acc, m, n, n_ok, N, bias_ptr, seed_ptr, p, scale,
+def epilogue(acc, m, n, n_ok, N, bias_ptr, bias_s, seed_ptr, p, scale,
              HAS_BIAS: tl.constexpr, RELU: tl.constexpr, DROPOUT: tl.constexpr):
-    """bias, ReLU, dropout on an fp32 [rows m, columns n] tile of an [M, N] output."""
+    """bias (at stride ``bias_s``), ReLU, dropout on an fp32 [rows m, columns n] tile of an
+    [M, N] output."""
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + n * bias_s, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if RELU:
         acc = tl.where(acc < 0.0, 0.0, acc)  # NaN stays NaN, as in torch.relu
     if DROPOUT:
@@ -67,7 +68,7 @@ def epilogue(acc, m, n, n_ok, N, bias_ptr, seed_ptr, p, scale,
 def linear_gemm_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, seed_ptr,
     M, N, K, k_per_split,
-    a_sm, a_sk, b_sk, b_sn, c_ss, c_sm, c_sn,
+    a_sm, a_sk, b_sk, b_sn, c_ss, c_sm, c_sn, bias_s,
     p, scale,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
@@ -101,7 +102,7 @@ def linear_gemm_kernel(
     if SPLIT_K:
         tl.store(c_ptr + split.to(tl.int64) * c_ss + c_offsets, acc, mask=c_mask)
     else:
-        acc = epilogue(acc, m, n, n_ok, N, bias_ptr, seed_ptr, p, scale,
+        acc = epilogue(acc, m, n, n_ok, N, bias_ptr, bias_s, seed_ptr, p, scale,
                        HAS_BIAS, RELU, DROPOUT)
         tl.store(c_ptr + c_offsets, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
@@ -109,7 +110,7 @@ def linear_gemm_kernel(
 @triton.jit
 def linear_split_k_epilogue_kernel(
     partial_ptr, c_ptr, bias_ptr, seed_ptr,
-    M, N, splits, partial_ss, c_sm, c_sn, p, scale,
+    M, N, splits, partial_ss, c_sm, c_sn, bias_s, p, scale,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -123,7 +124,8 @@ def linear_split_k_epilogue_kernel(
     for _ in range(splits):
         acc += tl.load(partial_ptrs, mask=mask, other=0.0)
         partial_ptrs += partial_ss
-    acc = epilogue(acc, m, n, n_ok, N, bias_ptr, seed_ptr, p, scale, HAS_BIAS, RELU, DROPOUT)
+    acc = epilogue(acc, m, n, n_ok, N, bias_ptr, bias_s, seed_ptr, p, scale, HAS_BIAS, RELU,
+                   DROPOUT)
     tl.store(c_ptr + (m * c_sm)[:, None] + (n * c_sn)[None, :],
              acc.to(c_ptr.dtype.element_ty), mask=mask)
 
@@ -199,6 +201,11 @@ def sm_count(device: torch.device) -> int:
     return SM90_SM_COUNT
 
 
+def _seed_extent(seed: torch.Tensor | None) -> Extent:
+    """The one int64 a dropout kernel reads its seed from (``UNUSED`` without dropout)."""
+    return UNUSED if seed is None else dense(1, dtypes=(torch.int64,))
+
+
 def aligned(*tensors: torch.Tensor) -> bool:
     """Whether every stride of these tensors is 1 or a multiple of 16 elements: what the JIT
     needs to know to use 16-byte loads and stores."""
@@ -229,7 +236,13 @@ def gemm_launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.T
               "M": M, "N": N, "K": K, "k_per_split": k_per_split,
               "a_sm": a.stride(0), "a_sk": a.stride(1), "b_sk": b.stride(0),
               "b_sn": b.stride(1), "c_ss": c_ss, "c_sm": c_sm, "c_sn": c_sn,
+              "bias_s": bias.stride(0) if bias is not None else 0,
               "p": float(p), "scale": dropout_scale(p)},
+        extents={"a_ptr": Extent((M, K), ("a_sm", "a_sk")),
+                 "b_ptr": Extent((K, N), ("b_sk", "b_sn")),
+                 "c_ptr": Extent((splits, M, N), ("c_ss", "c_sm", "c_sn")),
+                 "bias_ptr": vector(None if split else bias, N, "bias_s"),
+                 "seed_ptr": _seed_extent(None if split or p == 0 else seed)},
         constexprs={"SPLIT_K": split, "HAS_BIAS": bias is not None and not split,
                     "RELU": relu and not split, "DROPOUT": p > 0 and not split,
                     "DOT_PRECISION": "ieee" if operand == "ieee" else "tf32",
@@ -251,7 +264,12 @@ def split_k_epilogue_launch(partial: torch.Tensor, c: torch.Tensor, bias: torch.
         args={"partial_ptr": partial, "c_ptr": c, "bias_ptr": bias if bias is not None else c,
               "seed_ptr": seed if seed is not None else c, "M": M, "N": N, "splits": splits,
               "partial_ss": partial.stride(0), "c_sm": c.stride(0), "c_sn": c.stride(1),
+              "bias_s": bias.stride(0) if bias is not None else 0,
               "p": float(p), "scale": dropout_scale(p)},
+        extents={"partial_ptr": Extent((splits, M, N), ("partial_ss", N, 1), (torch.float32,)),
+                 "c_ptr": Extent((M, N), ("c_sm", "c_sn")),
+                 "bias_ptr": vector(bias, N, "bias_s"),
+                 "seed_ptr": _seed_extent(seed if p > 0 else None)},
         constexprs={"HAS_BIAS": bias is not None, "RELU": relu, "DROPOUT": p > 0,
                     "BLOCK_M": config.block_m, "BLOCK_N": config.block_n},
         num_warps=config.num_warps,
@@ -289,15 +307,22 @@ def output_grad_launch(dy: torch.Tensor, y: torch.Tensor | None, seed: torch.Ten
                        p: float, config: configs.RowTileConfig) -> Launch:
     M, N = dy.shape
     y_strides = y.stride() if y is not None else (0, 0)
+    tiles = triton.cdiv(M, config.block_m)
     return Launch(
         linear_output_grad_kernel,
-        (triton.cdiv(M, config.block_m), triton.cdiv(N, config.block_n)),
+        (tiles, triton.cdiv(N, config.block_n)),
         args={"dy_ptr": dy, "y_ptr": y if y is not None else dy,
               "seed_ptr": seed if seed is not None else dy, "g_ptr": g if g is not None else dy,
               "bias_partial_ptr": bias_partial if bias_partial is not None else dy,
               "M": M, "N": N, "dy_sm": dy.stride(0), "dy_sn": dy.stride(1),
               "y_sm": y_strides[0], "y_sn": y_strides[1], "p": float(p),
               "scale": dropout_scale(p)},
+        extents={"dy_ptr": Extent((M, N), ("dy_sm", "dy_sn")),
+                 "y_ptr": Extent((M, N), ("y_sm", "y_sn")) if relu else UNUSED,
+                 "seed_ptr": _seed_extent(seed if p > 0 and not relu else None),
+                 "g_ptr": UNUSED if g is None else dense(M, N),
+                 "bias_partial_ptr": UNUSED if bias_partial is None
+                 else dense(tiles, N, dtypes=(torch.float32,))},
         constexprs={"RELU": relu, "DROPOUT": p > 0, "WRITE_GRAD": g is not None,
                     "BIAS_PARTIALS": bias_partial is not None,
                     "BLOCK_M": config.block_m, "BLOCK_N": config.block_n},
@@ -310,6 +335,8 @@ def sum_rows_launch(partial: torch.Tensor, out: torch.Tensor,
     rows, N = partial.shape
     return Launch(sum_rows_kernel, (triton.cdiv(N, config.block_n),),
                   args={"partial_ptr": partial, "out_ptr": out, "rows": rows, "N": N},
+                  extents={"partial_ptr": dense(rows, N, dtypes=(torch.float32,)),
+                           "out_ptr": dense(N)},
                   constexprs={"BLOCK_N": config.block_n}, num_warps=config.num_warps,
                   name=f"linear_bias_grad_merge[{config.name}]")
 
@@ -319,6 +346,8 @@ def dropout_launch(x: torch.Tensor, y: torch.Tensor, seed: torch.Tensor, p: floa
     return Launch(dropout_kernel, (triton.cdiv(x.numel(), config.block),),
                   args={"x_ptr": x, "y_ptr": y, "seed_ptr": seed, "numel": x.numel(),
                         "p": float(p), "scale": dropout_scale(p)},
+                  extents={"x_ptr": flat(x.numel()), "y_ptr": flat(x.numel()),
+                           "seed_ptr": _seed_extent(seed)},
                   constexprs={"BLOCK": config.block}, num_warps=config.num_warps,
                   name=f"dropout[{config.name}]")
 

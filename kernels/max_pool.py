@@ -23,7 +23,7 @@ import triton.language as tl
 from fastarch import backend
 
 from . import configs
-from .launch import Launch
+from .launch import UNUSED, Extent, Launch, dense
 from .pool_tile import (
     PoolGeometry,
     address,
@@ -34,7 +34,10 @@ from .pool_tile import (
     pixel_tile,
     split_pixel,
     strided_args,
+    strided_extent,
 )
+
+WINDOW_OFFSET_DTYPES = (torch.int8, torch.int16, torch.int32)
 
 
 @triton.jit
@@ -119,6 +122,14 @@ def max_pool2d_backward_kernel(
 Normalization = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+def normalization_extents(channels: int, normalization: Normalization | None
+                          ) -> dict[str, Extent]:
+    """The (mean, scale, shift) arguments of a pool that normalises its input: dense fp32
+    [C] vectors, or unused placeholders."""
+    extent = UNUSED if normalization is None else dense(channels, dtypes=(torch.float32,))
+    return {"mean_ptr": extent, "scale_ptr": extent, "shift_ptr": extent}
+
+
 def window_offset_dtype(geometry: PoolGeometry) -> torch.dtype:
     taps = geometry.kernel[0] * geometry.kernel[1]
     return torch.int8 if taps <= 127 else torch.int16 if taps <= 32767 else torch.int32
@@ -142,6 +153,14 @@ def forward_launch(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor | Non
               "mean_ptr": mean, "scale_ptr": scale, "shift_ptr": shift,
               "M": M, "C": C, "H": H, "W": W, "P": P, "Q": Q,
               **strided_args("x", x), **strided_args("y", y)},
+        extents={"x_ptr": strided_extent("x", (N, C, H, W)),
+                 "y_ptr": strided_extent("y", (N, C, P, Q)),
+                 # Offsets and indices are stored at y's strides: they must share its layout.
+                 "offset_ptr": UNUSED if offsets is None
+                 else strided_extent("y", (N, C, P, Q), WINDOW_OFFSET_DTYPES),
+                 "index_ptr": UNUSED if indices is None
+                 else strided_extent("y", (N, C, P, Q), (torch.int64,)),
+                 **normalization_extents(C, normalization)},
         constexprs={**geometry.constexprs(), "WRITE_OFFSETS": offsets is not None,
                     "WRITE_INDICES": indices is not None,
                     "NORMALIZE": normalization is not None, "RELU": relu,
@@ -159,6 +178,9 @@ def backward_launch(dy: torch.Tensor, offsets: torch.Tensor, dx: torch.Tensor,
         args={"dy_ptr": dy, "offset_ptr": offsets, "dx_ptr": dx,
               "M": M, "C": C, "H": H, "W": W, "P": P, "Q": Q,
               **strided_args("dy", dy), **strided_args("o", offsets), **strided_args("dx", dx)},
+        extents={"dy_ptr": strided_extent("dy", (N, C, P, Q)),
+                 "offset_ptr": strided_extent("o", (N, C, P, Q), WINDOW_OFFSET_DTYPES),
+                 "dx_ptr": strided_extent("dx", (N, C, H, W))},
         constexprs={**geometry.constexprs(), "BLOCK_M": config.block_m,
                     "BLOCK_C": config.block_c},
         num_warps=config.num_warps, name=f"max_pool2d_backward[{config.name}]")

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .configs import PoolConfig
+from .launch import FLOATING, Extent
 
 
 @triton.jit
@@ -94,6 +95,14 @@ def nhwc_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
 def strided_args(prefix: str, t: torch.Tensor) -> dict[str, int]:
     sn, sh, sw, sc = nhwc_strides(t)
     return {f"{prefix}_sn": sn, f"{prefix}_sh": sh, f"{prefix}_sw": sw, f"{prefix}_sc": sc}
+
+
+def strided_extent(prefix: str, shape: tuple[int, int, int, int],
+                   dtypes: tuple[torch.dtype, ...] = FLOATING) -> Extent:
+    """The [N, C, H, W] ``shape`` a kernel indexes through the strides ``strided_args(prefix,
+    ...)`` passed it."""
+    return Extent(tuple(shape), (f"{prefix}_sn", f"{prefix}_sc", f"{prefix}_sh", f"{prefix}_sw"),
+                  dtypes)
 
 
 def grid(pixels: int, channels: int, config: PoolConfig) -> tuple[int, int]:

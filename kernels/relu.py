@@ -14,7 +14,7 @@ import triton.language as tl
 from fastarch import backend
 
 from . import configs
-from .launch import Launch
+from .launch import Launch, flat
 from .pool_tile import meta_tensor
 
 
@@ -47,7 +47,8 @@ def forward_launch(x: torch.Tensor, y: torch.Tensor, config: configs.Elementwise
                    ) -> Launch:
     N = x.numel()
     return Launch(relu_forward_kernel, (triton.cdiv(N, config.block),),
-                  args={"x_ptr": x, "y_ptr": y, "N": N}, constexprs={"BLOCK": config.block},
+                  args={"x_ptr": x, "y_ptr": y, "N": N},
+                  extents={"x_ptr": flat(N), "y_ptr": flat(N)}, constexprs={"BLOCK": config.block},
                   num_warps=config.num_warps, name=_name("relu_forward", config, x))
 
 
@@ -56,6 +57,7 @@ def backward_launch(y: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor,
     N = y.numel()
     return Launch(relu_backward_kernel, (triton.cdiv(N, config.block),),
                   args={"y_ptr": y, "dy_ptr": dy, "dx_ptr": dx, "N": N},
+                  extents={"y_ptr": flat(N), "dy_ptr": flat(N), "dx_ptr": flat(N)},
                   constexprs={"BLOCK": config.block},
                   num_warps=config.num_warps, name=_name("relu_backward", config, y))
 

@@ -34,3 +34,37 @@ def no_silent_fallback(request):
     if request.node.get_closest_marker("torch_fallback") is None:
         assert dict(backend.fallback_counts) == before, (
             f"ran torch's fallback instead of a Triton kernel: {dict(backend.fallback_counts)}")
+
+
+# The GPU check (benchmarks/gpu_check.sh) runs a subset that fits its minutes: the tests marked
+# gpu_check, each in its first parametrization of every dtype and layout (compiles dominate).
+VARIANT_IDS = ("fp32", "tf32", "bf16", "fp16", "float32", "bfloat16", "float16", "float64",
+               "nchw", "nhwc")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--gpu-check", action="store_true",
+                     help="only the tests marked gpu_check, each in the first parametrization "
+                          "of every dtype and layout (benchmarks/gpu_check.sh)")
+
+
+def _variant_of(item) -> tuple[str, ...]:
+    """The dtype and layout in a parametrized test's id (e.g. ("bf16", "nhwc"))."""
+    callspec = getattr(item, "callspec", None)
+    tokens = callspec.id.split("-") if callspec is not None else []
+    return tuple(token for token in tokens if token in VARIANT_IDS)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--gpu-check"):
+        return
+    kept, seen, dropped = [], set(), []
+    for item in items:
+        key = (item.path, item.originalname, _variant_of(item))
+        if item.get_closest_marker("gpu_check") is None or key in seen:
+            dropped.append(item)
+            continue
+        seen.add(key)
+        kept.append(item)
+    config.hook.pytest_deselected(items=dropped)
+    items[:] = kept

@@ -35,6 +35,7 @@ def _run(model, x, device_type, dtype):
     return y, x.grad
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("fused", [False, True], ids=["modules", "fused"])
 def test_training_under_autocast_matches_torch_nn(device, dtype, fused):
@@ -81,6 +82,7 @@ def test_training_under_autocast_matches_torch_nn(device, dtype, fused):
     assert error <= bound, f"gradient error {error}, allowed {bound}"
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["bf16", "fp16"])
 def test_inference_under_autocast_matches_torch_nn(device, dtype):
     """Eval mode without autograd: the fused runs fold BN into the conv epilogue (fp32

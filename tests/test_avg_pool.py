@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import fastarch
-from fastarch.testing import assert_close, random_input, reference_grads
+from fastarch import backend
+from fastarch.testing import assert_close, assert_same_outcome, random_input, reference_grads
 from pool_cases import ADAPTIVE_CASES, AVG_POOL_CASES, DTYPE_IDS, DTYPES, LAYOUT_IDS, LAYOUTS
 
 
@@ -15,6 +16,7 @@ def _window_taps(kwargs: dict) -> int:
     return math.prod(kernel) if isinstance(kernel, tuple) else kernel * kernel
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("channels_last", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", AVG_POOL_CASES.values(), ids=AVG_POOL_CASES.keys())
@@ -33,6 +35,7 @@ def test_avg_pool2d_matches_torch(case, dtype, channels_last, device):
     assert x.grad.is_contiguous(memory_format=torch.channels_last) == expect_channels_last
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("channels_last", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", ADAPTIVE_CASES.values(), ids=ADAPTIVE_CASES.keys())
@@ -136,9 +139,23 @@ def test_adaptive_bad_input_raises_what_torch_raises(shape, output_size, message
         fastarch.functional.adaptive_avg_pool2d(torch.randn(shape, device=device), output_size)
 
 
-@pytest.mark.parametrize("op", [lambda x: fastarch.functional.avg_pool2d(x, 2),
-                                lambda x: fastarch.functional.adaptive_avg_pool2d(x, 2)],
-                         ids=["avg_pool2d", "adaptive_avg_pool2d"])
-def test_integer_input_raises_not_implemented(op, device):
-    with pytest.raises(NotImplementedError, match="floating-point"):
-        op(torch.ones(1, 2, 4, 4, dtype=torch.int64, device=device))
+@pytest.mark.torch_fallback
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("op, size", [("avg_pool2d", 2), ("adaptive_avg_pool2d", 2),
+                                      ("adaptive_avg_pool2d", 4)],
+                         ids=["avg_pool2d", "adaptive_avg_pool2d", "adaptive_identity"])
+def test_integer_input_runs_torchs_pool_and_is_counted(op, size, dtype, device):
+    """torch's answer (int64 average pooling on the CPU) or its NotImplementedError, even
+    where the adaptive pool would be the identity."""
+    x = torch.randint(-4, 5, (1, 2, 4, 4), device=device, dtype=dtype)
+    before = backend.fallback_counts[op]
+    assert_same_outcome(lambda: getattr(fastarch.functional, op)(x, size),
+                        lambda: getattr(F, op)(x, size))
+    assert backend.fallback_counts[op] == before + 1
+
+
+@pytest.mark.parametrize("shape", [(1, 0, 5, 5), (0, 5, 5), (0, 0, 5, 5)])
+def test_adaptive_empty_batch_or_channels_gives_torchs_empty_result(shape, device):
+    x = torch.randn(shape, device=device)
+    assert fastarch.functional.adaptive_avg_pool2d(x, 2).shape == \
+        F.adaptive_avg_pool2d(x.cpu(), 2).shape

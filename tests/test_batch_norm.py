@@ -91,6 +91,7 @@ def _lockstep(ours, reference, shape, dtype, channels_last, device, train_steps=
     _step_and_compare(ours, reference, shape, dtype, channels_last, device, "eval")
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("case", LOCKSTEP_CASES.values(), ids=LOCKSTEP_CASES.keys())
 def test_module_steps_in_lockstep_with_torch(case, device):
     shape, dtype, channels_last = case
@@ -115,6 +116,7 @@ def test_module_variants_step_in_lockstep(kwargs, device):
     _lockstep(ours, reference, shape, torch.float32, True, device)
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("channels_last", LAYOUTS.values(), ids=LAYOUTS.keys())
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -155,6 +157,7 @@ POOL_CASES = {
 }
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "no_relu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("channels_last", LAYOUTS.values(), ids=LAYOUTS.keys())
@@ -214,6 +217,7 @@ def test_constant_channel_has_zero_variance(device):
     _compare_buffers(ours, reference, 75, "constant channel")
 
 
+@pytest.mark.gpu_check
 def test_large_mean_small_spread_keeps_variance_accurate(device):
     """mean 1e4, std 1: in fp32, E[x^2] - E[x]^2 cancels about 8 of its 7 significant digits."""
     x = (1e4 + random_input((8, 3, 16, 16), torch.float32, device)).requires_grad_(True)
@@ -227,10 +231,11 @@ def test_large_mean_small_spread_keeps_variance_accurate(device):
     assert ((naive - var64).abs() / var64).max() > 1e-2, "the naive formula should fail here"
     assert ((running_var.cpu().double() - var64).abs() / var64).max() < 1e-3
     assert ((running_mean.cpu().double() - x64.mean((0, 2, 3))).abs() / 1e4).max() < 1e-6
-    # The fp32 mean itself is off by up to half an ulp of 1e4 (4.9e-4): that bounds y's error.
+    # The fp32 mean itself is off by up to an ulp of 1e4 (9.8e-4; rounded twice, as a tile's
+    # mean and merged): that bounds y's error. tests/test_welford.py tries the GPU's tiles too.
     y_ref = F.batch_norm(x64, None, None, training=True)
     assert y.dtype == torch.float32
-    torch.testing.assert_close(y.detach().cpu().double(), y_ref, rtol=1e-5, atol=6e-4)
+    torch.testing.assert_close(y.detach().cpu().double(), y_ref, rtol=1e-5, atol=1.25 * 2**-10)
 
 
 def test_bf16_input_keeps_fp32_statistics(device):
@@ -389,6 +394,7 @@ def test_float64_and_empty_inputs_run_torch(device):
 
 # ----------------------------------------------------------------------------- relu
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("channels_last", LAYOUTS.values(), ids=LAYOUTS.keys())
 @pytest.mark.parametrize("inplace", [False, True], ids=["out_of_place", "inplace"])

@@ -64,11 +64,15 @@ def test_layer_cases_are_the_distinct_layers_at_real_shapes(cases):
     assert by_name["vgg16_bn"].output_shape(False) == (64, 1000)
 
 
-def test_quick_and_smoke_subsets_name_existing_cases_and_modes(cases):
+def test_quick_dry_run_and_smoke_subsets_name_existing_cases_and_modes(cases):
     by_name = {case.name: case for case in cases.all_cases()}
     for name, mode in cases.QUICK:
         assert mode in by_name[name].modes, name
     assert [(case.name, mode) for case, mode in cases.scenarios("quick")] == list(cases.QUICK)
+    assert cases.QUICK[0] == cases.DRY_RUN[0] == ("vgg16_bn", "eval")  # the headline first
+    assert set(cases.DRY_RUN) <= set(cases.QUICK)
+    assert [(case.name, mode) for case, mode in cases.scenarios("dry-run")] == \
+        list(cases.DRY_RUN)
     for name, modes in cases.SMOKE.items():
         assert set(modes) <= set(by_name[name].modes), name
     smoke = {(case.kind, mode) for case, mode in cases.scenarios("smoke")}
@@ -236,6 +240,7 @@ def test_fastarch_ops_run_inside_named_ranges(device):
     assert {"fastarch::max_pool2d", "fastarch::max_pool2d.backward"} <= names
 
 
+@pytest.mark.gpu_check
 def test_profile_command_prints_its_table_and_writes_a_trace(tmp_path):
     trace = tmp_path / "trace.json"
     env = {k: v for k, v in os.environ.items() if k != "FASTARCH_POISON_OUTPUTS"}
@@ -249,7 +254,9 @@ def test_profile_command_prints_its_table_and_writes_a_trace(tmp_path):
              line.split()[0] in ("conv1", "relu1", "pool1", "conv2", "fc1", "fc3")]
     assert units == ["conv1", "relu1", "pool1", "conv2", "fc1", "fc3"]
     conv1 = next(line for line in lines if line.startswith("conv1 "))
-    assert "conv 1->6 5x5" in conv1 and "2x1x32x32" in conv1 and "fastarch::conv2d" in conv1
+    # The kernels column: device kernels on a GPU, the fastarch op ranges under the interpreter.
+    conv_kernel = "conv2d_forward_kernel" if torch.cuda.is_available() else "fastarch::conv2d"
+    assert "conv 1->6 5x5" in conv1 and "2x1x32x32" in conv1 and conv_kernel in conv1
     assert any(line.startswith("whole model forward") for line in lines)
     names = {event["name"] for event in json.loads(trace.read_text())["traceEvents"]}
     assert {"conv1 conv 1->6 5x5", "fastarch::conv2d", "fastarch::linear"} <= names

@@ -96,6 +96,7 @@ def _assert_same_step(actual, expected, reduction_length):
     (True, False, "inductor"), (True, True, "aot_eager"),
     (False, False, "aot_eager"), (False, True, "inductor"),
 ], ids=["train-modules-inductor", "train-fused", "eval-modules", "eval-fused-inductor"])
+@pytest.mark.gpu_check
 def test_model_compiles_to_one_graph_equal_to_eager(device, training, fused, backend):
     if backend == "inductor" and not _inductor_can_compile(device):
         pytest.skip("Inductor's CPU backend needs a C++ compiler; none was found")

@@ -11,7 +11,7 @@ import fastarch
 from fastarch import backend
 from fastarch.kernels import configs, conv2d_forward, tensor_cores
 from fastarch.kernels.conv_geometry import ConvGeometry
-from fastarch.testing import assert_close, random_input, reference_grads
+from fastarch.testing import assert_close, assert_same_outcome, random_input, reference_grads
 
 # torch's own reference warns that padding='same' with an even kernel pads a copy.
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
@@ -90,6 +90,7 @@ def _expect_channels_last(t: torch.Tensor, channels_last: bool, in_channels: int
 
 # ----------------------------------------------------------------------------- forward
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("layout", LAYOUTS.keys())
 @pytest.mark.parametrize("dtype_id", DTYPES.keys())
 @pytest.mark.parametrize("case_id", CONV_CASES.keys())
@@ -201,6 +202,7 @@ def _merged_stats_match(partials, conv_ref: torch.Tensor, reduction: int) -> Non
                  tolerance, reduction, name="batch var")
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("dtype_id", ["fp32", "bf16"])
 @pytest.mark.parametrize("epilogue_id", EPILOGUES.keys())
 @pytest.mark.parametrize("case_id", EPILOGUE_CASES)
@@ -230,6 +232,7 @@ def test_epilogue_flags(case_id, epilogue_id, dtype_id, device):
 @pytest.mark.parametrize("dtype_id", ["fp32", "bf16"])
 @pytest.mark.parametrize("case_id", ["lenet_c1_1to6_5x5", "alexnet_c1_3to64_11x11_s4_p2",
                                      "alexnet_c2_5x5_p2", "stride2_odd_size"])
+@pytest.mark.gpu_check
 def test_batchnorm_partial_stats_merge_to_torch_var_mean(case_id, dtype_id, device):
     """Several M tiles (the last one ragged) merged with Chan's formula == torch.var_mean."""
     case = CONV_CASES[case_id]
@@ -295,6 +298,7 @@ def _module_like(case, dtype, device, bias: bool = True):
     return ours, twin
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("layout", LAYOUTS.keys())
 @pytest.mark.parametrize("dtype_id", ["fp32", "bf16"])
 @pytest.mark.parametrize("case_id", GRAD_CASES)
@@ -414,6 +418,16 @@ def test_unaccelerated_settings_run_torch_and_are_counted(setting, device):
 
 
 @pytest.mark.torch_fallback
+def test_integer_input_runs_torchs_conv_and_is_counted(device):
+    x, w, b = (torch.randint(-4, 5, shape, device=device) for shape in ((2, 3, 6, 6),
+                                                                        (4, 3, 3, 3), (4,)))
+    before = backend.fallback_counts["conv2d"]
+    assert_same_outcome(lambda: fastarch.functional.conv2d(x, w, b, padding=1),
+                        lambda: F.conv2d(x, w, b, padding=1))  # CUDA torch: NotImplementedError
+    assert backend.fallback_counts["conv2d"] == before + 1
+
+
+@pytest.mark.torch_fallback
 def test_fused_fallback_float64(device):
     case = CONV_CASES["stride2_odd_size"]
     x, weight, bias = _operands(case, torch.float64, device)
@@ -441,7 +455,6 @@ def _bad_call(name: str, device: str):
         "input_5d": lambda: fastarch.functional.conv2d(x[None], w),
         "input_2d": lambda: fastarch.functional.conv2d(x[0, 0], w),
         "weight_3d": lambda: fastarch.functional.conv2d(x, w[0]),
-        "integer_dtype": lambda: fastarch.functional.conv2d(x.long(), w.long()),
         "mixed_dtypes": lambda: fastarch.functional.conv2d(x, w.half()),
         "mixed_bias_dtype": lambda: fastarch.functional.conv2d(x, w, randn(4).half()),
         "bias_shape": lambda: fastarch.functional.conv2d(x, w, randn(5)),
@@ -470,7 +483,6 @@ ERRORS = {
     "input_5d": (RuntimeError, "3D \\(unbatched\\) or 4D"),
     "input_2d": (RuntimeError, "3D \\(unbatched\\) or 4D"),
     "weight_3d": (RuntimeError, "4D weight"),
-    "integer_dtype": (NotImplementedError, "torch.int64"),
     "mixed_dtypes": (RuntimeError, "weight dtype torch.float16"),
     "mixed_bias_dtype": (RuntimeError, "bias dtype torch.float16"),
     "bias_shape": (RuntimeError, "expected bias to be 1-dimensional with 4 elements"),

@@ -154,6 +154,7 @@ def test_grads_fp32(name: str, fmt: str, device: str) -> None:
                 memory_format)
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("mode", ("tf32", "fp16", "bf16"))
 @pytest.mark.parametrize("name, fmt", DTYPE_CASES, ids=[f"{n}-{f}" for n, f in DTYPE_CASES])
 def test_grads_dtypes(name: str, fmt: str, mode: str, device: str) -> None:

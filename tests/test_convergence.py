@@ -24,6 +24,7 @@ def _float64(data: digits.Digits) -> digits.Digits:
         data.train_images, data.train_labels, data.test_images, data.test_labels)))
 
 
+@pytest.mark.gpu_check
 def test_first_steps_match_torch_loss_by_loss(device):
     data = digits.load_digits_32x32()
     ours = models.lenet5()
@@ -50,6 +51,7 @@ def test_first_steps_match_torch_loss_by_loss(device):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs a GPU: the full run is 440 steps, hours under the interpreter")
+@pytest.mark.gpu_check
 def test_full_run_reaches_the_target_accuracy():
     data = digits.load_digits_32x32().to("cuda")
     model = models.lenet5().to("cuda")

@@ -70,6 +70,7 @@ def test_host_sync_detector_catches_a_value_read():
             float(torch.ones(2).sum())
 
 
+@pytest.mark.gpu_check
 def test_every_launcher_runs_without_host_sync(device):
     """Training and inference, module by module and fused, plus the functional paths the
     model does not take: together they reach every fastarch operator."""
@@ -107,6 +108,7 @@ def _model(fused: bool, training: bool) -> torch.nn.Module:
     return fusion.fuse(model) if fused else model
 
 
+@pytest.mark.gpu_check
 @needs_cuda
 @pytest.mark.parametrize("fused", [False, True], ids=["modules", "fused"])
 def test_inference_forward_replays_equal_to_eager(fused):
@@ -153,6 +155,7 @@ class _TrainingStep:
         self.target.copy_(target)
 
 
+@pytest.mark.gpu_check
 @needs_cuda
 @pytest.mark.parametrize("fused", [False, True], ids=["modules", "fused"])
 def test_training_step_replays_equal_to_eager(fused):

@@ -5,8 +5,10 @@ outputs, input and parameter gradients, running statistics, over two SGD steps; 
 uneven split too (SyncBatchNorm merges partials of different counts).
 
 The processes, and the one-process reference (computed in the first of them afterwards), run
-our kernels on the CPU through the Triton interpreter (TRITON_INTERPRET=1 is in their
-environment before they import triton), whatever the machine."""
+our kernels where the tests run them: compiled on the GPU (both processes share it, over gloo),
+or without one on the CPU through the Triton interpreter (TRITON_INTERPRET=1 is in their
+environment before they import triton; a GPU image's numpy may be too new for the interpreter,
+so it is never forced there)."""
 import datetime
 import inspect
 import os
@@ -27,17 +29,19 @@ GLOBAL_BATCH = 4
 STEPS = 2
 UNEVEN_SPLIT = (3, 1)
 TIMEOUT_S = 120
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return fusion.fuse(randomize_batch_norm(TinyNet()))
+    return fusion.fuse(randomize_batch_norm(TinyNet())).to(DEVICE)
 
 
 def _global_batch() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     x = torch.randn((GLOBAL_BATCH, 3, 8, 8), generator=generator)
-    return x, torch.randint(0, CLASSES, (GLOBAL_BATCH,), generator=generator)
+    target = torch.randint(0, CLASSES, (GLOBAL_BATCH,), generator=generator)
+    return x.to(DEVICE), target.to(DEVICE)
 
 
 def _train(model, optimizer, x, target) -> dict:
@@ -96,7 +100,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-    if rank == 0:  # the reference, here so that it runs in the interpreter on any machine
+    if rank == 0:  # the reference, here so that it runs as the workers do on any machine
         torch.save(_one_process(), os.path.join(out_dir, "reference.pt"))
 
 
@@ -117,16 +121,17 @@ def _free_port() -> int:
 
 
 def _spawn(out_dir: str) -> None:
-    """Run ``_worker`` in WORLD_SIZE fresh processes under the interpreter; fail (never hang)
-    if one fails or they take longer than TIMEOUT_S."""
+    """Run ``_worker`` in WORLD_SIZE fresh processes (under the interpreter without a GPU);
+    fail (never hang) if one fails or they take longer than TIMEOUT_S."""
     saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"  # inherited by the children, read at their import
+    if DEVICE == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # inherited by the children, read at their import
     try:
         context = mp.start_processes(_worker, args=(_free_port(), out_dir),
                                      nprocs=WORLD_SIZE, join=False, start_method="spawn")
     finally:
         if saved is None:
-            del os.environ["TRITON_INTERPRET"]
+            os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = saved
     deadline = time.monotonic() + TIMEOUT_S
@@ -148,10 +153,11 @@ def _assert_states_close(state: dict, reference: dict, reduction_length: int) ->
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                     reason="needs torch.distributed with gloo")
+@pytest.mark.gpu_check
 def test_ddp_with_sync_batch_norm_equals_one_process_on_the_global_batch(tmp_path):
     _spawn(str(tmp_path))
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD_SIZE)]
-    expected = torch.load(tmp_path / "reference.pt")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", map_location="cpu") for r in range(WORLD_SIZE)]
+    expected = torch.load(tmp_path / "reference.pt", map_location="cpu")
     reduction = 16 * 9 * GLOBAL_BATCH
     for step in range(STEPS):
         output = torch.cat([rank["outputs"][step] for rank in ranks])

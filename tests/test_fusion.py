@@ -82,6 +82,7 @@ def test_vgg_bn_like_fused_equals_unfused_in_train_and_eval(momentum, channels_l
         assert_close(fused(x), reference(x).double(), torch.float32, 144, name="eval output")
 
 
+@pytest.mark.gpu_check
 def test_bf16_fused_equals_unfused(device):
     reference = vgg_bn_like().to(device)
     fused = fuse(copy.deepcopy(reference))

@@ -15,7 +15,7 @@ import fastarch
 from fastarch import backend, functional
 from fastarch.kernels import configs
 from fastarch.kernels import linear as linear_kernels
-from fastarch.testing import assert_close, random_input, reference_grads
+from fastarch.testing import assert_close, assert_same_outcome, random_input, reference_grads
 
 # name -> (input shape, out features): the real classifier layers, AlexNet/VGG's shrunk.
 LINEAR_CASES = {
@@ -66,6 +66,7 @@ def _check_grads(actual, reference, dtype, shape, out_features, names):
 
 # ----------------------------------------------------------------------------- linear
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("dtype_id", DTYPES.keys())
 @pytest.mark.parametrize("case_id", LINEAR_CASES.keys())
@@ -165,6 +166,7 @@ FUSED_CASES = ["lenet_fc1_400to120", "alexnet_fc6_shrunk_576to96", "vgg_fc7_shru
                "3d_input"]
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("relu", [True, False], ids=["relu_dropout", "dropout"])
 @pytest.mark.parametrize("dtype_id", ["fp32", "fp16"])
 @pytest.mark.parametrize("case_id", FUSED_CASES)
@@ -229,6 +231,7 @@ def test_p_one_drops_everything(device):
 
 # ----------------------------------------------------------------------------- dropout
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_dropout_statistics_and_exact_scale(p, dtype, device):
@@ -393,16 +396,12 @@ def test_bad_inputs_raise_torchs_errors(device):
     x, weight, b = _operands((3, 8), 5, torch.float32, device, requires_grad=False)
     with pytest.raises(RuntimeError, match="weight.*in_features=8"):
         functional.linear(random_input((3, 7), torch.float32, device), weight, b)
-    with pytest.raises(NotImplementedError, match="input dtype torch.int32"):
-        functional.linear(x.int(), weight.int(), b.int())
     with pytest.raises(RuntimeError, match="weight dtype torch.float16"):
         functional.linear(x, weight.half(), b)
     with pytest.raises(RuntimeError, match="bias dtype torch.bfloat16"):
         functional.linear(x, weight, b.bfloat16())
     with pytest.raises(RuntimeError, match="weight on meta"):
         functional.linear(x, weight.to("meta"), b)
-    with pytest.raises(RuntimeError, match="bias of size \\[4\\]"):
-        functional.linear(x, weight, b[:4])
     for bad_p in (-0.1, 1.5):
         with pytest.raises(ValueError, match="between 0 and 1"):
             functional.linear_relu_dropout(x, weight, b, p=bad_p)
@@ -410,6 +409,30 @@ def test_bad_inputs_raise_torchs_errors(device):
             functional.dropout(x, bad_p)
     with pytest.raises(RuntimeError, match="floating-point input"):
         functional.dropout(x.int(), 0.5)
+
+
+@pytest.mark.torch_fallback
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool])
+def test_integer_input_runs_torchs_linear_and_is_counted(dtype, device):
+    x, weight, b = (torch.randint(-4, 5, shape, device=device).to(dtype)
+                    for shape in ((3, 8), (5, 8), (5,)))
+    before = backend.fallback_counts["linear"]
+    assert_same_outcome(lambda: functional.linear(x, weight, b),
+                        lambda: F.linear(x, weight, b))  # bool: NotImplementedError
+    assert backend.fallback_counts["linear"] == before + 1
+
+
+@pytest.mark.torch_fallback
+@pytest.mark.parametrize("shape", [(), (1,), (1, 5), (3, 5), (4,)],
+                         ids=["scalar", "one", "row", "per_row", "too_short"])
+def test_bias_torch_broadcasts_runs_torchs_linear_and_is_counted(shape, device):
+    """torch adds any bias that broadcasts to the output (and raises for one that does not);
+    our kernel takes one value per output feature."""
+    x, weight, _ = _operands((3, 8), 5, torch.float32, device, requires_grad=False)
+    b = random_input(shape, torch.float32, device)
+    before = backend.fallback_counts["linear"]
+    assert_same_outcome(lambda: functional.linear(x, weight, b), lambda: F.linear(x, weight, b))
+    assert backend.fallback_counts["linear"] == before + 1
 
 
 @pytest.mark.torch_fallback

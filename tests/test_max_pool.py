@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 import fastarch
-from fastarch.testing import assert_close, random_input
+from fastarch import backend
+from fastarch.testing import assert_close, assert_same_outcome, random_input
 from pool_cases import DTYPE_IDS, DTYPES, LAYOUT_IDS, LAYOUTS, MAX_POOL_CASES
 
 
@@ -23,6 +24,7 @@ def _overlap(kwargs: dict) -> int:
     return -(-kernel[0] // stride[0]) * -(-kernel[1] // stride[1])
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("channels_last", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", MAX_POOL_CASES.values(), ids=MAX_POOL_CASES.keys())
@@ -136,7 +138,11 @@ def test_bad_input_raises_what_torch_raises(shape, dtype, kwargs, message, devic
         fastarch.functional.max_pool2d(torch.randn(shape, device=device), **kwargs)
 
 
+@pytest.mark.torch_fallback
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool])
-def test_integer_input_raises_not_implemented_as_torch_on_cuda(dtype, device):
-    with pytest.raises(NotImplementedError, match="floating-point"):
-        fastarch.functional.max_pool2d(torch.ones(1, 2, 4, 4, dtype=dtype, device=device), 2)
+def test_integer_input_runs_torchs_pool_and_is_counted(dtype, device):
+    x = torch.randint(-4, 5, (1, 2, 4, 4), device=device).to(dtype)
+    before = backend.fallback_counts["max_pool2d"]
+    assert_same_outcome(lambda: fastarch.functional.max_pool2d(x, 2, return_indices=True),
+                        lambda: F.max_pool2d(x, 2, return_indices=True))  # bool: raises
+    assert backend.fallback_counts["max_pool2d"] == before + 1

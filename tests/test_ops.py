@@ -1,14 +1,15 @@
 """The operator layer (``fastarch.ops``): every ``torch.ops.fastarch`` operator passes
 ``torch.library.opcheck`` (its schema tells the truth about mutation and aliasing, its fake
 function matches the real op's shapes, dtypes and strides, its autograd registration is
-complete, and AOTAutograd traces it with dynamic shapes), and the profiler still shows each
-op and each backward as a ``fastarch::`` range."""
+complete, and AOTAutograd traces it with dynamic shapes), the profiler still shows each
+op and each backward as a ``fastarch::`` range, and differentiating a backward (double
+backward) raises an error that names torch's path."""
 import collections
 
 import pytest
 import torch
 
-from fastarch import ops
+from fastarch import functional, ops
 from fastarch.testing import random_input
 from tiny_net import INPUT_SHAPE, TinyNet
 
@@ -100,3 +101,26 @@ def test_profiler_names_every_op_and_backward(device):
         assert names[f"fastarch::{op}"] >= 1, op
         assert names[f"fastarch::{op}.backward"] >= 1, op
     assert names["fastarch::relu_"] == names["fastarch::relu.backward"] == 4
+
+
+DOUBLE_BACKWARD_CALLS = {
+    "conv2d": lambda x: functional.conv2d(x, torch.ones_like(x[:2, :, :3, :3])),
+    "max_pool2d": lambda x: functional.max_pool2d(x, 2),
+    "avg_pool2d": lambda x: functional.avg_pool2d(x, 2),
+    "adaptive_avg_pool2d": lambda x: functional.adaptive_avg_pool2d(x, 3),
+    "batch_norm": lambda x: functional.batch_norm(x, None, None, training=True),
+    "relu": lambda x: functional.relu(x),
+    "linear": lambda x: functional.linear(x, torch.ones_like(x[0, 0, :3])),
+}
+
+
+@pytest.mark.parametrize("op", DOUBLE_BACKWARD_CALLS)
+def test_double_backward_raises_an_error_naming_torchs_path(op, device):
+    """fastarch has no kernels for the gradient of a gradient: the first gradient comes out
+    (with create_graph=True), differentiating it again raises a clear error (README)."""
+    x = random_input((2, 3, 6, 6), torch.float32, device, requires_grad=True)
+    y = DOUBLE_BACKWARD_CALLS[op](x)
+    (grad,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=f"fastarch::{op}: double backward .* "
+                                           f"torch.nn.functional.{op}"):
+        grad.sum().backward()

@@ -54,7 +54,7 @@ def test_whole_model_round_trips_through_torch_save(device, variant):
     x = random_input(INPUT_SHAPE, torch.float32, device)
     model(x).sum().backward()  # trained state: moved running statistics, a batch count
     with torch.no_grad():
-        model.eval()(x)  # a fused model caches its BatchNorm fold: it pickles along
+        model.eval()(x)  # a fused model folds its BatchNorm: nothing of it may pickle along
     loaded = torch.load(_saved(model), weights_only=False)  # whole models need pickle
     assert [type(m) for m in loaded.modules()] == [type(m) for m in model.modules()]
     assert (type(loaded.features) is FusedSequential) == (variant == "fused")
@@ -65,7 +65,7 @@ def test_whole_model_round_trips_through_torch_save(device, variant):
 
 
 def test_loaded_fused_model_refolds_after_its_statistics_change(device):
-    """The pickled fold cache must not outlive the statistics it was computed from."""
+    """A loaded fused model folds the statistics it has now, not those it was saved with."""
     model = fusion.fuse(randomize_batch_norm(TinyNet())).to(device).eval()
     x = random_input(INPUT_SHAPE, torch.float32, device)
     with torch.no_grad():

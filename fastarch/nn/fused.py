@@ -8,11 +8,17 @@ buffer and state_dict key) stays where it was.
   never written). Backward runs from the saved fp32 mean / inverse std.
 * Inference (running statistics, no gradient needed for the BatchNorm or conv bias): the
   BatchNorm and the conv bias fold into the conv epilogue as per-channel fp32 scale and shift,
-  with the ReLU: one kernel. The folded vectors are cached and recomputed when a parameter or
-  running statistic changes (their ``_version`` counters or storage move).
+  with the ReLU: one kernel. The fold is recomputed at every call from the current
+  parameters and running statistics (a few C-sized torch ops, captured by CUDA graphs and
+  traced by torch.compile), so no write, through ``.data`` or otherwise, can leave it stale.
 
-Forward hooks registered on the individual modules of a fused run do not fire; the run's
-modules are still called for everything else (``train()``, ``eval()``, ``state_dict``).
+A run fuses only modules whose ``forward`` is known to compute what the fused kernels do:
+each module's type must be exactly torch.nn's class or its ``fastarch.nn`` twin (a subclass,
+a parametrized module — ``torch.nn.utils.parametrize`` makes its class a subclass — or an
+instance with its own ``forward`` attribute runs as itself), and no module of the run may
+carry a forward, forward pre-, backward or backward pre-hook, nor may any global module hook
+of those kinds be registered (``weight_norm`` / ``spectral_norm`` are forward pre-hooks).
+Such a run runs module by module, so every hook fires. State-dict hooks do not matter.
 """
 from __future__ import annotations
 
@@ -23,9 +29,19 @@ import torch
 from torch import nn
 
 from fastarch import functional
+from fastarch.nn.activation import ReLU
 from fastarch.nn.batchnorm import BatchNorm2d
+from fastarch.nn.conv import Conv2d
+from fastarch.nn.pooling import AvgPool2d, MaxPool2d
 
 Pool = Union[nn.MaxPool2d, nn.AvgPool2d]
+
+# The exact types a run is made of: torch.nn's classes and their fastarch.nn twins, which
+# override nothing but the kernels ``forward`` runs.
+_CONVS = (nn.Conv2d, Conv2d)
+_BATCH_NORMS = (nn.BatchNorm2d, BatchNorm2d)
+_RELUS = (nn.ReLU, ReLU)
+_POOLS = (nn.MaxPool2d, MaxPool2d, nn.AvgPool2d, AvgPool2d)
 
 
 @dataclass(frozen=True)
@@ -38,15 +54,17 @@ class FusedRun:
 
 
 def match_run(modules: list[nn.Module], start: int) -> Optional[FusedRun]:
-    """The fusable run beginning at ``modules[start]``, if any."""
+    """The fusable run beginning at ``modules[start]``, if any (see the module docstring for
+    which modules may take part)."""
     conv = modules[start]
-    if not (isinstance(conv, nn.Conv2d) and conv.groups == 1 and conv.padding_mode == "zeros"):
+    if not (_plain(conv, _CONVS) and conv.groups == 1 and conv.padding_mode == "zeros") \
+            or _global_hooks_registered():
         return None
     rest = modules[start + 1:start + 4]
-    bn = rest[0] if rest and isinstance(rest[0], nn.BatchNorm2d) \
+    bn = rest[0] if rest and _plain(rest[0], _BATCH_NORMS) \
         and rest[0].num_features == conv.out_channels else None
     after_bn = rest[1:] if bn is not None else rest
-    if not after_bn or not isinstance(after_bn[0], nn.ReLU):
+    if not after_bn or not _plain(after_bn[0], _RELUS):
         return None
     if bn is None:
         return FusedRun(conv, None, None, 2)
@@ -55,52 +73,38 @@ def match_run(modules: list[nn.Module], start: int) -> Optional[FusedRun]:
 
 
 def _fusable_pool(module: nn.Module) -> bool:
-    return (isinstance(module, nn.MaxPool2d) and not module.return_indices) \
-        or isinstance(module, nn.AvgPool2d)
+    return _plain(module, _POOLS) and not getattr(module, "return_indices", False)
 
 
-class FoldedBatchNorm:
-    """Cache of an eval-mode BatchNorm (and the conv bias before it) folded into the conv
-    epilogue: scale = gamma / sqrt(running_var + eps), shift = (bias - running_mean) * scale
-    + beta, fp32. Recomputed when any source tensor changed since the last fold."""
-
-    def __init__(self) -> None:
-        self._key: Optional[tuple] = None
-        self._scale_shift: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-
-    def get(self, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-        # Compiled code and CUDA graphs fold inside the graph, so each run folds the current
-        # values (and the cache keys' data_ptr reads stay out of traced code).
-        if torch.compiler.is_compiling() or _capturing_cuda_graph():
-            return FoldedBatchNorm._fold(conv, bn)
-        key = self._key_of(conv, bn)
-        if key != self._key:
-            self._scale_shift = self._fold(conv, bn)
-            self._key = key
-        return self._scale_shift
-
-    @staticmethod
-    def _key_of(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
-        sources = (conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        return (bn.eps,) + tuple(None if t is None else (t.data_ptr(), t._version, t.device)
-                                 for t in sources)
-
-    @staticmethod
-    @torch.no_grad()
-    def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = torch.rsqrt(bn.running_var.float() + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight.float()
-        shift = -bn.running_mean.float() * scale
-        if conv.bias is not None:
-            shift = shift + conv.bias.float() * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias.float()
-        return scale.contiguous(), shift.contiguous()
+def _plain(module: nn.Module, types: tuple[type[nn.Module], ...]) -> bool:
+    """``module`` is exactly one of ``types``, with no forward of its own and no hook."""
+    return type(module) in types and "forward" not in module.__dict__ and not (
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+        or module._backward_pre_hooks)
 
 
-def _capturing_cuda_graph() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+def _global_hooks_registered() -> bool:
+    """Whether a hook registered for every module (``nn.modules.module.register_module_*``)
+    would fire: then every module must run as itself."""
+    hooks = nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks
+                or hooks._global_backward_hooks or hooks._global_backward_pre_hooks)
+
+
+def fold_batch_norm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode BatchNorm (and the conv bias before it) folded into the conv epilogue,
+    from the current values: scale = gamma / sqrt(running_var + eps),
+    shift = beta - (running_mean - bias) * scale, fp32 [C]. Called only where nothing
+    folded needs a gradient (``_can_fold``); forward-mode tangents flow through."""
+    scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.float()
+    mean = bn.running_mean.float()
+    if conv.bias is not None:
+        mean = mean - conv.bias.float()
+    if bn.bias is None:
+        return scale, -mean * scale
+    return scale, torch.addcmul(bn.bias.float(), mean, scale, value=-1)
 
 
 def _conv_args(conv: nn.Conv2d) -> tuple:
@@ -151,14 +155,14 @@ def _batch_norm_relu_pool(bn: nn.BatchNorm2d, pool: Optional[Pool], y: torch.Ten
     return functional.batch_norm_relu(*args, partials=partials)
 
 
-def run_fused(run: FusedRun, x: torch.Tensor, folded: FoldedBatchNorm) -> torch.Tensor:
+def run_fused(run: FusedRun, x: torch.Tensor) -> torch.Tensor:
     """Execute one fused run on ``x`` (see the module docstring for what fuses when)."""
     conv, bn = run.conv, run.bn
     if bn is None:
         y, _ = functional.conv2d_fused(x, conv.weight, conv.bias, *_conv_args(conv), relu=True)
         return y
     if _can_fold(conv, bn):
-        scale, shift = folded.get(conv, bn)
+        scale, shift = fold_batch_norm(conv, bn)
         y, _ = functional.conv2d_fused(x, conv.weight, None, *_conv_args(conv), scale=scale,
                                        shift=shift, relu=True)
         return _pool(run.pool, y)
@@ -170,7 +174,8 @@ def run_fused(run: FusedRun, x: torch.Tensor, folded: FoldedBatchNorm) -> torch.
 
 class FusedSequential(nn.Sequential):
     """nn.Sequential that runs its Conv2d -> BatchNorm2d -> ReLU (-> pool) and Conv2d -> ReLU
-    runs fused; everything else runs module by module. Same children, same keys."""
+    runs fused (when ``match_run`` finds them at this call); everything else runs module by
+    module. Same children, same keys."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         modules = list(self._modules.values())
@@ -181,13 +186,9 @@ class FusedSequential(nn.Sequential):
                 input = modules[index](input)
                 index += 1
                 continue
-            input = run_fused(run, input, self._folded_cache(index))
+            input = run_fused(run, input)
             index += run.length
         return input
-
-    def _folded_cache(self, index: int) -> FoldedBatchNorm:
-        caches = self.__dict__.setdefault("_fastarch_folded", {})
-        return caches.setdefault(index, FoldedBatchNorm())
 
 
 class ConvBatchNormReLU(FusedSequential):
@@ -198,8 +199,6 @@ class ConvBatchNormReLU(FusedSequential):
                  dilation=1, bias: bool = False, eps: float = 1e-5,
                  momentum: Optional[float] = 0.1, pool: Optional[Pool] = None,
                  device=None, dtype=None) -> None:
-        from fastarch.nn.activation import ReLU
-        from fastarch.nn.conv import Conv2d
         layers: list[nn.Module] = [
             Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=bias,
                    device=device, dtype=dtype),
