@@ -56,6 +56,8 @@ def _variant_of(item) -> tuple[str, ...]:
 
 
 def pytest_collection_modifyitems(config, items):
+    # The longest tests first, so that xdist's workers finish together.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     if not config.getoption("--gpu-check"):
         return
     kept, seen, dropped = [], set(), []

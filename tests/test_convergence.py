@@ -24,6 +24,7 @@ def _float64(data: digits.Digits) -> digits.Digits:
         data.train_images, data.train_labels, data.test_images, data.test_labels)))
 
 
+@pytest.mark.slow
 @pytest.mark.gpu_check
 def test_first_steps_match_torch_loss_by_loss(device):
     data = digits.load_digits_32x32()

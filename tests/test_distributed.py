@@ -153,6 +153,7 @@ def _assert_states_close(state: dict, reference: dict, reduction_length: int) ->
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                     reason="needs torch.distributed with gloo")
+@pytest.mark.slow
 @pytest.mark.gpu_check
 def test_ddp_with_sync_batch_norm_equals_one_process_on_the_global_batch(tmp_path):
     _spawn(str(tmp_path))

@@ -20,9 +20,9 @@ FILES = {"check.log", "bench.json", "table.md", "RESULTS.md", "roofline.png", "p
 REPORT_FILES = ("bench.json", "table.md", "RESULTS.md", "roofline.png")
 HEADLINE = "vgg16_bn"
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     torch.cuda.is_available(),
-    reason="the dry run stands in for a GPU: with one, run benchmarks/gpu_check.sh itself")
+    reason="the dry run stands in for a GPU: with one, run benchmarks/gpu_check.sh itself")]
 
 
 def _start(out: Path) -> subprocess.Popen:

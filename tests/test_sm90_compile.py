@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # ptxas over every config: about a minute
+
 
 @pytest.fixture(scope="module")
 def reports() -> list[dict]:
