@@ -74,18 +74,21 @@ def test_dry_run_runs_every_stage_and_writes_the_report(tmp_path):
 
 
 def test_sigint_in_the_benchmark_stage_keeps_what_finished(tmp_path):
+    """Cut as soon as the first case (the headline under eager) is timed: it is kept, the
+    fastarch case being timed then is dropped or kept whole, nothing after it ran."""
     run = _start(tmp_path)
-    finished = f"test_case[{HEADLINE}-eval-fastarch] PASSED"
+    finished = f"test_case[{HEADLINE}-eval-eager] PASSED"
     deadline = time.monotonic() + 200
     log = tmp_path / "check.log"
     while not (log.exists() and finished in log.read_text()):
         assert run.poll() is None and time.monotonic() < deadline, "the headline never finished"
-        time.sleep(0.5)
+        time.sleep(0.2)
     os.killpg(run.pid, signal.SIGINT)  # what a Ctrl-C sends: the whole process group
     output, _ = run.communicate(timeout=120)
     assert run.returncode != 0, output
     assert "benchmarks torch.compile: not run (interrupted)" in output
     assert set(REPORT_FILES) <= {path.name for path in tmp_path.iterdir()}
     cases = _benchmarks(tmp_path)
-    assert cases[HEADLINE, "eval"] == {"eager", "fastarch"}
+    assert list(cases) == [(HEADLINE, "eval")], cases
+    assert "eager" in cases[HEADLINE, "eval"] <= {"eager", "fastarch"}
     _assert_report_of(tmp_path, [(HEADLINE, "eval")])
