@@ -561,13 +561,13 @@ def _check_conv_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         raise RuntimeError(f"conv2d: given groups=1, weight of size {list(weight.shape)}, "
                            f"expected input{list(x.shape)} to have {weight.shape[1]} channels, "
                            f"but got {x.shape[-3]} channels instead")
-    _check_bias_shape("conv2d", weight, bias)
+    _check_bias_shape(weight, bias)
 
 
-def _check_bias_shape(op: str, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+def _check_bias_shape(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
     """torch's message for a bias that is not one value per output channel."""
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise RuntimeError(f"{op}: given weight of size {list(weight.shape)}, expected bias "
+        raise RuntimeError(f"conv2d: given weight of size {list(weight.shape)}, expected bias "
                            f"to be 1-dimensional with {weight.shape[0]} elements, but got bias "
                            f"of size {list(bias.shape)} instead")
 

@@ -3,8 +3,9 @@ reduction length, random inputs, and outcomes compared with torch's (FlagGems' t
 the model)."""
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -75,3 +76,14 @@ def assert_same_outcome(ours: Callable[[], Any], theirs: Callable[[], Any]) -> N
         else [(actual, expected)]
     for mine, torchs in pairs:
         assert mine.dtype == torchs.dtype and torch.equal(mine, torchs), (mine, torchs)
+
+
+@contextlib.contextmanager
+def cudnn_tf32(enabled: bool) -> Iterator[None]:
+    """torch's cuDNN TF32 switch (which fastarch's fp32 convolutions follow) set for a block."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before

@@ -1,6 +1,5 @@
 """Conv2d forward (implicit GEMM), its fused epilogue, BatchNorm partial statistics, the
 autograd Function and fastarch.nn.Conv2d, against float64 torch in the interpreter."""
-import contextlib
 import math
 
 import pytest
@@ -11,7 +10,8 @@ import fastarch
 from fastarch import backend
 from fastarch.kernels import configs, conv2d_forward, tensor_cores
 from fastarch.kernels.conv_geometry import ConvGeometry
-from fastarch.testing import assert_close, assert_same_outcome, random_input, reference_grads
+from fastarch.testing import (assert_close, assert_same_outcome, cudnn_tf32, random_input,
+                              reference_grads)
 
 # torch's own reference warns that padding='same' with an even kernel pads a copy.
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
@@ -50,16 +50,6 @@ DTYPES = {
     "bf16": (torch.bfloat16, True, torch.bfloat16),
 }
 LAYOUTS = {"nchw": False, "nhwc": True}
-
-
-@contextlib.contextmanager
-def cudnn_tf32(enabled: bool):
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = before
 
 
 def _operands(case, dtype, device, channels_last=True, requires_grad=False):

@@ -21,7 +21,6 @@ pools): the same exception type as torch.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import unittest.mock
@@ -32,7 +31,7 @@ import torch
 
 import fastarch.functional as FF
 from fastarch import backend
-from fastarch.testing import assert_close
+from fastarch.testing import assert_close, cudnn_tf32
 
 
 def _import_op_db() -> list:
@@ -181,17 +180,6 @@ def _run(name: str, sample: Any, dtype: torch.dtype, args: list, kwargs: dict) -
     return ours
 
 
-@contextlib.contextmanager
-def _ieee_fp32():
-    """fp32 convolutions in full precision, as the reference (TF32 has its own tests)."""
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = before
-
-
 @pytest.mark.parametrize("name, dtype_id, index",
                          _params("float32", NAMES) + _params("bfloat16", BF16_OPS)
                          + _params("int64", NAMES))
@@ -199,7 +187,7 @@ def test_sample_matches_torch(name, dtype_id, index, device):
     dtype = DTYPES[dtype_id]
     sample = _samples(name, dtype, False, device)[index]
     args, kwargs = _arguments(name, sample)
-    with _ieee_fp32():
+    with cudnn_tf32(False):  # full-precision fp32, as the reference
         ours = _run(name, sample, dtype, args, kwargs)
         if ours is None:
             return
@@ -224,7 +212,7 @@ def _grad_leaves(args: list, kwargs: dict) -> list[torch.Tensor]:
 def test_sample_gradients_match_torch(name, dtype_id, index, device):
     sample = _samples(name, torch.float32, True, device)[index]
     args, kwargs = _arguments(name, sample)
-    with _ieee_fp32():
+    with cudnn_tf32(False):  # full-precision fp32, as the reference
         ours = _run(name, sample, torch.float32, args, kwargs)
         if ours is None:
             return
