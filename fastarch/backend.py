@@ -13,17 +13,16 @@
 from __future__ import annotations
 
 import collections
-import os
-from collections.abc import Sequence
 
 import torch
 from torch.autograd import forward_ad
 
-INTERPRETER: bool = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+from fastarch.kernels.runtime import INTERPRETER, POISON_OUTPUTS, empty, memory_format_of
+from fastarch.kernels.tensor_cores import Operand
 
-# Set by the tests: fill every kernel output with NaN (floating) or the most negative
-# integer (integral) before the kernel runs, so an element a kernel forgets to write fails.
-POISON_OUTPUTS: bool = os.environ.get("FASTARCH_POISON_OUTPUTS", "0") == "1"
+__all__ = ["INTERPRETER", "POISON_OUTPUTS", "empty", "memory_format_of", "fallback_counts",
+           "runs_triton", "use_triton", "forward_ad_active", "count_fallback", "conv_operand",
+           "matmul_operand"]
 
 ACCELERATED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -58,18 +57,22 @@ def count_fallback(op: str) -> None:
     fallback_counts[op] += 1
 
 
-def empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device,
-          memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-    """Allocate a kernel output (poisoned when ``POISON_OUTPUTS`` is set)."""
-    out = torch.empty(tuple(shape), dtype=dtype, device=device, memory_format=memory_format)
-    if POISON_OUTPUTS:
-        out.fill_(float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min)
-    return out
+def conv_operand(dtype: torch.dtype) -> Operand:
+    """A convolution's operand kind: fp32 rounds to TF32 when torch's cuDNN switch allows it
+    (``torch.backends.cudnn.allow_tf32``, or the newer per-op ``fp32_precision``: "none"
+    defers to the enclosing backend, then the global). Reading ``allow_tf32`` raises in
+    torch 2.13 once the two APIs have been mixed, so the new one is read when it exists."""
+    backends = torch.backends
+    if not hasattr(backends.cudnn, "conv"):
+        return Operand.of(dtype, bool(backends.cudnn.allow_tf32))
+    for precision in (backends.cudnn.conv.fp32_precision, backends.cudnn.fp32_precision,
+                      backends.fp32_precision):
+        if precision != "none":
+            return Operand.of(dtype, precision == "tf32")
+    return Operand.of(dtype, False)
 
 
-def memory_format_of(tensor: torch.Tensor) -> torch.memory_format:
-    """channels_last for NHWC-dense 4-D tensors, else contiguous (what torch's pools return)."""
-    if tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last) \
-            and not tensor.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
+def matmul_operand(dtype: torch.dtype) -> Operand:
+    """A linear layer's operand kind: TF32 when ``torch.backends.cuda.matmul.allow_tf32``
+    allows it (what F.linear on CUDA obeys)."""
+    return Operand.of(dtype, bool(torch.backends.cuda.matmul.allow_tf32))

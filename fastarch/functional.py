@@ -10,8 +10,6 @@ their autograd formulas, so ``torch.compile`` traces these functions without gra
 """
 from __future__ import annotations
 
-import math
-import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -20,105 +18,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from fastarch import backend, ops, profiling
+from fastarch import arguments, backend, ops, profiling
+from fastarch.arguments import ConvPadding, IntOrPair
 from fastarch.kernels import linear as linear_kernels
 from fastarch.kernels import relu as relu_kernels
 from fastarch.kernels.batch_norm import BatchNormStatistics
 from fastarch.kernels.conv2d_forward import WelfordPartials, merge_welford_partials
-from fastarch.kernels.conv_geometry import ConvGeometry
 from fastarch.kernels.pool_tile import PoolGeometry
-
-IntOrPair = Union[int, Sequence[int]]
-
-
-# ----------------------------------------------------------------------------- arguments
-
-def _ints(value: IntOrPair, name: str, op: str) -> tuple[int, ...]:
-    """An int or a sequence of ints as a tuple; torch's TypeError naming the argument for
-    anything else (a float, a bool, a string)."""
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        return tuple(_index(v, name, op, f"found element of type {type(v).__name__} at pos {i}")
-                     for i, v in enumerate(value))
-    return (_index(value, name, op, f"not {type(value).__name__}"),)
-
-
-def _index(value, name: str, op: str, problem: str) -> int:
-    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
-        raise TypeError(f"{op}(): argument '{name}' must be tuple of ints, {problem}")
-    return operator.index(value)
-
-
-def _pair(value: IntOrPair, name: str, op: str) -> tuple[int, int]:
-    values = _ints(value, name, op)
-    if len(values) not in (1, 2):
-        raise RuntimeError(f"{op}: {name} must either be a single int, or a tuple of two ints")
-    return values[0], values[-1]
-
-
-def _check_pool_input(x: torch.Tensor, op: str) -> None:
-    if x.dim() < 3 and op == "avg_pool2d":  # torch indexes dim -3 before it checks
-        raise IndexError(f"{op}: expected a 3D or 4D (batch mode) tensor for input, but got "
-                         f"shape {list(x.shape)}")
-    if x.dim() not in (3, 4) or any(size == 0 for size in x.shape[-3:]):
-        raise RuntimeError(f"{op}: expected a non-empty 3D or 4D (batch mode) tensor for "
-                           f"input, with optional 0 batch size, but got shape {list(x.shape)}")
-
-
-def _pool_geometry(op: str, x: torch.Tensor, kernel_size: IntOrPair,
-                   stride: Optional[IntOrPair], padding: IntOrPair, dilation: IntOrPair,
-                   ceil_mode: bool) -> PoolGeometry:
-    kernel = _pair(kernel_size, "kernel_size", op)
-    steps = kernel if stride is None or (isinstance(stride, Sequence) and len(stride) == 0) \
-        else _pair(stride, "stride", op)
-    pads = _pair(padding, "padding", op)
-    dilations = _pair(dilation, "dilation", op)
-    if min(kernel) <= 0:
-        raise RuntimeError(f"{op}: kernel_size must be greater than zero, but got {kernel}")
-    if min(steps) <= 0:
-        raise RuntimeError(f"{op}: stride must be greater than zero, but got {steps}")
-    if min(dilations) <= 0:
-        raise RuntimeError(f"{op}: dilation must be greater than zero, but got {dilations}")
-    if min(pads) < 0:
-        raise RuntimeError(f"{op}: pad must be non-negative, but got pad: {min(pads)}")
-    # torch's CUDA kernels and its indices path bound padding by the undilated kernel.
-    if any(pad > k // 2 for pad, k in zip(pads, kernel)):
-        raise RuntimeError(f"{op}: pad should be at most half of kernel size, but got "
-                           f"padding={pads} and kernel_size={kernel}")
-    geometry = PoolGeometry(kernel, steps, pads, dilations, bool(ceil_mode))
-    out_h, out_w = geometry.output_size(*x.shape[-2:])
-    if out_h < 1 or out_w < 1:
-        raise RuntimeError(f"{op}: given input size {tuple(x.shape[-3:])}, the calculated "
-                           f"output size is {(x.shape[-3], out_h, out_w)}: output size is too "
-                           "small")
-    return geometry
-
-
-def _batched(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dim() == 4 else x.unsqueeze(0)
-
-
-def _unbatched_like(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return y if x.dim() == 4 else y.squeeze(0)
-
-
-def _records_grad(x: torch.Tensor) -> bool:
-    """Whether autograd records an op on x (what decides the tensors kept for backward)."""
-    return torch.is_grad_enabled() and x.requires_grad
-
-
-def _check_inplace(x: torch.Tensor) -> None:
-    """Before an in-place kernel writes x: raise torch's own error where torch refuses to
-    write x in place (a leaf that requires grad, a view of one, a view autograd cannot
-    rebase, an inference tensor outside inference mode). For every x that may be refused,
-    ``x.copy_(x)`` runs torch's in-place checks and copies nothing; where torch accepts, it
-    records an identity. Not traced: under torch.compile, autograd's checks run on the
-    captured graph's in-place ops."""
-    if torch.compiler.is_compiling():
-        return
-    outside_inference = x.is_inference() and not torch.is_inference_mode_enabled()
-    if outside_inference or (_records_grad(x) and (x.is_leaf or x._is_view())):
-        x.copy_(x)
-
 
 # ----------------------------------------------------------------------------- max pool
 
@@ -126,18 +32,18 @@ def max_pool2d(input: torch.Tensor, kernel_size: IntOrPair, stride: Optional[Int
                padding: IntOrPair = 0, dilation: IntOrPair = 1, ceil_mode: bool = False,
                return_indices: bool = False):
     """torch.nn.functional.max_pool2d on our kernels; int64 indices only when asked for."""
-    _check_pool_input(input, "max_pool2d")
-    geometry = _pool_geometry("max_pool2d", input, kernel_size, stride, padding, dilation,
+    arguments.check_pool_input(input, "max_pool2d")
+    geometry = arguments.pool_geometry("max_pool2d", input, kernel_size, stride, padding, dilation,
                               ceil_mode)
     if not backend.use_triton("max_pool2d", input):
         return F.max_pool2d(input, kernel_size, stride, padding, dilation,
                             ceil_mode=ceil_mode, return_indices=return_indices)
-    y, _, indices = ops.max_pool2d(_batched(input), *ops.pool_window(geometry),
-                                   keep_offsets=_records_grad(input),
+    y, _, indices = ops.max_pool2d(arguments.batched(input), *ops.pool_window(geometry),
+                                   keep_offsets=arguments.records_grad(input),
                                    return_indices=bool(return_indices))
     if return_indices:
-        return _unbatched_like(input, y), _unbatched_like(input, indices)
-    return _unbatched_like(input, y)
+        return arguments.unbatched_like(input, y), arguments.unbatched_like(input, indices)
+    return arguments.unbatched_like(input, y)
 
 
 # ----------------------------------------------------------------------------- avg pool
@@ -146,16 +52,16 @@ def avg_pool2d(input: torch.Tensor, kernel_size: IntOrPair, stride: Optional[Int
                padding: IntOrPair = 0, ceil_mode: bool = False, count_include_pad: bool = True,
                divisor_override: Optional[int] = None) -> torch.Tensor:
     """torch.nn.functional.avg_pool2d on our kernels (fp32 sums)."""
-    _check_pool_input(input, "avg_pool2d")
-    geometry = _pool_geometry("avg_pool2d", input, kernel_size, stride, padding, 1, ceil_mode)
+    arguments.check_pool_input(input, "avg_pool2d")
+    geometry = arguments.pool_geometry("avg_pool2d", input, kernel_size, stride, padding, 1, ceil_mode)
     if divisor_override is not None and divisor_override == 0:
         raise RuntimeError("avg_pool2d: divisor_override must be non-zero")
     if not backend.use_triton("avg_pool2d", input):
         return F.avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
                             divisor_override)
-    y = ops.avg_pool2d(_batched(input), *_avg_window(geometry), bool(count_include_pad),
+    y = ops.avg_pool2d(arguments.batched(input), *_avg_window(geometry), bool(count_include_pad),
                        divisor_override)
-    return _unbatched_like(input, y)
+    return arguments.unbatched_like(input, y)
 
 
 def _avg_window(geometry: PoolGeometry) -> tuple:
@@ -165,20 +71,6 @@ def _avg_window(geometry: PoolGeometry) -> tuple:
 
 
 # ----------------------------------------------------------------------------- adaptive avg pool
-
-def _adaptive_output_size(x: torch.Tensor,
-                          output_size: Union[int, None, Sequence[Optional[int]]]
-                          ) -> tuple[int, int]:
-    sizes = (output_size, output_size) if output_size is None or isinstance(output_size, int) \
-        else tuple(output_size)
-    if len(sizes) != 2:
-        raise RuntimeError("adaptive_avg_pool2d: output_size must be 2")
-    resolved = tuple(x.shape[-2 + axis] if size is None else int(size)
-                     for axis, size in enumerate(sizes))
-    if min(resolved) < 0:
-        raise RuntimeError("adaptive_avg_pool2d: elements of output_size must be greater than "
-                           f"or equal to 0 but received {resolved}")
-    return resolved
 
 
 def adaptive_avg_pool2d(input: torch.Tensor,
@@ -195,7 +87,7 @@ def adaptive_avg_pool2d(input: torch.Tensor,
     if input.dim() not in (3, 4):
         raise RuntimeError("adaptive_avg_pool2d(): expected a 3D or 4D tensor for input, but "
                            f"got shape {list(input.shape)}")
-    size = _adaptive_output_size(input, output_size)
+    size = arguments.adaptive_output_size(input, output_size)
     if 0 in input.shape[-2:]:  # torch takes an empty batch or channel dimension
         raise RuntimeError("adaptive_avg_pool2d(): expected input to have non-zero size for "
                            f"non-batch dimensions, but got shape {list(input.shape)}")
@@ -205,71 +97,11 @@ def adaptive_avg_pool2d(input: torch.Tensor,
         return input
     if 0 in size:
         return input.new_empty((*input.shape[:-2], *size))
-    y = ops.adaptive_avg_pool2d(_batched(input), list(size))
-    return _unbatched_like(input, y)
+    y = ops.adaptive_avg_pool2d(arguments.batched(input), list(size))
+    return arguments.unbatched_like(input, y)
 
 
 # ----------------------------------------------------------------------------- batch norm
-
-def _check_batch_norm_args(x: torch.Tensor, running_mean: Optional[torch.Tensor],
-                           running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
-                           bias: Optional[torch.Tensor], training: bool, eps: float) -> None:
-    """torch's checks, error types and messages for F.batch_norm, all made before anything
-    (the running statistics) is written."""
-    if x.dim() < 2:
-        raise RuntimeError("batch_norm: expected input with at least 2 dimensions (N, C, ...), "
-                           f"but got shape {list(x.shape)}")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("batch_norm: running_mean and running_var must either both be None or "
-                         "neither be None")
-    if not training and running_mean is None:
-        raise RuntimeError("batch_norm: running_mean must be defined in evaluation mode")
-    if not x.dtype.is_floating_point:
-        raise NotImplementedError(f'"batch_norm" not implemented for input dtype {x.dtype}: '
-                                  "batch norm takes floating-point tensors")
-    channels = x.shape[1]
-    given = {name: t for name, t in (("running_mean", running_mean),
-                                     ("running_var", running_var), ("weight", weight),
-                                     ("bias", bias)) if t is not None}
-    for name, t in given.items():
-        if t.numel() != channels:
-            raise RuntimeError(f"batch_norm: {name} should contain {channels} elements not "
-                               f"{t.numel()}")
-        if t.device != x.device:
-            raise RuntimeError(f"batch_norm: expected {name} on the input's device {x.device}, "
-                               f"but got {name} on {t.device}")
-        if name.startswith("running") and t.dim() != 1:  # weight and bias may be any shape
-            raise RuntimeError(f"batch_norm: expected {name} of shape [{channels}] "
-                               f"(TensorAccessor expected 1 dims but tensor has {t.dim()})")
-    _check_batch_norm_dtypes(x, given)
-    if training and x.shape[0] * math.prod(x.shape[2:]) == 1:
-        raise ValueError("Expected more than 1 value per channel when training, got input size "
-                         f"{x.size()}")
-    if training and eps <= 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if eps < 0.0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-
-
-def _check_batch_norm_dtypes(x: torch.Tensor, given: dict[str, torch.Tensor]) -> None:
-    """torch's rule: the running statistics, weight and bias all in the input's dtype or, for
-    a float16/bfloat16 input, all in float32."""
-    mixed = x.dtype in (torch.float16, torch.bfloat16) and \
-        any(t.dtype == torch.float32 for t in given.values())
-    expected = torch.float32 if mixed else x.dtype
-    for name, t in given.items():
-        if t.dtype != expected:
-            raise RuntimeError(f"batch_norm: mixed dtype: expected {name} to have scalar type "
-                               f"{expected}, but got {t.dtype}")
-
-
-def _as_4d(x: torch.Tensor) -> torch.Tensor:
-    """(N, C, ...) as a 4-D view (N, C, H, W) the kernels take."""
-    if x.dim() == 2:
-        return x[:, :, None, None]
-    if x.dim() == 3:
-        return x.unsqueeze(-1)
-    return x if x.dim() == 4 else x.flatten(2, -2)
 
 
 @dataclass(frozen=True)
@@ -312,7 +144,7 @@ def _normalize(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     if pool is None:
         return ops.batch_norm(x, weight, bias, *stats, training, relu)
     if pool.is_max:
-        keep_offsets = any(_records_grad(t) for t in (x, weight, bias) if t is not None)
+        keep_offsets = any(arguments.records_grad(t) for t in (x, weight, bias) if t is not None)
         y, _ = ops.batch_norm_max_pool2d(x, weight, bias, *stats, training, relu,
                                          *ops.pool_window(pool.geometry), keep_offsets)
         return y
@@ -334,11 +166,11 @@ def _batch_norm(op: str, input: torch.Tensor, running_mean: Optional[torch.Tenso
                 bias: Optional[torch.Tensor], training: bool, momentum: float, eps: float,
                 relu: bool, partials: Optional[WelfordPartials] = None) -> torch.Tensor:
     if input.numel() != 0:  # torch answers an empty input (of any rank) before checking
-        _check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
+        arguments.check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
     if not _use_batch_norm_kernels(op, input):
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         return F.relu(y) if relu else y
-    x = _as_4d(input)
+    x = arguments.as_4d(input)
     stats = _batch_norm_statistics(x, running_mean, running_var, weight, bias, bool(training),
                                    float(momentum), float(eps), partials)
     y = _normalize(x, weight, bias, stats, bool(training), relu, None)
@@ -384,12 +216,6 @@ def _batch_norm_pool(op: str, input: torch.Tensor, running_mean: Optional[torch.
     return _normalize(input, weight, bias, stats, bool(training), relu, pool)
 
 
-def _check_batch_norm_pool_input(input: torch.Tensor, op: str) -> None:
-    if input.dim() != 4:
-        raise RuntimeError(f"{op}: expected a 4D (N, C, H, W) input, but got shape "
-                           f"{list(input.shape)}")
-
-
 def batch_norm_max_pool2d(input: torch.Tensor, running_mean: Optional[torch.Tensor],
                           running_var: Optional[torch.Tensor],
                           weight: Optional[torch.Tensor] = None,
@@ -402,10 +228,10 @@ def batch_norm_max_pool2d(input: torch.Tensor, running_mean: Optional[torch.Tens
     """max_pool2d(relu(batch_norm(input, ...))) (ReLU only if ``relu``) for a 4-D input,
     without writing the normalised tensor; the arguments are F.batch_norm's then
     F.max_pool2d's (no return_indices). ``partials`` as in ``batch_norm_relu``."""
-    _check_batch_norm_pool_input(input, "batch_norm_max_pool2d")
-    _check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
-    _check_pool_input(input, "max_pool2d")
-    geometry = _pool_geometry("max_pool2d", input, kernel_size, stride, padding, dilation,
+    arguments.check_batch_norm_pool_input(input, "batch_norm_max_pool2d")
+    arguments.check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
+    arguments.check_pool_input(input, "max_pool2d")
+    geometry = arguments.pool_geometry("max_pool2d", input, kernel_size, stride, padding, dilation,
                               ceil_mode)
     return _batch_norm_pool(
         "batch_norm_max_pool2d", input, running_mean, running_var, weight, bias, training,
@@ -427,10 +253,10 @@ def batch_norm_avg_pool2d(input: torch.Tensor, running_mean: Optional[torch.Tens
     """avg_pool2d(relu(batch_norm(input, ...))) (ReLU only if ``relu``) for a 4-D input,
     without writing the normalised tensor; the arguments are F.batch_norm's then
     F.avg_pool2d's. ``partials`` as in ``batch_norm_relu``."""
-    _check_batch_norm_pool_input(input, "batch_norm_avg_pool2d")
-    _check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
-    _check_pool_input(input, "avg_pool2d")
-    geometry = _pool_geometry("avg_pool2d", input, kernel_size, stride, padding, 1, ceil_mode)
+    arguments.check_batch_norm_pool_input(input, "batch_norm_avg_pool2d")
+    arguments.check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
+    arguments.check_pool_input(input, "avg_pool2d")
+    geometry = arguments.pool_geometry("avg_pool2d", input, kernel_size, stride, padding, 1, ceil_mode)
     if divisor_override is not None and divisor_override == 0:
         raise RuntimeError("avg_pool2d: divisor_override must be non-zero")
     pool = _FusedPool(geometry, is_max=False, count_include_pad=bool(count_include_pad),
@@ -469,13 +295,13 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     if not backend.use_triton("relu", input):
         return torch.relu_(input) if inplace else torch.relu(input)
     if inplace:
-        _check_inplace(input)
+        arguments.check_inplace(input)
     if relu_kernels.dense_format(input) is None:
         y = ops.relu(input.contiguous())
         return input.copy_(y) if inplace else y
     if not inplace:
         return ops.relu(input)
-    if not _records_grad(input):
+    if not arguments.records_grad(input):
         ops.relu_(input)
         return input
     if torch.compiler.is_compiling():
@@ -485,123 +311,6 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- conv2d
 
-ConvPadding = Union[str, int, Sequence[int]]
-
-
-def _conv_pair(value: IntOrPair, name: str) -> tuple[int, int]:
-    values = _ints(value, name, "conv2d")
-    if len(values) not in (1, 2):
-        raise RuntimeError(f"conv2d: expected {name} to be a single integer value or a list of "
-                           f"2 values to match the convolution dimensions, but got "
-                           f"{name}={list(values)}")
-    return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
-
-
-def _conv_padding(padding: ConvPadding, kernel: tuple[int, int], strides: tuple[int, int],
-                  dilations: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(top/left, bottom/right) padding; 'same' puts the odd extra row/column at the end."""
-    if isinstance(padding, str):
-        if padding == "valid":
-            return (0, 0), (0, 0)
-        if padding != "same":
-            raise RuntimeError(f"conv2d: invalid padding string {padding!r}, expected 'same' "
-                               "or 'valid'")
-        if strides != (1, 1):
-            raise RuntimeError("conv2d: padding='same' is not supported for strided "
-                               f"convolutions (stride={strides})")
-        totals = [d * (k - 1) for k, d in zip(kernel, dilations)]
-        begin = (totals[0] // 2, totals[1] // 2)
-        return begin, (totals[0] - begin[0], totals[1] - begin[1])
-    pads = _conv_pair(padding, "padding")
-    if min(pads) < 0:
-        raise RuntimeError(f"conv2d: negative padding is not supported, but got padding={pads}")
-    return pads, pads
-
-
-def _conv_geometry(x: torch.Tensor, weight: torch.Tensor, stride: IntOrPair,
-                   padding: ConvPadding, dilation: IntOrPair) -> ConvGeometry:
-    kernel = (weight.shape[2], weight.shape[3])
-    strides = _conv_pair(stride, "stride")
-    dilations = _conv_pair(dilation, "dilation")
-    if min(strides) <= 0:
-        raise RuntimeError(f"conv2d: non-positive stride is not supported, got {strides}")
-    if min(dilations) <= 0:
-        raise RuntimeError(f"conv2d: non-positive dilation is not supported, got {dilations}")
-    begin, end = _conv_padding(padding, kernel, strides, dilations)
-    padded = [size + b + e for size, b, e in zip(x.shape[-2:], begin, end)]
-    effective = [d * (k - 1) + 1 for k, d in zip(kernel, dilations)]
-    if padded[0] < effective[0] or padded[1] < effective[1]:
-        raise RuntimeError(f"conv2d: calculated padded input size per channel: ({padded[0]} x "
-                           f"{padded[1]}). Kernel size: ({effective[0]} x {effective[1]}). "
-                           "Kernel size can't be greater than actual input size")
-    return ConvGeometry(kernel, strides, begin, dilations, end if end != begin else None)
-
-
-def _check_conv_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
-                     ) -> None:
-    """torch's checks and error types: RuntimeError for shapes, devices and mixed dtypes.
-    Dtypes we do not accelerate (integers, float64) go on to torch, which answers or raises."""
-    if x.dim() not in (3, 4):
-        raise RuntimeError("conv2d: expected 3D (unbatched) or 4D (batched) input, but got "
-                           f"input of size: {list(x.shape)}")
-    if weight.dim() != 4:
-        raise RuntimeError("conv2d: expected a 4D weight [out_channels, in_channels, kH, kW], "
-                           f"but got weight of size {list(weight.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise RuntimeError(f"conv2d: expected {name} on the input's device {x.device}, but "
-                               f"got {name} on {t.device}")
-        if t is not None and t.dtype != x.dtype:
-            raise RuntimeError(f"conv2d: input dtype {x.dtype} and {name} dtype {t.dtype} "
-                               "should be the same")
-    if weight.shape[0] == 0 or 0 in weight.shape[2:]:
-        raise RuntimeError(f"conv2d: expected weight with at least one output channel and a "
-                           f"non-empty kernel, but got weight of size {list(weight.shape)}")
-    if weight.shape[1] != x.shape[-3]:
-        raise RuntimeError(f"conv2d: given groups=1, weight of size {list(weight.shape)}, "
-                           f"expected input{list(x.shape)} to have {weight.shape[1]} channels, "
-                           f"but got {x.shape[-3]} channels instead")
-    _check_bias_shape(weight, bias)
-
-
-def _check_bias_shape(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
-    """torch's message for a bias that is not one value per output channel."""
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise RuntimeError(f"conv2d: given weight of size {list(weight.shape)}, expected bias "
-                           f"to be 1-dimensional with {weight.shape[0]} elements, but got bias "
-                           f"of size {list(bias.shape)} instead")
-
-
-def _check_scale_shift(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor],
-                       shift: Optional[torch.Tensor]) -> None:
-    if (scale is None) != (shift is None):
-        raise RuntimeError("conv2d_fused: scale and shift go together: give both or neither")
-    if scale is None:
-        return
-    for name, t in (("scale", scale), ("shift", shift)):
-        if t.device != x.device or t.dtype != torch.float32 or \
-                tuple(t.shape) != (weight.shape[0],):
-            raise RuntimeError(f"conv2d_fused: expected {name} to be a float32 tensor of "
-                               f"{weight.shape[0]} elements on {x.device}, but got "
-                               f"{t.dtype} of size {list(t.shape)} on {t.device}")
-        if t.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError(f"conv2d_fused: {name} must not require grad: scale/shift are "
-                               "constants (an eval-mode BatchNorm folded into the conv)")
-
-
-def _autocast_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
-    """What torch.autocast does to a conv2d's arguments: floating tensors other than float64
-    become the autocast dtype."""
-    device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return x, weight, bias
-    dtype = torch.get_autocast_dtype(device_type)
-
-    def cast(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        eligible = t is not None and t.is_floating_point() and t.dtype != torch.float64
-        return t.to(dtype) if eligible else t
-    return cast(x), cast(weight), cast(bias)
-
 
 def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            stride: IntOrPair = 1, padding: ConvPadding = 0, dilation: IntOrPair = 1,
@@ -610,17 +319,17 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     memory format. groups > 1 runs torch's convolution (a counted fallback), as do float64 and
     integer inputs.
     Under torch.autocast the arguments are cast as torch would cast them."""
-    input, weight, bias = _autocast_args(input, weight, bias)
+    input, weight, bias = arguments.autocast_args(input, weight, bias)
     if groups != 1:
         backend.count_fallback("conv2d")
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
-    _check_conv_args(input, weight, bias)
-    geometry = _conv_geometry(input, weight, stride, padding, dilation)
+    arguments.check_conv_args(input, weight, bias)
+    geometry = arguments.conv_geometry(input, weight, stride, padding, dilation)
     if not backend.use_triton("conv2d", input):
         return F.conv2d(input, weight, bias, stride, padding, dilation)
-    y, _ = ops.conv2d(_batched(input), weight, bias, None, None, *ops.conv_window(geometry),
+    y, _ = ops.conv2d(arguments.batched(input), weight, bias, None, None, *ops.conv_window(geometry),
                       False, False)
-    return _unbatched_like(input, y)
+    return arguments.unbatched_like(input, y)
 
 
 def conv2d_fused(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -636,18 +345,18 @@ def conv2d_fused(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 
     ``scale`` and ``shift`` are per-output-channel float32 constants (an eval-mode BatchNorm
     folded in): they must not require grad. Input, weight and bias get gradients."""
-    input, weight, bias = _autocast_args(input, weight, bias)
-    _check_conv_args(input, weight, bias)
-    _check_scale_shift(input, weight, scale, shift)
-    geometry = _conv_geometry(input, weight, stride, padding, dilation)
+    input, weight, bias = arguments.autocast_args(input, weight, bias)
+    arguments.check_conv_args(input, weight, bias)
+    arguments.check_scale_shift(input, weight, scale, shift)
+    geometry = arguments.conv_geometry(input, weight, stride, padding, dilation)
     if not backend.use_triton("conv2d_fused", input):
         return _conv2d_fused_torch(input, weight, bias, stride, padding, dilation, scale, shift,
                                    relu, stats)
-    y, partials = ops.conv2d(_batched(input), weight, bias, scale, shift,
+    y, partials = ops.conv2d(arguments.batched(input), weight, bias, scale, shift,
                              *ops.conv_window(geometry), bool(relu), bool(stats))
     if not stats:
-        return _unbatched_like(input, y), None
-    return _unbatched_like(input, y), WelfordPartials(*partials.unbind(0))
+        return arguments.unbatched_like(input, y), None
+    return arguments.unbatched_like(input, y), WelfordPartials(*partials.unbind(0))
 
 
 def _conv2d_fused_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -656,7 +365,7 @@ def _conv2d_fused_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
                         relu: bool, stats: bool) -> tuple[torch.Tensor, Optional[WelfordPartials]]:
     """The fallback: torch's conv2d, then the epilogue as torch ops; the partials are one
     tile holding the whole output."""
-    y = F.conv2d(_batched(x), weight, bias, stride, padding, dilation)
+    y = F.conv2d(arguments.batched(x), weight, bias, stride, padding, dilation)
     partials = None
     if stats:
         values = y.detach().to(torch.promote_types(y.dtype, torch.float32))
@@ -668,38 +377,10 @@ def _conv2d_fused_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
         y = (y * scale.view(channel) + shift.view(channel)).to(y.dtype)
     if relu:
         y = torch.relu(y)
-    return _unbatched_like(x, y), partials
+    return arguments.unbatched_like(x, y), partials
 
 
 # ----------------------------------------------------------------------------- linear, dropout
-
-def _check_dropout_p(p: float) -> None:
-    """torch's checks: ValueError out of [0, 1] (F.dropout's own), RuntimeError for NaN,
-    which passes that comparison and is refused by the kernel's check."""
-    if p < 0.0 or p > 1.0:
-        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
-    if math.isnan(p):
-        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {p}")
-
-
-def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                       op: str) -> None:
-    """torch's error types: RuntimeError for shapes, devices and mixed dtypes. Dtypes we do not
-    accelerate (integers, float64) go on to torch, which answers or raises."""
-    if x.dim() == 0:
-        raise RuntimeError(f"{op}: expected input with at least one dimension, but got a 0-D "
-                           "tensor")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise RuntimeError(f"{op}: expected {name} on the input's device {x.device}, but "
-                               f"got {name} on {t.device}")
-        if t is not None and t.dtype != x.dtype:
-            raise RuntimeError(f"{op}: input dtype {x.dtype} and {name} dtype {t.dtype} "
-                               "should be the same")
-    if weight.shape[1] != x.shape[-1]:
-        raise RuntimeError(f"{op}: input of size {list(x.shape)} has {x.shape[-1]} features "
-                           f"but weight of size {list(weight.shape)} expects "
-                           f"in_features={weight.shape[1]}")
 
 
 def _linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -722,13 +403,13 @@ def linear_relu_dropout(input: torch.Tensor, weight: torch.Tensor,
     broadcasts it: a single value, or one row per input row), float64 and integers run torch's
     implementation (a counted fallback); under torch.autocast the arguments are cast as torch
     would cast them."""
-    _check_dropout_p(p)
-    input, weight, bias = _autocast_args(input, weight, bias)
+    arguments.check_dropout_p(p)
+    input, weight, bias = arguments.autocast_args(input, weight, bias)
     p = float(p) if training else 0.0
     if weight.dim() != 2 or (bias is not None and tuple(bias.shape) != weight.shape[:1]):
         backend.count_fallback("linear")
         return _linear_torch(input, weight, bias, relu, p)
-    _check_linear_args(input, weight, bias, "linear")
+    arguments.check_linear_args(input, weight, bias, "linear")
     if not backend.use_triton("linear", input):
         return _linear_torch(input, weight, bias, relu, p)
     seed = linear_kernels.new_seed(input.device) if p > 0 else None
@@ -748,7 +429,7 @@ def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True,
     """torch.nn.functional.dropout on our Philox kernel: the identity (``input`` itself) when
     not training or p = 0. A tensor that is neither contiguous nor channels_last is copied
     to a contiguous one first (in place: and the result copied back)."""
-    _check_dropout_p(p)
+    arguments.check_dropout_p(p)
     if not training or p == 0:
         return input
     if not input.dtype.is_floating_point:
@@ -757,14 +438,14 @@ def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True,
     if not backend.use_triton("dropout", input):
         return F.dropout(input, p, training, inplace)
     if inplace:
-        _check_inplace(input)
+        arguments.check_inplace(input)
     seed = linear_kernels.new_seed(input.device)
     if not input.is_contiguous(memory_format=backend.memory_format_of(input)):
         y = ops.dropout(input.contiguous(), float(p), seed)
         return input.copy_(y) if inplace else y
     if not inplace:
         return ops.dropout(input, float(p), seed)
-    if _records_grad(input):  # mutable operators carry no autograd formula: write a copy
+    if arguments.records_grad(input):  # mutable operators carry no autograd formula: write a copy
         return input.copy_(ops.dropout(input, float(p), seed))
     ops.dropout_(input, float(p), seed)
     return input
@@ -845,7 +526,7 @@ def sync_batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor],
     Welford partials are all-gathered and merged with Chan's formula. float64 and devices
     without our kernels run torch's own SyncBatchNorm function (a counted fallback), which
     takes CUDA tensors only."""
-    _check_batch_norm_args(input, running_mean, running_var, weight, bias, True, eps)
+    arguments.check_batch_norm_args(input, running_mean, running_var, weight, bias, True, eps)
     if not backend.use_triton("sync_batch_norm", input):
         if input.device.type != "cuda":
             raise ValueError("SyncBatchNorm expected input tensor to be on GPU (or on the CPU "
@@ -853,6 +534,6 @@ def sync_batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor],
         return torch.nn.modules._functions.SyncBatchNorm.apply(
             input, weight, bias, running_mean, running_var, eps, momentum, process_group,
             dist.get_world_size(process_group))
-    y = SyncBatchNormFunction.apply(_as_4d(input), weight, bias, running_mean, running_var,
+    y = SyncBatchNormFunction.apply(arguments.as_4d(input), weight, bias, running_mean, running_var,
                                     float(momentum), float(eps), process_group)
     return y if input.dim() == 4 else y.view(input.shape)

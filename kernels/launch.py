@@ -183,5 +183,31 @@ class Launch:
             f"{self.name or self.kernel.__name__}: argument {name} {problem}")
 
 
-def next_power_of_2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+@dataclass(frozen=True)
+class TileConfig:
+    """How a kernel is launched: a [BLOCK_M x BLOCK_N] tile stepping BLOCK_K along its
+    reduction (1 along an axis the kernel does not have: an elementwise kernel's block is
+    ``block_m``), with its warps and software-pipeline stages."""
+    name: str
+    block_m: int
+    block_n: int = 1
+    block_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+def interpreter_tile(m: int, n: int | None = None, k: int | None = None, *, max_m: int = 4096,
+                     max_n: int = 128, max_k: int = 128, min_block: int = 16) -> TileConfig:
+    """The tile every kernel takes under the Triton interpreter, which costs about a
+    millisecond per program per loop iteration whatever the tile holds (and ignores warps and
+    stages): the parallel extents ``m`` and ``n`` each in about two programs, so that every
+    multi-program path (merges of per-tile partials, split reductions) still runs, and the
+    reduction ``k`` in one step; each a power of two between ``min_block`` and its cap. An
+    axis the kernel does not have (None) gets a block of 1."""
+    return TileConfig("interpreter", _block(-(-m // 2), min_block, max_m),
+                      1 if n is None else _block(-(-n // 2), min_block, max_n),
+                      1 if k is None else _block(k, min_block, max_k))
+
+
+def _block(extent: int, floor: int, cap: int) -> int:
+    return max(floor, min(cap, triton.next_power_of_2(max(extent, 1))))

@@ -1,12 +1,15 @@
 """What the matrix-multiply kernels (conv forward, dgrad, wgrad, linear) share: the dot with
-its operand precision, and the host-side choice of that precision from torch's TF32 switches."""
+its operand precision, and the operand kind that picks both a config family and that
+precision."""
 from __future__ import annotations
+
+import enum
 
 import torch
 import triton
 import triton.language as tl
 
-from fastarch import backend
+from .runtime import INTERPRETER
 
 
 @triton.jit
@@ -19,36 +22,45 @@ def dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
-def operand_kind(dtype: torch.dtype, allow_tf32: bool) -> str:
-    """The config family of a dtype: "16bit", "tf32" or "ieee" (fp32 without tensor cores)."""
-    if dtype != torch.float32:
-        return "16bit"
-    return "tf32" if allow_tf32 else "ieee"
+class Operand(enum.Enum):
+    """What a GEMM multiplies: 16-bit floats, fp32 rounded to TF32 on tensor cores, or fp32
+    in full precision (no tensor cores). Config tables are keyed on it (``.value``)."""
+    SIXTEEN_BIT = "16bit"
+    TF32 = "tf32"
+    IEEE = "ieee"
 
+    @classmethod
+    def of(cls, dtype: torch.dtype, allow_tf32: bool) -> Operand:
+        """fp32 rounds to TF32 only when torch's switch for the op allows it."""
+        if dtype != torch.float32:
+            return cls.SIXTEEN_BIT
+        return cls.TF32 if allow_tf32 else cls.IEEE
 
-def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
-    """The dot's input_precision: fp32 rounds to TF32 only when allowed; 16-bit ignores it."""
-    return "ieee" if operand_kind(dtype, allow_tf32) == "ieee" else "tf32"
+    @property
+    def dot_precision(self) -> str:
+        """``tl.dot``'s input_precision (16-bit operands ignore it)."""
+        return "ieee" if self is Operand.IEEE else "tf32"
 
 
 def upcast_operands(dtype: torch.dtype) -> bool:
-    return backend.INTERPRETER and dtype == torch.bfloat16
+    """Whether ``dot`` must upcast operands of ``dtype`` (interpreted bf16)."""
+    return INTERPRETER and dtype == torch.bfloat16
+
+
+# TRANSITIONAL (issue 12): the old string API, deleted once every family uses Operand and
+# fastarch.backend's conv_operand / matmul_operand.
+def operand_kind(dtype: torch.dtype, allow_tf32: bool) -> str:
+    return Operand.of(dtype, allow_tf32).value
+
+
+def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    return Operand.of(dtype, allow_tf32).dot_precision
 
 
 def cudnn_conv_allows_tf32() -> bool:
-    """torch's TF32 switch for convolutions: ``torch.backends.cudnn.allow_tf32`` or the newer
-    per-op ``fp32_precision`` ("none" defers to the enclosing backend, then the global).
-    Reading ``allow_tf32`` raises in torch 2.13 once the two APIs have been mixed."""
-    backends = torch.backends
-    if not hasattr(backends.cudnn, "conv"):
-        return bool(backends.cudnn.allow_tf32)
-    for precision in (backends.cudnn.conv.fp32_precision, backends.cudnn.fp32_precision,
-                      backends.fp32_precision):
-        if precision != "none":
-            return precision == "tf32"
-    return False
+    from fastarch import backend
+    return backend.conv_operand(torch.float32) is Operand.TF32
 
 
 def matmul_allows_tf32() -> bool:
-    """torch's TF32 switch for matmuls (what F.linear on CUDA obeys)."""
     return bool(torch.backends.cuda.matmul.allow_tf32)

@@ -38,3 +38,12 @@ def chan_merge(count, offset, m2, ok):
     merged_m2 = tl.sum(tl.where(ok, m2, 0.0), axis=0) + tl.sum(count * deviation * deviation,
                                                                 axis=0)
     return n, merged, merged_m2
+
+
+@triton.jit
+def store_statistics(partials_ptr, plane, offsets, count, mean, m2, mask):
+    """Store (count, mean, M2) at ``offsets`` of the three [plane]-element planes of a
+    [3, tiles, C] fp32 partials buffer."""
+    tl.store(partials_ptr + offsets, tl.zeros_like(mean) + count, mask=mask)
+    tl.store(partials_ptr + plane + offsets, mean, mask=mask)
+    tl.store(partials_ptr + 2 * plane + offsets, m2, mask=mask)

@@ -1,10 +1,12 @@
 """AlexNet with torchvision's layout (64/192/384/256/256 channels, identical state_dict keys,
-shapes and default initialisation) and the lecture notes' compact variant (64/128/256/256)."""
+shapes and default initialisation) and the lecture notes' compact variant (64/128/256/256),
+fused by default (``fastarch.fusion``)."""
 from typing import Any, Sequence
 
 import torch
 
 from fastarch import nn
+from fastarch.fusion import fuse
 
 TORCHVISION_WIDTHS = (64, 192, 384, 256, 256)
 COMPACT_WIDTHS = (64, 128, 256, 256)
@@ -17,11 +19,17 @@ class AlexNet(torch.nn.Module):
     each followed by a 3x3 stride-2 max pool, then 3x3 convolutions and a last pool) and
     ``hidden_features`` (the classifier's hidden width) are keyword-only extras whose
     defaults are torchvision's; the tests shrink them to run under the Triton interpreter.
+
+    ``fused`` (keyword-only): True, the default, runs every Conv2d -> ReLU of ``features``
+    as one conv kernel with the ReLU in its epilogue and the classifier's Linear -> ReLU
+    (-> Dropout) runs as one GEMM each (``fastarch.fusion.fuse``); the classifier's leading
+    Dropout, before the first Linear, stays a kernel of its own. False runs module by module
+    (for debugging).
     """
 
     def __init__(self, num_classes: int = 1000, dropout: float = 0.5, *,
                  widths: Sequence[int] = TORCHVISION_WIDTHS,
-                 hidden_features: int = 4096) -> None:
+                 hidden_features: int = 4096, fused: bool = True) -> None:
         super().__init__()
         if len(widths) < 2:
             raise ValueError(f"AlexNet: widths needs at least the two large convolutions' "
@@ -37,6 +45,8 @@ class AlexNet(torch.nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(hidden_features, num_classes),
         )
+        if fused:
+            fuse(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.avgpool(self.features(x))
@@ -48,9 +58,9 @@ class CompactAlexNet(AlexNet):
     pools and classifier as torchvision's."""
 
     def __init__(self, num_classes: int = 1000, dropout: float = 0.5, *,
-                 hidden_features: int = 4096) -> None:
+                 hidden_features: int = 4096, fused: bool = True) -> None:
         super().__init__(num_classes, dropout, widths=COMPACT_WIDTHS,
-                         hidden_features=hidden_features)
+                         hidden_features=hidden_features, fused=fused)
 
 
 def _features(widths: tuple[int, ...]) -> list[torch.nn.Module]:

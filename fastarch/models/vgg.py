@@ -1,10 +1,12 @@
 """VGG11/13/16/19 (configurations A, B, D, E) with and without BatchNorm: torchvision's
-layout, state_dict keys, arguments and initialisation (with the same seed, the same weights)."""
+layout, state_dict keys, arguments and initialisation (with the same seed, the same weights),
+fused by default (``fastarch.fusion``)."""
 from typing import Any, Union
 
 import torch
 
 from fastarch import nn
+from fastarch.fusion import fuse
 
 # Output channels of each 3x3 convolution; "M" is a 2x2 stride-2 max pool.
 CONFIGS: dict[str, list[Union[int, str]]] = {
@@ -19,12 +21,15 @@ CONFIGS: dict[str, list[Union[int, str]]] = {
 
 class VGG(torch.nn.Module):
     """torchvision.models.VGG. The classifier's input is the last convolution's channels
-    (512 in every configuration, as torchvision hard-codes) x 7 x 7; ``hidden_features``, a
-    keyword-only extra, is its hidden width (torchvision's 4096 by default)."""
+    (512 in every configuration, as torchvision hard-codes) x 7 x 7. Keyword-only extras:
+    ``hidden_features``, the classifier's hidden width (torchvision's 4096 by default), and
+    ``fused``: True (the default) runs every Conv2d -> BatchNorm2d -> ReLU (-> MaxPool2d),
+    Conv2d -> ReLU and Linear -> ReLU -> Dropout run of ``features`` and the classifier fused
+    (``fastarch.fusion.fuse``); False runs module by module (for debugging)."""
 
     def __init__(self, features: torch.nn.Module, num_classes: int = 1000,
                  init_weights: bool = True, dropout: float = 0.5, *,
-                 hidden_features: int = 4096) -> None:
+                 hidden_features: int = 4096, fused: bool = True) -> None:
         super().__init__()
         self.features = features
         self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
@@ -40,6 +45,8 @@ class VGG(torch.nn.Module):
         if init_weights:
             for module in self.modules():
                 _torchvision_init(module)
+        if fused:
+            fuse(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.avgpool(self.features(x))
@@ -92,7 +99,7 @@ def _vgg(config: str, batch_norm: bool, kwargs: dict[str, Any]) -> VGG:
 
 
 # torchvision's builders without downloads: keyword arguments go to VGG (num_classes,
-# init_weights, dropout, hidden_features); pretrained weights load with load_state_dict.
+# init_weights, dropout, hidden_features, fused); pretrained weights load with load_state_dict.
 def vgg11(**kwargs: Any) -> VGG:
     return _vgg("A", False, kwargs)
 

@@ -1,16 +1,23 @@
-"""Fused blocks: Conv2d -> BatchNorm2d -> ReLU (-> MaxPool2d / AvgPool2d) and Conv2d -> ReLU
-run as few kernels as the mode allows, while every original module (and so every parameter,
-buffer and state_dict key) stays where it was.
+"""Fused runs: Conv2d -> BatchNorm2d -> ReLU (-> MaxPool2d / AvgPool2d), Conv2d -> ReLU and
+Linear -> ReLU (-> Dropout) run as few kernels as the mode allows, while every original module
+(and so every parameter, buffer and state_dict key) stays where it was. ``walk`` finds them
+in a list of modules; ``FusedSequential`` and ``ModuleChains`` (a model whose forward runs
+lists of its children, LeNet-5's) run what it yields.
 
-* Training: the conv kernel writes its output and the BatchNorm Welford partials in its
-  epilogue (no statistics pass), a tiny finalize updates the running statistics, and one
-  pass normalises + ReLUs, fused into the pool when one follows (the normalised tensor is
+* Conv runs in training: the conv kernel writes its output and the BatchNorm Welford partials
+  in its epilogue (no statistics pass), a tiny finalize updates the running statistics, and
+  one pass normalises + ReLUs, fused into the pool when one follows (the normalised tensor is
   never written). Backward runs from the saved fp32 mean / inverse std.
-* Inference (running statistics, no gradient needed for the BatchNorm or conv bias): the
-  BatchNorm and the conv bias fold into the conv epilogue as per-channel fp32 scale and shift,
-  with the ReLU: one kernel. The fold is recomputed at every call from the current
-  parameters and running statistics (a few C-sized torch ops, captured by CUDA graphs and
-  traced by torch.compile), so no write, through ``.data`` or otherwise, can leave it stale.
+* Conv runs in inference (running statistics, no gradient needed for the BatchNorm or conv
+  bias): the BatchNorm and the conv bias fold into the conv epilogue as per-channel fp32
+  scale and shift, with the ReLU: one kernel. The fold is recomputed at every call from the
+  current parameters and running statistics (a few C-sized torch ops, captured by CUDA
+  graphs and traced by torch.compile), so no write, through ``.data`` or otherwise, can
+  leave it stale.
+* Linear runs: one GEMM with the bias, the ReLU and (while the Dropout is in training, with
+  its ``p``) the Philox dropout in its epilogue; backward applies the ReLU and dropout masks
+  inside its own GEMM. The ReLU and Dropout ``inplace`` flags change nothing: the fused run
+  never exposes the tensor they would overwrite.
 
 A run fuses only modules whose ``forward`` is known to compute what the fused kernels do:
 each module's type must be exactly torch.nn's class or its ``fastarch.nn`` twin (a subclass,
@@ -22,6 +29,7 @@ Such a run runs module by module, so every hook fires. State-dict hooks do not m
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -30,8 +38,10 @@ from torch import nn
 
 from fastarch import functional
 from fastarch.nn.activation import ReLU
-from fastarch.nn.batchnorm import BatchNorm2d
+from fastarch.nn.batchnorm import BatchNorm2d, batch_norm_mode, uses_batch_statistics
 from fastarch.nn.conv import Conv2d
+from fastarch.nn.dropout import Dropout
+from fastarch.nn.linear import Linear
 from fastarch.nn.pooling import AvgPool2d, MaxPool2d
 
 Pool = Union[nn.MaxPool2d, nn.AvgPool2d]
@@ -42,34 +52,90 @@ _CONVS = (nn.Conv2d, Conv2d)
 _BATCH_NORMS = (nn.BatchNorm2d, BatchNorm2d)
 _RELUS = (nn.ReLU, ReLU)
 _POOLS = (nn.MaxPool2d, MaxPool2d, nn.AvgPool2d, AvgPool2d)
+_LINEARS = (nn.Linear, Linear)
+_DROPOUTS = (nn.Dropout, Dropout)
+
+
+class Run:
+    """A fusable run of ``length`` modules; calling it on an input runs them fused."""
+    length: int
 
 
 @dataclass(frozen=True)
-class FusedRun:
-    """A run of modules executed as one fused block: conv (-> bn) -> relu (-> pool)."""
+class ConvRun(Run):
+    """conv (-> bn) -> relu (-> pool), executed as one fused block by calling it."""
     conv: nn.Conv2d
     bn: Optional[nn.BatchNorm2d]
     pool: Optional[Pool]
     length: int
 
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _run_conv(self, x)
 
-def match_run(modules: list[nn.Module], start: int) -> Optional[FusedRun]:
+
+@dataclass(frozen=True)
+class LinearRun(Run):
+    """linear -> relu (-> dropout) as one GEMM, executed by calling it."""
+    linear: nn.Linear
+    dropout: Optional[nn.Dropout]
+    length: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        dropout = self.dropout
+        return functional.linear_relu_dropout(
+            x, self.linear.weight, self.linear.bias, relu=True,
+            p=0.0 if dropout is None else dropout.p,
+            training=dropout is not None and dropout.training)
+
+
+def walk(modules: Sequence[nn.Module]) -> Iterator[tuple[int, Union[Run, nn.Module]]]:
+    """``modules`` as they execute, in order: each fusable run (at this call: see the module
+    docstring) as one ``Run``, every other module as itself, each with the index of its first
+    module. Both are called on the input."""
+    index = 0
+    while index < len(modules):
+        run = match_run(modules, index)
+        yield index, modules[index] if run is None else run
+        index += 1 if run is None else run.length
+
+
+def run_fused(modules: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """``modules`` applied in order to ``x``, their fusable runs fused."""
+    for _, step in walk(modules):
+        x = step(x)
+    return x
+
+
+def match_run(modules: Sequence[nn.Module], start: int) -> Optional[Run]:
     """The fusable run beginning at ``modules[start]``, if any (see the module docstring for
     which modules may take part)."""
-    conv = modules[start]
-    if not (_plain(conv, _CONVS) and conv.groups == 1 and conv.padding_mode == "zeros") \
-            or _global_hooks_registered():
+    if _global_hooks_registered():
         return None
-    rest = modules[start + 1:start + 4]
+    first = modules[start]
+    if _plain(first, _CONVS) and first.groups == 1 and first.padding_mode == "zeros":
+        return _match_conv_run(first, modules[start + 1:start + 4])
+    if _plain(first, _LINEARS):
+        return _match_linear_run(first, modules[start + 1:start + 3])
+    return None
+
+
+def _match_conv_run(conv: nn.Conv2d, rest: Sequence[nn.Module]) -> Optional[ConvRun]:
     bn = rest[0] if rest and _plain(rest[0], _BATCH_NORMS) \
         and rest[0].num_features == conv.out_channels else None
     after_bn = rest[1:] if bn is not None else rest
     if not after_bn or not _plain(after_bn[0], _RELUS):
         return None
     if bn is None:
-        return FusedRun(conv, None, None, 2)
+        return ConvRun(conv, None, None, 2)
     pool = after_bn[1] if len(after_bn) > 1 and _fusable_pool(after_bn[1]) else None
-    return FusedRun(conv, bn, pool, 4 if pool is not None else 3)
+    return ConvRun(conv, bn, pool, 4 if pool is not None else 3)
+
+
+def _match_linear_run(linear: nn.Linear, rest: Sequence[nn.Module]) -> Optional[LinearRun]:
+    if not rest or not _plain(rest[0], _RELUS):
+        return None
+    dropout = rest[1] if len(rest) > 1 and _plain(rest[1], _DROPOUTS) else None
+    return LinearRun(linear, dropout, 3 if dropout is not None else 2)
 
 
 def _fusable_pool(module: nn.Module) -> bool:
@@ -113,7 +179,7 @@ def _conv_args(conv: nn.Conv2d) -> tuple:
 
 def _can_fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
     """Eval with running statistics, and nothing that folding would hide needs a gradient."""
-    if bn.training or bn.running_mean is None:
+    if uses_batch_statistics(bn):
         return False
     if not torch.is_grad_enabled():
         return True
@@ -135,12 +201,9 @@ def _batch_norm_relu_pool(bn: nn.BatchNorm2d, pool: Optional[Pool], y: torch.Ten
     """BatchNorm (batch or running statistics, exactly as nn.BatchNorm2d.forward chooses),
     ReLU and the pool in one pass; ``partials`` are y's statistics from the conv epilogue."""
     bn._check_input_dim(y)
-    factor = BatchNorm2d._average_factor(bn)
-    use_batch_stats = bn.training or bn.running_mean is None
-    keep_running = not bn.training or bn.track_running_stats
-    args = (y, bn.running_mean if keep_running else None,
-            bn.running_var if keep_running else None, bn.weight, bn.bias, use_batch_stats,
-            factor, bn.eps)
+    mode = batch_norm_mode(bn)
+    args = (y, mode.running_mean, mode.running_var, bn.weight, bn.bias, mode.training,
+            mode.momentum, bn.eps)
     if isinstance(pool, nn.MaxPool2d):
         return functional.batch_norm_max_pool2d(
             *args, relu=True, kernel_size=pool.kernel_size, stride=pool.stride,
@@ -155,8 +218,8 @@ def _batch_norm_relu_pool(bn: nn.BatchNorm2d, pool: Optional[Pool], y: torch.Ten
     return functional.batch_norm_relu(*args, partials=partials)
 
 
-def run_fused(run: FusedRun, x: torch.Tensor) -> torch.Tensor:
-    """Execute one fused run on ``x`` (see the module docstring for what fuses when)."""
+def _run_conv(run: ConvRun, x: torch.Tensor) -> torch.Tensor:
+    """Execute one conv run on ``x`` (see the module docstring for what fuses when)."""
     conv, bn = run.conv, run.bn
     if bn is None:
         y, _ = functional.conv2d_fused(x, conv.weight, conv.bias, *_conv_args(conv), relu=True)
@@ -166,29 +229,36 @@ def run_fused(run: FusedRun, x: torch.Tensor) -> torch.Tensor:
         y, _ = functional.conv2d_fused(x, conv.weight, None, *_conv_args(conv), scale=scale,
                                        shift=shift, relu=True)
         return _pool(run.pool, y)
-    batch_stats = bn.training or bn.running_mean is None
     y, partials = functional.conv2d_fused(x, conv.weight, conv.bias, *_conv_args(conv),
-                                          stats=batch_stats)
+                                          stats=uses_batch_statistics(bn))
     return _batch_norm_relu_pool(bn, run.pool, y, partials)
 
 
 class FusedSequential(nn.Sequential):
-    """nn.Sequential that runs its Conv2d -> BatchNorm2d -> ReLU (-> pool) and Conv2d -> ReLU
-    runs fused (when ``match_run`` finds them at this call); everything else runs module by
-    module. Same children, same keys."""
+    """nn.Sequential that runs the fusable runs ``walk`` finds at this call fused; everything
+    else runs module by module. Same children, same keys."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        modules = list(self._modules.values())
-        index = 0
-        while index < len(modules):
-            run = match_run(modules, index)
-            if run is None:
-                input = modules[index](input)
-                index += 1
-                continue
-            input = run_fused(run, input)
-            index += run.length
-        return input
+        return run_fused(list(self._modules.values()), input)
+
+
+class ModuleChains(nn.Module):
+    """A module whose forward runs ``chains`` of its children (each a tuple of child names,
+    applied in order) through ``run_chain``: their fusable runs fused while ``fused``, else
+    module by module. ``fastarch.fusion.fuse`` / ``unfuse`` set ``fused``."""
+    chains: tuple[tuple[str, ...], ...] = ()
+
+    def __init__(self, *, fused: bool = True) -> None:
+        super().__init__()
+        self.fused = fused
+
+    def run_chain(self, chain: int, x: torch.Tensor) -> torch.Tensor:
+        modules = [self.get_submodule(name) for name in self.chains[chain]]
+        if self.fused:
+            return run_fused(modules, x)
+        for module in modules:
+            x = module(x)
+        return x
 
 
 class ConvBatchNormReLU(FusedSequential):

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastarch import functional
-from fastarch.nn.batchnorm import BatchNorm2d
+from fastarch.nn.batchnorm import batch_norm_mode
 
 
 class SyncBatchNorm(nn.SyncBatchNorm):
@@ -24,17 +24,15 @@ class SyncBatchNorm(nn.SyncBatchNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
-        factor = BatchNorm2d._average_factor(self)
-        keep_running = not self.training or self.track_running_stats
-        running_mean = self.running_mean if keep_running else None
-        running_var = self.running_var if keep_running else None
+        mode = batch_norm_mode(self)
         group = self._sync_group()
         if group is None:
-            use_batch_stats = self.training or self.running_mean is None
-            return functional.batch_norm(input, running_mean, running_var, self.weight,
-                                         self.bias, use_batch_stats, factor, self.eps)
-        return functional.sync_batch_norm(input, running_mean, running_var, self.weight,
-                                          self.bias, factor, self.eps, group)
+            return functional.batch_norm(input, mode.running_mean, mode.running_var,
+                                         self.weight, self.bias, mode.training, mode.momentum,
+                                         self.eps)
+        return functional.sync_batch_norm(input, mode.running_mean, mode.running_var,
+                                          self.weight, self.bias, mode.momentum, self.eps,
+                                          group)
 
     def _sync_group(self) -> Optional[dist.ProcessGroup]:
         """The process group to synchronise over in training; None when there is none."""

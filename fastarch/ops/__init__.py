@@ -23,6 +23,10 @@ import torch
 from torch import Tensor
 
 from fastarch import backend, profiling
+from fastarch.ops.common import (ConvWindow, PoolWindow, absent, conv_geometry, conv_window,
+                                 fake_empty, is_channels_last, memory_format_for,
+                                 no_double_backward,
+                                 no_grads, or_absent, pool_geometry, pool_window, pooled_shape)
 from fastarch.kernels import avg_pool as avg_pool_kernels
 from fastarch.kernels import batch_norm as bn_kernels
 from fastarch.kernels import conv2d_dgrad, conv2d_wgrad
@@ -35,79 +39,6 @@ from fastarch.kernels.batch_norm import BackwardSums, BatchNormStatistics
 from fastarch.kernels.conv_geometry import ConvGeometry
 from fastarch.kernels.pool_tile import PoolGeometry
 
-PoolWindow = tuple[list[int], list[int], list[int], list[int], bool]
-ConvWindow = tuple[list[int], list[int], list[int], list[int]]
-
-
-# ----------------------------------------------------------------------------- arguments
-
-def absent(like: Tensor) -> Tensor:
-    """The placeholder returned for an output that was not computed."""
-    return like.new_empty((0,))
-
-
-def _or_absent(t: Optional[Tensor], like: Tensor) -> Tensor:
-    return absent(like) if t is None else t
-
-
-def _is_channels_last(x: Tensor) -> bool:
-    return backend.memory_format_of(x) == torch.channels_last
-
-
-def _format(channels_last: bool) -> torch.memory_format:
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
-def _empty(shape, dtype: torch.dtype, like: Tensor,
-           memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
-    """An output of a fake (shape) function: what the real op allocates, never filled."""
-    return torch.empty(tuple(shape), dtype=dtype, device=like.device,
-                       memory_format=memory_format)
-
-
-def pool_window(geometry: PoolGeometry) -> PoolWindow:
-    """A pooling geometry as op arguments: kernel, stride, padding, dilation, ceil_mode."""
-    return (list(geometry.kernel), list(geometry.stride), list(geometry.padding),
-            list(geometry.dilation), geometry.ceil_mode)
-
-
-def _pool_geometry(kernel: list[int], stride: list[int], padding: list[int],
-                   dilation: list[int], ceil_mode: bool) -> PoolGeometry:
-    return PoolGeometry(tuple(kernel), tuple(stride), tuple(padding), tuple(dilation),
-                        ceil_mode)
-
-
-def _pooled_shape(input_shape, geometry: PoolGeometry) -> tuple:
-    return (*input_shape[:2], *geometry.output_size(*input_shape[2:]))
-
-
-def conv_window(geometry: ConvGeometry) -> ConvWindow:
-    """A convolution geometry (its kernel is the weight's) as op arguments."""
-    return (list(geometry.stride), list(geometry.padding), list(geometry.dilation),
-            list(geometry.end_padding()))
-
-
-def _conv_geometry(weight_shape, stride: list[int], padding: list[int], dilation: list[int],
-                   padding_end: list[int]) -> ConvGeometry:
-    end = None if list(padding_end) == list(padding) else tuple(padding_end)
-    return ConvGeometry(tuple(weight_shape[2:]), tuple(stride), tuple(padding),
-                        tuple(dilation), end)
-
-
-def _no_grads(count: int) -> tuple[None, ...]:
-    return (None,) * count
-
-
-def _no_double_backward(forward: str) -> Callable[..., None]:
-    """The autograd formula of ``forward``'s backward op: a clear error, since fastarch has
-    no kernels for the gradient of a gradient (double backward: a gradient taken with
-    ``create_graph=True``, then differentiated again)."""
-    def refuse(ctx, *grads):
-        raise RuntimeError(
-            f"fastarch::{forward}: double backward (differentiating a gradient taken with "
-            "create_graph=True) is not supported by fastarch's kernels; compute higher-order "
-            f"gradients with torch's own torch.nn.functional.{forward} (or torch.nn layers)")
-    return refuse
 
 
 # ----------------------------------------------------------------------------- max pool
@@ -118,26 +49,26 @@ def max_pool2d(x: Tensor, kernel_size: list[int], stride: list[int], padding: li
                return_indices: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Max pool of a 4-D x: (y, window offsets for backward if ``keep_offsets``, torch's
     int64 indices if ``return_indices``)."""
-    geometry = _pool_geometry(kernel_size, stride, padding, dilation, ceil_mode)
+    geometry = pool_geometry(kernel_size, stride, padding, dilation, ceil_mode)
     y, offsets, indices = max_pool_kernels.max_pool2d_forward(x, geometry, keep_offsets,
                                                               return_indices)
-    return y, _or_absent(offsets, x), _or_absent(indices, x)
+    return y, or_absent(offsets, x), or_absent(indices, x)
 
 
 @max_pool2d.register_fake
 def _(x, kernel_size, stride, padding, dilation, ceil_mode, keep_offsets, return_indices):
-    geometry = _pool_geometry(kernel_size, stride, padding, dilation, ceil_mode)
-    shape, fmt = _pooled_shape(x.shape, geometry), backend.memory_format_of(x)
+    geometry = pool_geometry(kernel_size, stride, padding, dilation, ceil_mode)
+    shape, fmt = pooled_shape(x.shape, geometry), backend.memory_format_of(x)
     offset_dtype = max_pool_kernels.window_offset_dtype(geometry)
-    return (_empty(shape, x.dtype, x, fmt),
-            _empty(shape, offset_dtype, x, fmt) if keep_offsets else absent(x),
-            _empty(shape, torch.int64, x, fmt) if return_indices else absent(x))
+    return (fake_empty(shape, x.dtype, x, fmt),
+            fake_empty(shape, offset_dtype, x, fmt) if keep_offsets else absent(x),
+            fake_empty(shape, torch.int64, x, fmt) if return_indices else absent(x))
 
 
 def _max_pool2d_setup(ctx, inputs, output) -> None:
     x, *window, _, _ = inputs
     ctx.window = window
-    ctx.input_shape, ctx.channels_last = list(x.shape), _is_channels_last(x)
+    ctx.input_shape, ctx.channels_last = list(x.shape), is_channels_last(x)
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.save_for_backward(output[1])
 
@@ -146,7 +77,7 @@ def _max_pool2d_setup(ctx, inputs, output) -> None:
 def _max_pool2d_grads(ctx, dy: Tensor, *unused_grads):
     (offsets,) = ctx.saved_tensors
     dx = max_pool2d_backward(dy, offsets, ctx.input_shape, ctx.channels_last, *ctx.window)
-    return dx, *_no_grads(7)
+    return dx, *no_grads(7)
 
 
 max_pool2d.register_autograd(_max_pool2d_grads, setup_context=_max_pool2d_setup)
@@ -157,18 +88,18 @@ def max_pool2d_backward(dy: Tensor, offsets: Tensor, input_shape: list[int],
                         channels_last: bool, kernel_size: list[int], stride: list[int],
                         padding: list[int], dilation: list[int], ceil_mode: bool) -> Tensor:
     """dx of a max pool from the window offsets its forward kept: a gather, no atomics."""
-    geometry = _pool_geometry(kernel_size, stride, padding, dilation, ceil_mode)
+    geometry = pool_geometry(kernel_size, stride, padding, dilation, ceil_mode)
     return max_pool_kernels.max_pool2d_backward(dy, offsets, torch.Size(input_shape),
-                                                _format(channels_last), geometry)
+                                                memory_format_for(channels_last), geometry)
 
 
 @max_pool2d_backward.register_fake
 def _(dy, offsets, input_shape, channels_last, kernel_size, stride, padding, dilation,
       ceil_mode):
-    return _empty(input_shape, dy.dtype, dy, _format(channels_last))
+    return fake_empty(input_shape, dy.dtype, dy, memory_format_for(channels_last))
 
 
-max_pool2d_backward.register_autograd(_no_double_backward("max_pool2d"))
+max_pool2d_backward.register_autograd(no_double_backward("max_pool2d"))
 
 
 # ----------------------------------------------------------------------------- avg pool
@@ -178,27 +109,27 @@ def avg_pool2d(x: Tensor, kernel_size: list[int], stride: list[int], padding: li
                ceil_mode: bool, count_include_pad: bool,
                divisor_override: Optional[int]) -> Tensor:
     """Average pool of a 4-D x (fp32 sums)."""
-    geometry = _pool_geometry(kernel_size, stride, padding, [1, 1], ceil_mode)
+    geometry = pool_geometry(kernel_size, stride, padding, [1, 1], ceil_mode)
     return avg_pool_kernels.avg_pool2d_forward(x, geometry, count_include_pad,
                                                divisor_override)
 
 
 @avg_pool2d.register_fake
 def _(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
-    geometry = _pool_geometry(kernel_size, stride, padding, [1, 1], ceil_mode)
-    return _empty(_pooled_shape(x.shape, geometry), x.dtype, x, backend.memory_format_of(x))
+    geometry = pool_geometry(kernel_size, stride, padding, [1, 1], ceil_mode)
+    return fake_empty(pooled_shape(x.shape, geometry), x.dtype, x, backend.memory_format_of(x))
 
 
 def _avg_pool2d_setup(ctx, inputs, output) -> None:
     x, *window = inputs
     ctx.window = window
-    ctx.input_shape, ctx.channels_last = list(x.shape), _is_channels_last(x)
+    ctx.input_shape, ctx.channels_last = list(x.shape), is_channels_last(x)
 
 
 @profiling.op_range("avg_pool2d.backward")
 def _avg_pool2d_grads(ctx, dy: Tensor):
     dx = avg_pool2d_backward(dy, ctx.input_shape, ctx.channels_last, *ctx.window)
-    return dx, *_no_grads(6)
+    return dx, *no_grads(6)
 
 
 avg_pool2d.register_autograd(_avg_pool2d_grads, setup_context=_avg_pool2d_setup)
@@ -209,19 +140,19 @@ def avg_pool2d_backward(dy: Tensor, input_shape: list[int], channels_last: bool,
                         kernel_size: list[int], stride: list[int], padding: list[int],
                         ceil_mode: bool, count_include_pad: bool,
                         divisor_override: Optional[int]) -> Tensor:
-    geometry = _pool_geometry(kernel_size, stride, padding, [1, 1], ceil_mode)
+    geometry = pool_geometry(kernel_size, stride, padding, [1, 1], ceil_mode)
     return avg_pool_kernels.avg_pool2d_backward(dy, torch.Size(input_shape),
-                                                _format(channels_last), geometry,
+                                                memory_format_for(channels_last), geometry,
                                                 count_include_pad, divisor_override)
 
 
 @avg_pool2d_backward.register_fake
 def _(dy, input_shape, channels_last, kernel_size, stride, padding, ceil_mode,
       count_include_pad, divisor_override):
-    return _empty(input_shape, dy.dtype, dy, _format(channels_last))
+    return fake_empty(input_shape, dy.dtype, dy, memory_format_for(channels_last))
 
 
-avg_pool2d_backward.register_autograd(_no_double_backward("avg_pool2d"))
+avg_pool2d_backward.register_autograd(no_double_backward("avg_pool2d"))
 
 
 # ----------------------------------------------------------------------------- adaptive pool
@@ -233,12 +164,12 @@ def adaptive_avg_pool2d(x: Tensor, output_size: list[int]) -> Tensor:
 
 @adaptive_avg_pool2d.register_fake
 def _(x, output_size):
-    return _empty((*x.shape[:2], *output_size), x.dtype, x, backend.memory_format_of(x))
+    return fake_empty((*x.shape[:2], *output_size), x.dtype, x, backend.memory_format_of(x))
 
 
 def _adaptive_avg_pool2d_setup(ctx, inputs, output) -> None:
     x, _ = inputs
-    ctx.input_shape, ctx.channels_last = list(x.shape), _is_channels_last(x)
+    ctx.input_shape, ctx.channels_last = list(x.shape), is_channels_last(x)
 
 
 @profiling.op_range("adaptive_avg_pool2d.backward")
@@ -254,15 +185,15 @@ adaptive_avg_pool2d.register_autograd(_adaptive_avg_pool2d_grads,
 def adaptive_avg_pool2d_backward(dy: Tensor, input_shape: list[int],
                                  channels_last: bool) -> Tensor:
     return avg_pool_kernels.adaptive_avg_pool2d_backward(dy, torch.Size(input_shape),
-                                                         _format(channels_last))
+                                                         memory_format_for(channels_last))
 
 
 @adaptive_avg_pool2d_backward.register_fake
 def _(dy, input_shape, channels_last):
-    return _empty(input_shape, dy.dtype, dy, _format(channels_last))
+    return fake_empty(input_shape, dy.dtype, dy, memory_format_for(channels_last))
 
 
-adaptive_avg_pool2d_backward.register_autograd(_no_double_backward("adaptive_avg_pool2d"))
+adaptive_avg_pool2d_backward.register_autograd(no_double_backward("adaptive_avg_pool2d"))
 
 
 # ----------------------------------------------------------------------------- batch norm stats
@@ -276,11 +207,11 @@ def batch_norm_welford_partials(x: Tensor) -> Tensor:
 
 @batch_norm_welford_partials.register_fake
 def _(x):
-    return _empty((3, bn_kernels.partial_tiles(x), x.shape[1]), torch.float32, x)
+    return fake_empty((3, bn_kernels.partial_tiles(x), x.shape[1]), torch.float32, x)
 
 
 def _statistics_fake(channels: int, like: Tensor) -> tuple[Tensor, ...]:
-    return tuple(_empty((channels,), torch.float32, like) for _ in BatchNormStatistics._fields)
+    return tuple(fake_empty((channels,), torch.float32, like) for _ in BatchNormStatistics._fields)
 
 
 @torch.library.custom_op("fastarch::batch_norm_finalize",
@@ -358,12 +289,12 @@ def batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean
 
 @batch_norm.register_fake
 def _(x, weight, bias, mean, invstd, scale, shift, training, relu):
-    return _empty(x.shape, x.dtype, x, backend.memory_format_of(x))
+    return fake_empty(x.shape, x.dtype, x, backend.memory_format_of(x))
 
 
 @profiling.op_range("batch_norm.backward")
 def _batch_norm_apply_grads(ctx, dy: Tensor):
-    return *_batch_norm_grads(ctx, dy), *_no_grads(6)
+    return *_batch_norm_grads(ctx, dy), *no_grads(6)
 
 
 batch_norm.register_autograd(_batch_norm_apply_grads, setup_context=_batch_norm_setup)
@@ -378,20 +309,20 @@ def batch_norm_max_pool2d(x: Tensor, weight: Optional[Tensor], bias: Optional[Te
     """max_pool2d of ``batch_norm``'s output without writing it: (y, window offsets for
     backward if ``keep_offsets``)."""
     stats = BatchNormStatistics(mean, invstd, scale, shift)
-    geometry = _pool_geometry(kernel_size, stride, padding, dilation, ceil_mode)
+    geometry = pool_geometry(kernel_size, stride, padding, dilation, ceil_mode)
     y, offsets = bn_kernels.batch_norm_max_pool2d_forward(x, stats, relu, geometry,
                                                           keep_offsets)
-    return y, _or_absent(offsets, x)
+    return y, or_absent(offsets, x)
 
 
 @batch_norm_max_pool2d.register_fake
 def _(x, weight, bias, mean, invstd, scale, shift, training, relu, kernel_size, stride,
       padding, dilation, ceil_mode, keep_offsets):
-    geometry = _pool_geometry(kernel_size, stride, padding, dilation, ceil_mode)
-    shape, fmt = _pooled_shape(x.shape, geometry), backend.memory_format_of(x)
+    geometry = pool_geometry(kernel_size, stride, padding, dilation, ceil_mode)
+    shape, fmt = pooled_shape(x.shape, geometry), backend.memory_format_of(x)
     offset_dtype = max_pool_kernels.window_offset_dtype(geometry)
-    return (_empty(shape, x.dtype, x, fmt),
-            _empty(shape, offset_dtype, x, fmt) if keep_offsets else absent(x))
+    return (fake_empty(shape, x.dtype, x, fmt),
+            fake_empty(shape, offset_dtype, x, fmt) if keep_offsets else absent(x))
 
 
 def _batch_norm_max_pool2d_setup(ctx, inputs, output) -> None:
@@ -403,8 +334,8 @@ def _batch_norm_max_pool2d_setup(ctx, inputs, output) -> None:
 @profiling.op_range("batch_norm_max_pool2d.backward")
 def _batch_norm_max_pool2d_grads(ctx, dy: Tensor, unused_offsets_grad):
     x, offsets = ctx.saved_tensors[0], ctx.saved_tensors[5]
-    dz = max_pool2d_backward(dy, offsets, list(x.shape), _is_channels_last(x), *ctx.window)
-    return *_batch_norm_grads(ctx, dz), *_no_grads(12)
+    dz = max_pool2d_backward(dy, offsets, list(x.shape), is_channels_last(x), *ctx.window)
+    return *_batch_norm_grads(ctx, dz), *no_grads(12)
 
 
 batch_norm_max_pool2d.register_autograd(_batch_norm_max_pool2d_grads,
@@ -419,7 +350,7 @@ def batch_norm_avg_pool2d(x: Tensor, weight: Optional[Tensor], bias: Optional[Te
                           count_include_pad: bool, divisor_override: Optional[int]) -> Tensor:
     """avg_pool2d of ``batch_norm``'s output without writing it."""
     stats = BatchNormStatistics(mean, invstd, scale, shift)
-    geometry = _pool_geometry(kernel_size, stride, padding, [1, 1], ceil_mode)
+    geometry = pool_geometry(kernel_size, stride, padding, [1, 1], ceil_mode)
     return bn_kernels.batch_norm_avg_pool2d_forward(x, stats, relu, geometry,
                                                     count_include_pad, divisor_override)
 
@@ -427,8 +358,8 @@ def batch_norm_avg_pool2d(x: Tensor, weight: Optional[Tensor], bias: Optional[Te
 @batch_norm_avg_pool2d.register_fake
 def _(x, weight, bias, mean, invstd, scale, shift, training, relu, kernel_size, stride,
       padding, ceil_mode, count_include_pad, divisor_override):
-    geometry = _pool_geometry(kernel_size, stride, padding, [1, 1], ceil_mode)
-    return _empty(_pooled_shape(x.shape, geometry), x.dtype, x, backend.memory_format_of(x))
+    geometry = pool_geometry(kernel_size, stride, padding, [1, 1], ceil_mode)
+    return fake_empty(pooled_shape(x.shape, geometry), x.dtype, x, backend.memory_format_of(x))
 
 
 def _batch_norm_avg_pool2d_setup(ctx, inputs, output) -> None:
@@ -439,8 +370,8 @@ def _batch_norm_avg_pool2d_setup(ctx, inputs, output) -> None:
 @profiling.op_range("batch_norm_avg_pool2d.backward")
 def _batch_norm_avg_pool2d_grads(ctx, dy: Tensor):
     x = ctx.saved_tensors[0]
-    dz = avg_pool2d_backward(dy, list(x.shape), _is_channels_last(x), *ctx.window)
-    return *_batch_norm_grads(ctx, dz), *_no_grads(12)
+    dz = avg_pool2d_backward(dy, list(x.shape), is_channels_last(x), *ctx.window)
+    return *_batch_norm_grads(ctx, dz), *no_grads(12)
 
 
 batch_norm_avg_pool2d.register_autograd(_batch_norm_avg_pool2d_grads,
@@ -460,18 +391,18 @@ def batch_norm_backward_reduce(x: Tensor, dy: Tensor, mean: Tensor, invstd: Tens
     stats = BatchNormStatistics(mean, invstd, scale, shift)
     sums, dw, db = bn_kernels.batch_norm_backward_sums(x, dy, stats, relu, weight_grad_dtype,
                                                        bias_grad_dtype)
-    return sums.sum_dy, sums.sum_dy_xhat, _or_absent(dw, x), _or_absent(db, x)
+    return sums.sum_dy, sums.sum_dy_xhat, or_absent(dw, x), or_absent(db, x)
 
 
 @batch_norm_backward_reduce.register_fake
 def _(x, dy, mean, invstd, scale, shift, relu, weight_grad_dtype, bias_grad_dtype):
     channels = (x.shape[1],)
-    return (_empty(channels, torch.float32, x), _empty(channels, torch.float32, x),
-            absent(x) if weight_grad_dtype is None else _empty(channels, weight_grad_dtype, x),
-            absent(x) if bias_grad_dtype is None else _empty(channels, bias_grad_dtype, x))
+    return (fake_empty(channels, torch.float32, x), fake_empty(channels, torch.float32, x),
+            absent(x) if weight_grad_dtype is None else fake_empty(channels, weight_grad_dtype, x),
+            absent(x) if bias_grad_dtype is None else fake_empty(channels, bias_grad_dtype, x))
 
 
-batch_norm_backward_reduce.register_autograd(_no_double_backward("batch_norm"))
+batch_norm_backward_reduce.register_autograd(no_double_backward("batch_norm"))
 
 
 @torch.library.custom_op("fastarch::batch_norm_backward_input", mutates_args=())
@@ -487,10 +418,10 @@ def batch_norm_backward_input(x: Tensor, dy: Tensor, mean: Tensor, invstd: Tenso
 
 @batch_norm_backward_input.register_fake
 def _(x, dy, mean, invstd, scale, shift, sum_dy, sum_dy_xhat, relu):
-    return _empty(x.shape, dy.dtype, x, backend.memory_format_of(x))
+    return fake_empty(x.shape, dy.dtype, x, backend.memory_format_of(x))
 
 
-batch_norm_backward_input.register_autograd(_no_double_backward("batch_norm"))
+batch_norm_backward_input.register_autograd(no_double_backward("batch_norm"))
 
 
 # ----------------------------------------------------------------------------- relu
@@ -503,7 +434,7 @@ def relu(x: Tensor) -> Tensor:
 
 @relu.register_fake
 def _(x):
-    return _empty(x.shape, x.dtype, x, relu_kernels.dense_format(x))
+    return fake_empty(x.shape, x.dtype, x, relu_kernels.dense_format(x))
 
 
 def _relu_setup(ctx, inputs, output) -> None:
@@ -539,10 +470,10 @@ def relu_backward(y: Tensor, dy: Tensor) -> Tensor:
 
 @relu_backward.register_fake
 def _(y, dy):
-    return _empty(y.shape, dy.dtype, y, relu_kernels.dense_format(y))
+    return fake_empty(y.shape, dy.dtype, y, relu_kernels.dense_format(y))
 
 
-relu_backward.register_autograd(_no_double_backward("relu"))
+relu_backward.register_autograd(no_double_backward("relu"))
 
 
 # ----------------------------------------------------------------------------- conv2d
@@ -555,27 +486,27 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Te
     """conv2d (groups=1) of a 4-D x with the fused epilogue: y = relu?((conv + bias) * scale +
     shift); with ``stats`` also the Welford partials of conv + bias ([3, tiles, K_out] fp32,
     not differentiable)."""
-    geometry = _conv_geometry(weight.shape, stride, padding, dilation, padding_end)
+    geometry = conv_geometry(weight.shape, stride, padding, dilation, padding_end)
     y, partials = conv_kernels.conv2d_forward(x, weight, bias, geometry, scale, shift, relu,
                                               stats)
-    return y, _or_absent(partials, x)
+    return y, or_absent(partials, x)
 
 
 @conv2d.register_fake
 def _(x, weight, bias, scale, shift, stride, padding, dilation, padding_end, relu, stats):
-    geometry = _conv_geometry(weight.shape, stride, padding, dilation, padding_end)
+    geometry = conv_geometry(weight.shape, stride, padding, dilation, padding_end)
     shape = (x.shape[0], weight.shape[0], *geometry.output_size(*x.shape[2:]))
-    y = _empty(shape, x.dtype, x, backend.memory_format_of(x))
+    y = fake_empty(shape, x.dtype, x, backend.memory_format_of(x))
     if not stats:
         return y, absent(x)
     tiles = conv_kernels.stats_tiles(x, weight, geometry)
-    return y, _empty((3, tiles, weight.shape[0]), torch.float32, x)
+    return y, fake_empty((3, tiles, weight.shape[0]), torch.float32, x)
 
 
 def _conv2d_setup(ctx, inputs, output) -> None:
     x, weight, _, scale, _, *window, relu, _ = inputs
     ctx.window = window
-    ctx.input_shape, ctx.channels_last = list(x.shape), _is_channels_last(x)
+    ctx.input_shape, ctx.channels_last = list(x.shape), is_channels_last(x)
     ctx.weight_shape = list(weight.shape)
     ctx.mark_non_differentiable(output[1])
     need_dx, need_dw = ctx.needs_input_grad[:2]
@@ -590,7 +521,7 @@ def _conv2d_grads(ctx, dy: Tensor, unused_partials_grad):
     dx, dw, db = conv2d_backward(dy, x, weight, scale, y, ctx.input_shape, ctx.channels_last,
                                  ctx.weight_shape, *ctx.window, need_dx, need_dw, need_db)
     return (dx if need_dx else None, dw if need_dw else None, db if need_db else None,
-            *_no_grads(8))
+            *no_grads(8))
 
 
 conv2d.register_autograd(_conv2d_grads, setup_context=_conv2d_setup)
@@ -610,30 +541,30 @@ def conv2d_backward(dy: Tensor, x: Optional[Tensor], weight: Optional[Tensor],
         dy = dy.masked_fill(y <= 0, 0)  # ReLU: torch's threshold_backward (NaN passes)
     if scale is not None:
         dy = (dy.float() * scale.view(1, -1, 1, 1)).to(dy.dtype)
-    geometry = _conv_geometry(weight_shape, stride, padding, dilation, padding_end)
+    geometry = conv_geometry(weight_shape, stride, padding, dilation, padding_end)
     allow_tf32 = tensor_cores.cudnn_conv_allows_tf32()
     dx = dw = db = None
     if input_grad:
         dx = conv2d_dgrad.conv2d_input_grad(dy, weight, torch.Size(input_shape),
-                                            _format(channels_last), geometry, allow_tf32)
+                                            memory_format_for(channels_last), geometry, allow_tf32)
     if weight_grad:
         dw, db = conv2d_wgrad.conv2d_weight_grad(x, dy, torch.Size(weight_shape), geometry,
                                                  bias_grad, allow_tf32)
     elif bias_grad:
         db = dy.sum((0, 2, 3), dtype=torch.float32).to(dy.dtype)
-    return _or_absent(dx, dy), _or_absent(dw, dy), _or_absent(db, dy)
+    return or_absent(dx, dy), or_absent(dw, dy), or_absent(db, dy)
 
 
 @conv2d_backward.register_fake
 def _(dy, x, weight, scale, y, input_shape, channels_last, weight_shape, stride, padding,
       dilation, padding_end, input_grad, weight_grad, bias_grad):
-    return (_empty(input_shape, dy.dtype, dy, _format(channels_last)) if input_grad
+    return (fake_empty(input_shape, dy.dtype, dy, memory_format_for(channels_last)) if input_grad
             else absent(dy),
-            _empty(weight_shape, dy.dtype, dy) if weight_grad else absent(dy),
-            _empty(weight_shape[:1], dy.dtype, dy) if bias_grad else absent(dy))
+            fake_empty(weight_shape, dy.dtype, dy) if weight_grad else absent(dy),
+            fake_empty(weight_shape[:1], dy.dtype, dy) if bias_grad else absent(dy))
 
 
-conv2d_backward.register_autograd(_no_double_backward("conv2d"))
+conv2d_backward.register_autograd(no_double_backward("conv2d"))
 
 
 # ----------------------------------------------------------------------------- linear
@@ -649,7 +580,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], relu: bool, p: flo
 
 @linear.register_fake
 def _(x, weight, bias, relu, p, seed):
-    return _empty((x.shape[0], weight.shape[0]), x.dtype, x)
+    return fake_empty((x.shape[0], weight.shape[0]), x.dtype, x)
 
 
 def _linear_setup(ctx, inputs, output) -> None:
@@ -682,18 +613,18 @@ def linear_backward(dy: Tensor, x: Optional[Tensor], weight: Optional[Tensor],
     when ``x`` is, dbias when ``bias_dtype`` is (placeholders otherwise)."""
     dx, dw, db = linear_kernels.linear_backward(dy, x, weight, y, seed, relu, p, bias_dtype,
                                                 tensor_cores.matmul_allows_tf32())
-    return _or_absent(dx, dy), _or_absent(dw, dy), _or_absent(db, dy)
+    return or_absent(dx, dy), or_absent(dw, dy), or_absent(db, dy)
 
 
 @linear_backward.register_fake
 def _(dy, x, weight, y, seed, relu, p, bias_dtype):
-    return (absent(dy) if weight is None else _empty((dy.shape[0], weight.shape[1]),
+    return (absent(dy) if weight is None else fake_empty((dy.shape[0], weight.shape[1]),
                                                      dy.dtype, dy),
-            absent(dy) if x is None else _empty((dy.shape[1], x.shape[1]), x.dtype, dy),
-            absent(dy) if bias_dtype is None else _empty((dy.shape[1],), bias_dtype, dy))
+            absent(dy) if x is None else fake_empty((dy.shape[1], x.shape[1]), x.dtype, dy),
+            absent(dy) if bias_dtype is None else fake_empty((dy.shape[1],), bias_dtype, dy))
 
 
-linear_backward.register_autograd(_no_double_backward("linear"))
+linear_backward.register_autograd(no_double_backward("linear"))
 
 
 # ----------------------------------------------------------------------------- dropout
@@ -707,7 +638,7 @@ def dropout(x: Tensor, p: float, seed: Tensor) -> Tensor:
 
 @dropout.register_fake
 def _(x, p, seed):
-    return _empty(x.shape, x.dtype, x, backend.memory_format_of(x))
+    return fake_empty(x.shape, x.dtype, x, backend.memory_format_of(x))
 
 
 def _dropout_setup(ctx, inputs, output) -> None:

@@ -1,0 +1,104 @@
+"""What every family's operators share: placeholders for outputs not asked for, shape-function
+allocation, window geometry as operator arguments (schemas carry ints, int lists and
+booleans only), the double-backward refusal, and the NHWC tile table of the memory-bound
+[pixels x channels] kernels (pools, BatchNorm)."""
+from collections.abc import Callable
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastarch.kernels.conv_geometry import ConvGeometry
+from fastarch.kernels.launch import TileConfig, interpreter_tile
+from fastarch.kernels.pool_tile import PoolGeometry
+from fastarch.kernels.runtime import INTERPRETER, memory_format_of
+
+PoolWindow = tuple[list[int], list[int], list[int], list[int], bool]
+ConvWindow = tuple[list[int], list[int], list[int], list[int]]
+
+
+def absent(like: Tensor) -> Tensor:
+    """The placeholder returned for an output that was not computed."""
+    return like.new_empty((0,))
+
+
+def or_absent(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return absent(like) if t is None else t
+
+
+def is_channels_last(x: Tensor) -> bool:
+    return memory_format_of(x) == torch.channels_last
+
+
+def memory_format_for(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def fake_empty(shape, dtype: torch.dtype, like: Tensor,
+               memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
+    """An output of a fake (shape) function: what the real op allocates, never filled."""
+    return torch.empty(tuple(shape), dtype=dtype, device=like.device,
+                       memory_format=memory_format)
+
+
+def pool_window(geometry: PoolGeometry) -> PoolWindow:
+    """A pooling geometry as op arguments: kernel, stride, padding, dilation, ceil_mode."""
+    return (list(geometry.kernel), list(geometry.stride), list(geometry.padding),
+            list(geometry.dilation), geometry.ceil_mode)
+
+
+def pool_geometry(kernel: list[int], stride: list[int], padding: list[int],
+                   dilation: list[int], ceil_mode: bool) -> PoolGeometry:
+    return PoolGeometry(tuple(kernel), tuple(stride), tuple(padding), tuple(dilation),
+                        ceil_mode)
+
+
+def pooled_shape(input_shape, geometry: PoolGeometry) -> tuple:
+    return (*input_shape[:2], *geometry.output_size(*input_shape[2:]))
+
+
+def conv_window(geometry: ConvGeometry) -> ConvWindow:
+    """A convolution geometry (its kernel is the weight's) as op arguments."""
+    return (list(geometry.stride), list(geometry.padding), list(geometry.dilation),
+            list(geometry.end_padding()))
+
+
+def conv_geometry(weight_shape, stride: list[int], padding: list[int], dilation: list[int],
+                   padding_end: list[int]) -> ConvGeometry:
+    end = None if list(padding_end) == list(padding) else tuple(padding_end)
+    return ConvGeometry(tuple(weight_shape[2:]), tuple(stride), tuple(padding),
+                        tuple(dilation), end)
+
+
+def no_grads(count: int) -> tuple[None, ...]:
+    return (None,) * count
+
+
+def no_double_backward(forward: str) -> Callable[..., None]:
+    """The autograd formula of ``forward``'s backward op: a clear error, since fastarch has
+    no kernels for the gradient of a gradient (double backward: a gradient taken with
+    ``create_graph=True``, then differentiated again)."""
+    def refuse(ctx, *grads):
+        raise RuntimeError(
+            f"fastarch::{forward}: double backward (differentiating a gradient taken with "
+            "create_graph=True) is not supported by fastarch's kernels; compute higher-order "
+            f"gradients with torch's own torch.nn.functional.{forward} (or torch.nn layers)")
+    return refuse
+
+
+# The [BLOCK_M pixels x BLOCK_N channels] tile of the memory-bound NHWC kernels, keyed on the
+# channel count: the channel block covers C (up to 128) with 16-byte vectors, and the pixel
+# block keeps each program near 4096 elements, 16 per thread at 8 warps.
+NHWC_TILES: tuple[TileConfig, ...] = (
+    TileConfig("c16", block_m=256, block_n=16, num_warps=8),
+    TileConfig("c32", block_m=128, block_n=32, num_warps=8),
+    TileConfig("c64", block_m=64, block_n=64, num_warps=8),
+    TileConfig("c128", block_m=32, block_n=128, num_warps=8),
+)
+
+
+def nhwc_tile(channels: int, pixels: int) -> TileConfig:
+    """The tile of a [pixels x channels] elementwise or pooling pass."""
+    if INTERPRETER:
+        return interpreter_tile(pixels, channels)
+    return next((tile for tile in NHWC_TILES if channels <= tile.block_n), NHWC_TILES[-1])
