@@ -1,6 +1,6 @@
 """The benchmark cases as data, derived from the models themselves.
 
-Each model is traced once on the meta device (``fastarch.profile.trace_leaves``); every
+Each model is traced once on the meta device (``fastarch.inventory.trace_leaves``); every
 distinct conv, BatchNorm, pool and linear layer of LeNet-5, AlexNet and VGG16-BN becomes a
 layer case at its real shape (identical layers, e.g. VGG's conv3_2 and conv3_3, are one case
 that lists the others in ``also``), every distinct fused run conv -> bn -> relu (-> pool)
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from fastarch import fusion, models
-from fastarch.profile import Leaf, label, run_cost, shape_text, torch_twin, trace_leaves
+from fastarch.inventory import Leaf, label, run_cost, shape_text, torch_twin, trace_leaves
 from fastarch.roofline import Cost
 
 
@@ -202,9 +202,11 @@ def _layer_runs(leaves: list[Leaf]) -> list[tuple[tuple[str, ...], str, str]]:
 
 def _block_runs(model: str, layer_names: dict[str, str]) -> list[tuple[tuple[str, ...], str, str]]:
     """(paths, "block", name) of every conv -> bn -> relu (-> pool) run fusion fuses (its
-    conv -> relu runs are the conv cases with a ReLU epilogue), named after the conv."""
+    conv -> relu runs are the conv cases with a ReLU epilogue; its linear -> relu -> dropout
+    runs are left out: their training output is random), named after the conv."""
     runs = fusion.fused_runs(build(model, False, "meta"))
-    return [(run, "block", f"{layer_names[run[0]]}_block") for run in runs if len(run) >= 3]
+    return [(run, "block", f"{layer_names[run[0]]}_block") for run in runs
+            if len(run) >= 3 and layer_names[run[0]].startswith("conv")]
 
 
 def _distinct(model: str, runs: list[tuple[tuple[str, ...], str, str]]) -> list[Case]:

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from cases import CONTENDERS  # noqa: E402
 from fastarch import backend  # noqa: E402
-from fastarch.profile import DTYPES  # noqa: E402
+from fastarch.inventory import DTYPES  # noqa: E402
 
 _SESSION_START = time.monotonic()
 

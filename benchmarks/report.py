@@ -22,6 +22,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import torch
+
+from fastarch.kernels.tensor_cores import Operand
 from fastarch.roofline import Ceilings, ceilings_for
 
 CONTENDERS = ("fastarch", "eager", "compile")
@@ -55,14 +58,13 @@ def summarize(bench: dict) -> dict:
             "environment": environment, "rows": list(rows.values())}
 
 
-def operand(environment: dict) -> str:
-    dtype = environment.get("dtype", "bfloat16")
-    if dtype in ("bfloat16", "float16"):
-        return "16bit"
-    return "tf32" if environment.get("tf32") else "fp32"
+def operand(environment: dict) -> Operand:
+    """The operand kind the run's dtype and TF32 switch made its GEMMs."""
+    dtype = getattr(torch, environment.get("dtype", "bfloat16"))
+    return Operand.of(dtype, bool(environment.get("tf32")))
 
 
-def roof_fraction(row: dict, ceilings: Optional[Ceilings], kind: str) -> Optional[float]:
+def roof_fraction(row: dict, ceilings: Optional[Ceilings], kind: Operand) -> Optional[float]:
     """fastarch's rate as a fraction of the ceiling its metric meets on this card."""
     ours = row["contenders"].get("fastarch")
     if ceilings is None or ours is None or ours["rate"] is None:
@@ -151,7 +153,7 @@ def roofline_png(summary: dict, path: Path) -> None:
         peak, bandwidth = ceilings.matmul_tflops[kind], ceilings.copy_gbs / 1e3  # TB/s
         xs = [min(intensities) / 2, peak / bandwidth, max(intensities) * 2]
         left.plot(xs, [min(peak, bandwidth * x) for x in xs], "k-", lw=1.5,
-                  label=f"{ceilings.card} roof: {peak:g} TFLOP/s ({kind}), "
+                  label=f"{ceilings.card} roof: {peak:g} TFLOP/s ({kind.value}), "
                         f"{ceilings.copy_gbs:g} GB/s")
     for contender in CONTENDERS:
         points = [(r["flops"] / r["bytes"], r["contenders"][contender]["rate"]) for r in compute

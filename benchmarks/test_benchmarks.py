@@ -2,7 +2,7 @@
 group: PyTorch eager (cuDNN / cuBLAS), torch.compile of the same torch module, and fastarch
 (``--contenders`` picks some: gpu_check.sh runs eager + fastarch first, compile later).
 
-The torch contenders run ``fastarch.profile.torch_twin`` of the fastarch module: the same
+The torch contenders run ``fastarch.inventory.torch_twin`` of the fastarch module: the same
 weights on torch's own classes. Blocks and whole models run fastarch fused
 (``fastarch.fusion.fuse``). Modes: ``eval`` (no_grad inference), ``train`` (training forward,
 graph recorded), ``fwd_bwd`` (forward + input and weight gradients), ``train_step`` (cross
@@ -23,11 +23,11 @@ from cases import CONTENDERS, Case, build, fusion, scenarios
 from timing import device_seconds, environment, measure, rotating
 from torch import nn
 
-from fastarch.profile import torch_twin
-from fastarch.roofline import operand_kind
+from fastarch.inventory import torch_twin
+from fastarch.kernels.tensor_cores import Operand
 
 # Relative L2 error allowed between fastarch and torch, by operand kind; models ×2.5.
-CHECK_TOLERANCE = {"16bit": 2e-2, "tf32": 5e-3, "fp32": 1e-4}
+CHECK_TOLERANCE = {Operand.SIXTEEN_BIT: 2e-2, Operand.TF32: 5e-3, Operand.IEEE: 1e-4}
 
 
 def pytest_generate_tests(metafunc):
@@ -127,7 +127,7 @@ def check_against_torch(case: Case, mode: str, fn, args: tuple, source: nn.Modul
     ours, theirs = fn(*args).detach().float(), twin_fn(*args).detach().float()
     assert ours.shape == theirs.shape and torch.isfinite(ours).all()
     error = ((ours - theirs).norm() / theirs.norm().clamp_min(1e-30)).item()
-    tolerance = CHECK_TOLERANCE[operand_kind(dtype, tf32)] * (2.5 if case.kind == "model" else 1)
+    tolerance = CHECK_TOLERANCE[Operand.of(dtype, tf32)] * (2.5 if case.kind == "model" else 1)
     assert error <= tolerance, f"{case.name} {mode}: relative error {error:.2e} > {tolerance:g}"
 
 

@@ -6,12 +6,14 @@ epochs, fp32); without one the same kernels run under the Triton interpreter (th
 restarts itself with TRITON_INTERPRET=1, which must be set before triton is imported) on a
 small budget that finishes in under two minutes.
 
-``layers`` runs the pooling layers of LeNet-5, AlexNet and VGG forward and backward, checks
-them against float64 torch and times them (real shapes on a GPU, small ones without).
+``layers`` runs every distinct layer of LeNet-5, AlexNet and VGG16-BN forward and backward,
+checks it against float64 torch and times it (``fastarch.layers``: real shapes on a GPU, small
+ones without).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -22,19 +24,6 @@ import torch
 
 if TYPE_CHECKING:
     from fastarch.digits import Digits, Recipe
-
-# (layer, full-size input NCHW, interpreter-size input, op, kwargs)
-POOLING_LAYERS = [
-    ("LeNet-5 subsampling (avg 2x2)", (1024, 6, 28, 28), (8, 6, 28, 28), "avg_pool2d",
-     dict(kernel_size=2, stride=2)),
-    ("AlexNet pool1 (max 3x3 s2)", (256, 64, 55, 55), (2, 64, 55, 55), "max_pool2d",
-     dict(kernel_size=3, stride=2)),
-    ("AlexNet avgpool (adaptive 6x6)", (256, 256, 13, 13), (2, 256, 13, 13),
-     "adaptive_avg_pool2d", dict(output_size=6)),
-    ("VGG pool1 (max 2x2 s2)", (64, 64, 224, 224), (1, 64, 56, 56), "max_pool2d",
-     dict(kernel_size=2, stride=2)),
-]
-
 
 def _restart_with_interpreter(enabled: bool) -> None:
     """Re-run this command with TRITON_INTERPRET set as asked, if it is not already."""
@@ -51,10 +40,10 @@ def _restart_with_interpreter(enabled: bool) -> None:
 
 # ----------------------------------------------------------------------------- demo
 
-# Without a GPU accuracy is measured on this many held-out images, in batches small enough
-# for the progress bar to move: an interpreted LeNet-5 forward costs about 0.1 s an image.
-INTERPRETER_TEST_IMAGES = 128
-INTERPRETER_TEST_BATCH = 16
+# Every held-out image is classified, 512 at a time on a GPU. The interpreter pays a fixed
+# cost per launch and per program, so few large batches are fastest; three keep the progress
+# bar moving.
+INTERPRETER_TEST_BATCH = 128
 GPU_TEST_BATCH = 512
 
 
@@ -64,9 +53,10 @@ class ProgressBar:
 
     WIDTH = 30
 
-    def __init__(self, label: str, total: int, stream: TextIO = sys.stderr) -> None:
-        self.label, self.total, self.stream = label, total, stream
-        self.tty = stream.isatty()
+    def __init__(self, label: str, total: int, stream: Optional[TextIO] = None) -> None:
+        self.label, self.total = label, total
+        self.stream = sys.stderr if stream is None else stream  # stderr as it is now
+        self.tty = self.stream.isatty()
         self.tenths_shown = -1
 
     def update(self, done: int, status: str = "") -> None:
@@ -113,7 +103,6 @@ def _describe_run(gpu: bool, recipe: Recipe, data: Digits) -> None:
     n_train = len(data.train_labels)
     where = (f"compiled Triton on {torch.cuda.get_device_name()}" if gpu else
              "the Triton interpreter on the CPU (no GPU found): the real kernels, run in numpy")
-    schedule = "one-cycle lr peaking at" if recipe.one_cycle else "constant lr"
     tf32 = (f"TF32 convolutions {'on' if tensor_cores.cudnn_conv_allows_tf32() else 'off'}, "
             f"TF32 matmuls {'on' if tensor_cores.matmul_allows_tf32() else 'off'}")
     print("fastarch demo: LeNet-5 on scikit-learn's handwritten digits "
@@ -121,7 +110,7 @@ def _describe_run(gpu: bool, recipe: Recipe, data: Digits) -> None:
     print(f"  kernels:  {where}")
     print(f"  training: {recipe.steps} steps of {recipe.batch_size} images "
           f"({recipe.steps * recipe.batch_size / n_train:.2g} epochs of {n_train}), "
-          f"AdamW, {schedule} {recipe.lr:g}, float32 ({tf32})")
+          f"AdamW, {recipe.describe_schedule()}, float32 ({tf32})")
     if not gpu:
         full = digits.FULL_RUN
         print("  budget:   small, so that it finishes in under 2 minutes; a GPU trains "
@@ -137,8 +126,38 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _one_blas_thread(gpu: bool) -> contextlib.AbstractContextManager:
+    """Without a GPU, numpy's BLAS held to one thread: the interpreter's matrix products (a
+    few thousand rows by 16 to 128) are too small to share, and pool threads spinning
+    between them take cores from the interpreter and from other jobs (on a loaded 2-core
+    machine a training step cost 3.3 s of CPU with the pool, 2.0 s without)."""
+    if gpu:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _train_and_test(model: torch.nn.Module, data: Digits, recipe: Recipe, seed: int,
+                    test_batch: int) -> tuple[list[float], Throughput, float]:
+    """Train ``model`` with progress bars; its losses, throughput and test accuracy."""
+    from fastarch import digits
+
+    bar, clock = ProgressBar("train", recipe.steps), Throughput(recipe.batch_size)
+
+    def on_step(step: int, loss: float) -> None:
+        clock.tick()
+        bar.update(step + 1, f"loss {loss:.3f}  {clock.images_per_s():.1f} images/s")
+
+    losses = digits.train(model, data, recipe, seed, on_step)
+    test_bar = ProgressBar("test", len(data.test_labels))
+    score = digits.accuracy(model, data.test_images, data.test_labels, test_batch,
+                            test_bar.update)
+    return losses, clock, score
+
+
 def demo(steps: Optional[int], seed: int) -> int:
-    """Train LeNet-5 on the digits with fastarch; 1 when a full run misses its accuracy."""
+    """Train LeNet-5 on the digits with fastarch, then torch.nn's from the same weights on
+    the same batches; 1 when a full run misses its accuracy."""
     gpu = torch.cuda.is_available()
     _restart_with_interpreter(not gpu)
     from fastarch import digits, models
@@ -154,24 +173,25 @@ def demo(steps: Optional[int], seed: int) -> int:
 
     torch.manual_seed(seed)
     model = models.lenet5().to(device)
-    bar, clock = ProgressBar("train", recipe.steps), Throughput(recipe.batch_size)
+    reference = digits.torch_lenet5().to(device)
+    reference.load_state_dict(model.state_dict())
+    with _one_blas_thread(gpu):
+        losses, clock, score = _train_and_test(model, data, recipe, seed,
+                                               GPU_TEST_BATCH if gpu else INTERPRETER_TEST_BATCH)
+    elapsed = time.perf_counter() - started
+    reference_losses = digits.train(reference, data, recipe, seed)
+    reference_score = digits.accuracy(reference, data.test_images, data.test_labels)
 
-    def on_step(step: int, loss: float) -> None:
-        clock.tick()
-        bar.update(step + 1, f"loss {loss:.3f}  {clock.images_per_s():.1f} images/s")
-
-    losses = digits.train(model, data, recipe, seed, on_step)
-    n_test = len(data.test_labels) if gpu else INTERPRETER_TEST_IMAGES
-    test_bar = ProgressBar("test", n_test)
-    score = digits.accuracy(model, data.test_images[:n_test], data.test_labels[:n_test],
-                            GPU_TEST_BATCH if gpu else INTERPRETER_TEST_BATCH, test_bar.update)
-
+    n_test = len(data.test_labels)
     print(f"\ntest accuracy:       {100 * score:.1f} % ({round(score * n_test)} of {n_test} "
           f"held-out images; chance is 10 %)")
-    print(f"training loss:       {losses[0]:.3f} at the first step, {losses[-1]:.3f} at the last")
+    print(f"torch.nn LeNet-5:    {100 * reference_score:.1f} % ({round(reference_score * n_test)} "
+          f"of {n_test}), trained from the same weights on the same batches")
+    print(f"training loss:       {losses[0]:.3f} at the first step, {losses[-1]:.3f} at the last "
+          f"(torch.nn: {reference_losses[0]:.3f}, {reference_losses[-1]:.3f})")
     print(f"training throughput: {clock.images_per_s():.1f} images/s (forward, backward and "
           f"AdamW step; {clock.counted_steps()})")
-    print(f"trained and tested in {time.perf_counter() - started:.0f} s"
+    print(f"trained and tested in {elapsed:.0f} s"
           + ("" if gpu else " (the interpreter's budget: under 2 minutes)"))
     if full_run and score < digits.TARGET_ACCURACY:
         print(f"below the {100 * digits.TARGET_ACCURACY:.0f} % a full run must reach")
@@ -181,48 +201,10 @@ def demo(steps: Optional[int], seed: int) -> int:
 
 # ----------------------------------------------------------------------------- layers
 
-def layers(dtype_name: str) -> int:
-    gpu = torch.cuda.is_available()
-    _restart_with_interpreter(not gpu)
-    import torch.nn.functional as F
-
-    import fastarch.functional as FF
-    from fastarch.testing import tolerance
-
-    dtype = getattr(torch, dtype_name)
-    device = "cuda" if gpu else "cpu"
-    mode = (f"compiled Triton on {torch.cuda.get_device_name()}" if gpu
-            else "Triton interpreter on the CPU (no GPU here: small shapes)")
-    print(f"fastarch layers: pooling layers, {dtype_name}, channels_last, {mode}\n")
-    print(f"{'layer':34} {'input':>18} {'fwd max err':>12} {'bwd max err':>12} {'fwd+bwd ms':>11}"
-          "  float64 check")
-    failures = 0
-    for name, full, small, op, kwargs in POOLING_LAYERS:
-        shape = full if gpu else small
-        x = torch.randn(shape, device=device).to(dtype).to(memory_format=torch.channels_last)
-        x.requires_grad_(True)
-        start = time.perf_counter()
-        y = getattr(FF, op)(x, **kwargs)
-        dy = torch.randn_like(y)
-        y.backward(dy)
-        if gpu:
-            torch.cuda.synchronize()
-        elapsed_ms = (time.perf_counter() - start) * 1e3
-        x64 = x.detach().cpu().double().requires_grad_(True)
-        y64 = getattr(F, op)(x64, **kwargs)
-        y64.backward(dy.cpu().double())
-        fwd_err = (y.detach().cpu().double() - y64).abs().max().item()
-        bwd_err = (x.grad.cpu().double() - x64.grad).abs().max().item()
-        rtol, atol = tolerance(dtype, reduction_length=9)
-        agree = (torch.allclose(y.detach().cpu().double(), y64, rtol, atol)
-                 and torch.allclose(x.grad.cpu().double(), x64.grad, rtol, atol))
-        failures += not agree
-        print(f"{name:34} {'x'.join(map(str, shape)):>18} {fwd_err:12.2e} {bwd_err:12.2e} "
-              f"{elapsed_ms:11.2f}  {'ok' if agree else 'MISMATCH'}")
-    print(f"\n{len(POOLING_LAYERS) - failures}/{len(POOLING_LAYERS)} layers agree with float64 "
-          f"torch within the {dtype_name} tolerance (rtol {rtol:g}).")
-    print("Timings include compilation on the first call; benchmarks/ has the real ones.")
-    return 1 if failures else 0
+def layers() -> int:
+    _restart_with_interpreter(not torch.cuda.is_available())
+    from fastarch import layers as command
+    return command.main(sys.argv[2:])
 
 
 def sm90() -> int:
@@ -246,10 +228,9 @@ def main() -> int:
                              help="training steps (default: the full run on a GPU, a small "
                              "budget without one)")
     demo_parser.add_argument("--seed", type=int, default=0)
-    layers_parser = commands.add_parser("layers", help="pooling layers through the Triton "
-                                        "kernels, checked against float64 torch")
-    layers_parser.add_argument("--dtype", default="bfloat16",
-                               choices=["float32", "float16", "bfloat16"])
+    commands.add_parser("layers", help="every distinct layer of the three models through the "
+                        "Triton kernels, checked against float64 torch (layers -h)",
+                        add_help=False)
     commands.add_parser("sm90", help="compile every kernel config for Hopper and report",
                         add_help=False)
     commands.add_parser("profile", help="per-layer times, rates and kernels of a model, and a "
@@ -258,7 +239,7 @@ def main() -> int:
     if args.command == "demo":
         return demo(args.steps, args.seed)
     if args.command == "layers":
-        return layers(args.dtype)
+        return layers()
     if args.command == "profile":
         return profile()
     return sm90()

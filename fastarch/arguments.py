@@ -11,8 +11,8 @@ from typing import Optional, Union
 
 import torch
 
-from fastarch.kernels.conv_geometry import ConvGeometry
-from fastarch.kernels.pool_tile import PoolGeometry
+from fastarch.kernels.conv2d import ConvGeometry
+from fastarch.kernels.pool_geometry import PoolGeometry
 
 IntOrPair = Union[int, Sequence[int]]
 ConvPadding = Union[str, int, Sequence[int]]
@@ -105,9 +105,23 @@ def check_inplace(x: torch.Tensor) -> None:
         x.copy_(x)
 
 
+def check_divisor_override(divisor_override: Optional[int]) -> None:
+    if divisor_override is not None and divisor_override == 0:
+        raise RuntimeError("avg_pool2d: divisor_override must be non-zero")
+
+
 def adaptive_output_size(x: torch.Tensor,
                           output_size: Union[int, None, Sequence[Optional[int]]]
                           ) -> tuple[int, int]:
+    """torch's checks of adaptive_avg_pool2d's input and output size, in its order; the
+    output size with each None resolved to the input's."""
+    if not isinstance(output_size, int) and output_size is not None \
+            and x.dim() <= len(output_size):  # torch's own check, with its error type
+        raise ValueError(f"adaptive_avg_pool2d(): expected a 3D or 4D tensor for input, but "
+                         f"got shape {list(x.shape)} for output_size {output_size}")
+    if x.dim() not in (3, 4):
+        raise RuntimeError("adaptive_avg_pool2d(): expected a 3D or 4D tensor for input, but "
+                           f"got shape {list(x.shape)}")
     sizes = (output_size, output_size) if output_size is None or isinstance(output_size, int) \
         else tuple(output_size)
     if len(sizes) != 2:
@@ -117,6 +131,9 @@ def adaptive_output_size(x: torch.Tensor,
     if min(resolved) < 0:
         raise RuntimeError("adaptive_avg_pool2d: elements of output_size must be greater than "
                            f"or equal to 0 but received {resolved}")
+    if 0 in x.shape[-2:]:  # torch takes an empty batch or channel dimension
+        raise RuntimeError("adaptive_avg_pool2d(): expected input to have non-zero size for "
+                           f"non-batch dimensions, but got shape {list(x.shape)}")
     return resolved
 
 

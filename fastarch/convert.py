@@ -3,8 +3,8 @@ fastarch's kernels.
 
 Every module whose type is exactly one of torch.nn's Conv2d, BatchNorm2d, ReLU, MaxPool2d,
 AvgPool2d, AdaptiveAvgPool2d, Linear or Dropout becomes its ``fastarch.nn`` twin, then
-``fastarch.fusion.fuse`` fuses the Conv2d -> BatchNorm2d -> ReLU (-> pool) and Conv2d -> ReLU
-runs it finds in every nn.Sequential.
+``fastarch.fusion.fuse`` fuses the Conv2d -> BatchNorm2d -> ReLU (-> pool), Conv2d -> ReLU and
+Linear -> ReLU (-> Dropout) runs it finds in every nn.Sequential.
 
 In place, like ``Module.to()``: the model is returned, and each converted module is the same
 object with its class changed (the twins subclass torch.nn's and add no state). So

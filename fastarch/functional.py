@@ -10,21 +10,25 @@ their autograd formulas, so ``torch.compile`` traces these functions without gra
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from fastarch import arguments, backend, ops, profiling
+from fastarch import arguments, backend
 from fastarch.arguments import ConvPadding, IntOrPair
-from fastarch.kernels import linear as linear_kernels
-from fastarch.kernels import relu as relu_kernels
-from fastarch.kernels.batch_norm import BatchNormStatistics
-from fastarch.kernels.conv2d_forward import WelfordPartials, merge_welford_partials
-from fastarch.kernels.pool_tile import PoolGeometry
+from fastarch.kernels.welford import WelfordPartials
+from fastarch.ops import avg_pool as avg_pool_ops
+from fastarch.ops import batch_norm as batch_norm_ops
+from fastarch.ops import conv2d as conv2d_ops
+from fastarch.ops import dropout as dropout_ops
+from fastarch.ops import linear as linear_ops
+from fastarch.ops import max_pool as max_pool_ops
+from fastarch.ops import relu as relu_ops
+from fastarch.ops import sync_batch_norm as sync_batch_norm_ops
+from fastarch.ops.common import pool_window
 
 # ----------------------------------------------------------------------------- max pool
 
@@ -33,14 +37,14 @@ def max_pool2d(input: torch.Tensor, kernel_size: IntOrPair, stride: Optional[Int
                return_indices: bool = False):
     """torch.nn.functional.max_pool2d on our kernels; int64 indices only when asked for."""
     arguments.check_pool_input(input, "max_pool2d")
-    geometry = arguments.pool_geometry("max_pool2d", input, kernel_size, stride, padding, dilation,
-                              ceil_mode)
+    geometry = arguments.pool_geometry("max_pool2d", input, kernel_size, stride, padding,
+                                       dilation, ceil_mode)
     if not backend.use_triton("max_pool2d", input):
         return F.max_pool2d(input, kernel_size, stride, padding, dilation,
                             ceil_mode=ceil_mode, return_indices=return_indices)
-    y, _, indices = ops.max_pool2d(arguments.batched(input), *ops.pool_window(geometry),
-                                   keep_offsets=arguments.records_grad(input),
-                                   return_indices=bool(return_indices))
+    y, _, indices = max_pool_ops.max_pool2d(arguments.batched(input), *pool_window(geometry),
+                                            keep_offsets=arguments.records_grad(input),
+                                            return_indices=bool(return_indices))
     if return_indices:
         return arguments.unbatched_like(input, y), arguments.unbatched_like(input, indices)
     return arguments.unbatched_like(input, y)
@@ -53,21 +57,15 @@ def avg_pool2d(input: torch.Tensor, kernel_size: IntOrPair, stride: Optional[Int
                divisor_override: Optional[int] = None) -> torch.Tensor:
     """torch.nn.functional.avg_pool2d on our kernels (fp32 sums)."""
     arguments.check_pool_input(input, "avg_pool2d")
-    geometry = arguments.pool_geometry("avg_pool2d", input, kernel_size, stride, padding, 1, ceil_mode)
-    if divisor_override is not None and divisor_override == 0:
-        raise RuntimeError("avg_pool2d: divisor_override must be non-zero")
+    geometry = arguments.pool_geometry("avg_pool2d", input, kernel_size, stride, padding, 1,
+                                       ceil_mode)
+    arguments.check_divisor_override(divisor_override)
     if not backend.use_triton("avg_pool2d", input):
         return F.avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
                             divisor_override)
-    y = ops.avg_pool2d(arguments.batched(input), *_avg_window(geometry), bool(count_include_pad),
-                       divisor_override)
+    y = avg_pool_ops.avg_pool2d(arguments.batched(input), *avg_pool_ops.avg_window(geometry),
+                                bool(count_include_pad), divisor_override)
     return arguments.unbatched_like(input, y)
-
-
-def _avg_window(geometry: PoolGeometry) -> tuple:
-    """An average pool's window as op arguments: kernel, stride, padding, ceil_mode."""
-    kernel, stride, padding, _, ceil_mode = ops.pool_window(geometry)
-    return kernel, stride, padding, ceil_mode
 
 
 # ----------------------------------------------------------------------------- adaptive avg pool
@@ -80,77 +78,18 @@ def adaptive_avg_pool2d(input: torch.Tensor,
     When the input already has the output size (AlexNet's 6x6, VGG's 7x7 at 224x224) the
     pool is the identity and ``input`` itself is returned, as ``nn.Identity`` would.
     """
-    if not isinstance(output_size, int) and output_size is not None \
-            and input.dim() <= len(output_size):  # torch's own check, with its error type
-        raise ValueError(f"adaptive_avg_pool2d(): expected a 3D or 4D tensor for input, but "
-                         f"got shape {list(input.shape)} for output_size {output_size}")
-    if input.dim() not in (3, 4):
-        raise RuntimeError("adaptive_avg_pool2d(): expected a 3D or 4D tensor for input, but "
-                           f"got shape {list(input.shape)}")
     size = arguments.adaptive_output_size(input, output_size)
-    if 0 in input.shape[-2:]:  # torch takes an empty batch or channel dimension
-        raise RuntimeError("adaptive_avg_pool2d(): expected input to have non-zero size for "
-                           f"non-batch dimensions, but got shape {list(input.shape)}")
     if not backend.use_triton("adaptive_avg_pool2d", input):
         return F.adaptive_avg_pool2d(input, size)
     if tuple(input.shape[-2:]) == size:
         return input
     if 0 in size:
         return input.new_empty((*input.shape[:-2], *size))
-    y = ops.adaptive_avg_pool2d(arguments.batched(input), list(size))
+    y = avg_pool_ops.adaptive_avg_pool2d(arguments.batched(input), list(size))
     return arguments.unbatched_like(input, y)
 
 
 # ----------------------------------------------------------------------------- batch norm
-
-
-@dataclass(frozen=True)
-class _FusedPool:
-    """The pool a BatchNorm (+ ReLU) runs fused into: max, or avg with its divisor rules."""
-    geometry: PoolGeometry
-    is_max: bool
-    count_include_pad: bool = True
-    divisor_override: Optional[int] = None
-
-
-def _detached(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if t is None else t.detach()
-
-
-def _batch_norm_statistics(x: torch.Tensor, running_mean: Optional[torch.Tensor],
-                           running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
-                           bias: Optional[torch.Tensor], training: bool, momentum: float,
-                           eps: float, partials: Optional[WelfordPartials]
-                           ) -> BatchNormStatistics:
-    """What the normalising op takes: in training the batch's statistics, from ``partials``
-    (the conv epilogue's) or a statistics pass over the 4-D x, updating the running ones in
-    place when given; in eval the running statistics. The normalising op differentiates
-    through the batch statistics itself, so these are computed from detached values."""
-    weight, bias = _detached(weight), _detached(bias)
-    if not training:
-        return BatchNormStatistics(*ops.batch_norm_running_statistics(
-            running_mean, running_var, weight, bias, eps))
-    if partials is None:
-        partials = WelfordPartials(*ops.batch_norm_welford_partials(x.detach()).unbind(0))
-    return BatchNormStatistics(*ops.batch_norm_finalize(
-        *partials, weight, bias, running_mean, running_var, momentum, eps))
-
-
-def _normalize(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-               stats: BatchNormStatistics, training: bool, relu: bool,
-               pool: Optional[_FusedPool]) -> torch.Tensor:
-    """(x - mean) * scale + shift of a 4-D x, then ReLU (``relu``), then ``pool`` (whose
-    input, the normalised tensor, is never written)."""
-    if pool is None:
-        return ops.batch_norm(x, weight, bias, *stats, training, relu)
-    if pool.is_max:
-        keep_offsets = any(arguments.records_grad(t) for t in (x, weight, bias) if t is not None)
-        y, _ = ops.batch_norm_max_pool2d(x, weight, bias, *stats, training, relu,
-                                         *ops.pool_window(pool.geometry), keep_offsets)
-        return y
-    return ops.batch_norm_avg_pool2d(x, weight, bias, *stats, training, relu,
-                                     *_avg_window(pool.geometry), pool.count_include_pad,
-                                     pool.divisor_override)
 
 
 def _use_batch_norm_kernels(op: str, input: torch.Tensor) -> bool:
@@ -164,16 +103,19 @@ def _use_batch_norm_kernels(op: str, input: torch.Tensor) -> bool:
 def _batch_norm(op: str, input: torch.Tensor, running_mean: Optional[torch.Tensor],
                 running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                 bias: Optional[torch.Tensor], training: bool, momentum: float, eps: float,
-                relu: bool, partials: Optional[WelfordPartials] = None) -> torch.Tensor:
-    if input.numel() != 0:  # torch answers an empty input (of any rank) before checking
-        arguments.check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
+                relu: bool, pool: Optional[batch_norm_ops.FusedPool] = None,
+                partials: Optional[WelfordPartials] = None) -> torch.Tensor:
+    """BatchNorm (+ ReLU, + ``pool``: its caller checks the arguments) of an (N, C, ...)
+    input on our kernels, or torch's."""
+    if pool is None and input.numel() != 0:  # torch answers an empty input before checking
+        arguments.check_batch_norm_args(input, running_mean, running_var, weight, bias,
+                                        training, eps)
     if not _use_batch_norm_kernels(op, input):
-        y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-        return F.relu(y) if relu else y
-    x = arguments.as_4d(input)
-    stats = _batch_norm_statistics(x, running_mean, running_var, weight, bias, bool(training),
-                                   float(momentum), float(eps), partials)
-    y = _normalize(x, weight, bias, stats, bool(training), relu, None)
+        return batch_norm_ops.torch_forward(input, running_mean, running_var, weight, bias,
+                                            training, momentum, eps, relu, pool)
+    y = batch_norm_ops.forward(arguments.as_4d(input), running_mean, running_var, weight, bias,
+                               bool(training), float(momentum), float(eps), relu, pool,
+                               partials)
     return y if input.dim() == 4 else y.view(input.shape)
 
 
@@ -202,18 +144,14 @@ def batch_norm_relu(input: torch.Tensor, running_mean: Optional[torch.Tensor],
                        training, momentum, eps, relu=True, partials=partials)
 
 
-def _batch_norm_pool(op: str, input: torch.Tensor, running_mean: Optional[torch.Tensor],
-                     running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
-                     bias: Optional[torch.Tensor], training: bool, momentum: float, eps: float,
-                     relu: bool, pool: _FusedPool,
-                     torch_pool: Callable[[torch.Tensor], torch.Tensor],
-                     partials: Optional[WelfordPartials]) -> torch.Tensor:
-    if not _use_batch_norm_kernels(op, input):
-        y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-        return torch_pool(F.relu(y) if relu else y)
-    stats = _batch_norm_statistics(input, running_mean, running_var, weight, bias,
-                                   bool(training), float(momentum), float(eps), partials)
-    return _normalize(input, weight, bias, stats, bool(training), relu, pool)
+def _check_batch_norm_pool(op: str, pool_op: str, input: torch.Tensor,
+                           running_mean: Optional[torch.Tensor],
+                           running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                           bias: Optional[torch.Tensor], training: bool, eps: float) -> None:
+    """The checks of BatchNorm fused into ``pool_op``, torch's pool's last."""
+    arguments.check_batch_norm_pool_input(input, op)
+    arguments.check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
+    arguments.check_pool_input(input, pool_op)
 
 
 def batch_norm_max_pool2d(input: torch.Tensor, running_mean: Optional[torch.Tensor],
@@ -228,16 +166,13 @@ def batch_norm_max_pool2d(input: torch.Tensor, running_mean: Optional[torch.Tens
     """max_pool2d(relu(batch_norm(input, ...))) (ReLU only if ``relu``) for a 4-D input,
     without writing the normalised tensor; the arguments are F.batch_norm's then
     F.max_pool2d's (no return_indices). ``partials`` as in ``batch_norm_relu``."""
-    arguments.check_batch_norm_pool_input(input, "batch_norm_max_pool2d")
-    arguments.check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
-    arguments.check_pool_input(input, "max_pool2d")
-    geometry = arguments.pool_geometry("max_pool2d", input, kernel_size, stride, padding, dilation,
-                              ceil_mode)
-    return _batch_norm_pool(
-        "batch_norm_max_pool2d", input, running_mean, running_var, weight, bias, training,
-        momentum, eps, relu, _FusedPool(geometry, is_max=True),
-        lambda y: F.max_pool2d(y, kernel_size, stride, padding, dilation, ceil_mode),
-        partials)
+    _check_batch_norm_pool("batch_norm_max_pool2d", "max_pool2d", input, running_mean,
+                           running_var, weight, bias, training, eps)
+    geometry = arguments.pool_geometry("max_pool2d", input, kernel_size, stride, padding,
+                                       dilation, ceil_mode)
+    return _batch_norm("batch_norm_max_pool2d", input, running_mean, running_var, weight, bias,
+                       training, momentum, eps, relu,
+                       batch_norm_ops.FusedPool(geometry, is_max=True), partials)
 
 
 def batch_norm_avg_pool2d(input: torch.Tensor, running_mean: Optional[torch.Tensor],
@@ -253,41 +188,19 @@ def batch_norm_avg_pool2d(input: torch.Tensor, running_mean: Optional[torch.Tens
     """avg_pool2d(relu(batch_norm(input, ...))) (ReLU only if ``relu``) for a 4-D input,
     without writing the normalised tensor; the arguments are F.batch_norm's then
     F.avg_pool2d's. ``partials`` as in ``batch_norm_relu``."""
-    arguments.check_batch_norm_pool_input(input, "batch_norm_avg_pool2d")
-    arguments.check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
-    arguments.check_pool_input(input, "avg_pool2d")
-    geometry = arguments.pool_geometry("avg_pool2d", input, kernel_size, stride, padding, 1, ceil_mode)
-    if divisor_override is not None and divisor_override == 0:
-        raise RuntimeError("avg_pool2d: divisor_override must be non-zero")
-    pool = _FusedPool(geometry, is_max=False, count_include_pad=bool(count_include_pad),
-                      divisor_override=divisor_override)
-    return _batch_norm_pool(
-        "batch_norm_avg_pool2d", input, running_mean, running_var, weight, bias, training,
-        momentum, eps, relu, pool,
-        lambda y: F.avg_pool2d(y, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                               divisor_override),
-        partials)
+    _check_batch_norm_pool("batch_norm_avg_pool2d", "avg_pool2d", input, running_mean,
+                           running_var, weight, bias, training, eps)
+    geometry = arguments.pool_geometry("avg_pool2d", input, kernel_size, stride, padding, 1,
+                                       ceil_mode)
+    arguments.check_divisor_override(divisor_override)
+    pool = batch_norm_ops.FusedPool(geometry, is_max=False,
+                                    count_include_pad=bool(count_include_pad),
+                                    divisor_override=divisor_override)
+    return _batch_norm("batch_norm_avg_pool2d", input, running_mean, running_var, weight, bias,
+                       training, momentum, eps, relu, pool, partials)
 
 
 # ----------------------------------------------------------------------------- relu
-
-class InPlaceReLUFunction(torch.autograd.Function):
-    """An in-place ReLU that autograd records, in eager mode: ``fastarch::relu_`` writes x,
-    which is marked dirty and saved as the output, so no second tensor is kept (as with
-    torch.relu_). Mutable operators carry no autograd formula, so compiled code takes the
-    out-of-place ``fastarch::relu`` and a copy instead, which Inductor fuses."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ops.relu_(x)
-        ctx.mark_dirty(x)
-        ctx.save_for_backward(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> torch.Tensor:
-        return ops.relu_grads(ctx, dy)
-
 
 def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """torch.nn.functional.relu on our kernel. Inputs neither contiguous nor channels_last
@@ -296,17 +209,7 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         return torch.relu_(input) if inplace else torch.relu(input)
     if inplace:
         arguments.check_inplace(input)
-    if relu_kernels.dense_format(input) is None:
-        y = ops.relu(input.contiguous())
-        return input.copy_(y) if inplace else y
-    if not inplace:
-        return ops.relu(input)
-    if not arguments.records_grad(input):
-        ops.relu_(input)
-        return input
-    if torch.compiler.is_compiling():
-        return input.copy_(ops.relu(input))
-    return InPlaceReLUFunction.apply(input)
+    return relu_ops.apply(input, bool(inplace))
 
 
 # ----------------------------------------------------------------------------- conv2d
@@ -327,8 +230,7 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     geometry = arguments.conv_geometry(input, weight, stride, padding, dilation)
     if not backend.use_triton("conv2d", input):
         return F.conv2d(input, weight, bias, stride, padding, dilation)
-    y, _ = ops.conv2d(arguments.batched(input), weight, bias, None, None, *ops.conv_window(geometry),
-                      False, False)
+    y, _ = conv2d_ops.conv2d_fused(arguments.batched(input), weight, bias, geometry)
     return arguments.unbatched_like(input, y)
 
 
@@ -341,7 +243,7 @@ def conv2d_fused(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     y = relu?((conv(input, weight) + bias) * scale + shift), and with ``stats`` the
     BatchNorm statistics of conv + bias (before scale/shift/ReLU) as per-tile Welford
     partials [tiles, out_channels] (fp32; float64 input, which runs torch, gives one float64
-    tile); ``kernels.conv2d_forward.merge_welford_partials`` turns them into mean and var.
+    tile); ``kernels.welford.merge_welford_partials`` turns them into mean and var.
 
     ``scale`` and ``shift`` are per-output-channel float32 constants (an eval-mode BatchNorm
     folded in): they must not require grad. Input, weight and bias get gradients."""
@@ -350,45 +252,14 @@ def conv2d_fused(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     arguments.check_scale_shift(input, weight, scale, shift)
     geometry = arguments.conv_geometry(input, weight, stride, padding, dilation)
     if not backend.use_triton("conv2d_fused", input):
-        return _conv2d_fused_torch(input, weight, bias, stride, padding, dilation, scale, shift,
-                                   relu, stats)
-    y, partials = ops.conv2d(arguments.batched(input), weight, bias, scale, shift,
-                             *ops.conv_window(geometry), bool(relu), bool(stats))
-    if not stats:
-        return arguments.unbatched_like(input, y), None
-    return arguments.unbatched_like(input, y), WelfordPartials(*partials.unbind(0))
-
-
-def _conv2d_fused_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                        stride: IntOrPair, padding: ConvPadding, dilation: IntOrPair,
-                        scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
-                        relu: bool, stats: bool) -> tuple[torch.Tensor, Optional[WelfordPartials]]:
-    """The fallback: torch's conv2d, then the epilogue as torch ops; the partials are one
-    tile holding the whole output."""
-    y = F.conv2d(arguments.batched(x), weight, bias, stride, padding, dilation)
-    partials = None
-    if stats:
-        values = y.detach().to(torch.promote_types(y.dtype, torch.float32))
-        var, mean = torch.var_mean(values, dim=(0, 2, 3), unbiased=False)
-        count = torch.full_like(mean, y.numel() // y.shape[1])
-        partials = WelfordPartials(count[None], mean[None], (var * count)[None])
-    if scale is not None:
-        channel = (1, -1, 1, 1)
-        y = (y * scale.view(channel) + shift.view(channel)).to(y.dtype)
-    if relu:
-        y = torch.relu(y)
-    return arguments.unbatched_like(x, y), partials
+        return conv2d_ops.conv2d_fused_torch(input, weight, bias, stride, padding, dilation,
+                                             scale, shift, relu, stats)
+    y, partials = conv2d_ops.conv2d_fused(arguments.batched(input), weight, bias, geometry,
+                                          scale, shift, relu, stats)
+    return arguments.unbatched_like(input, y), partials
 
 
 # ----------------------------------------------------------------------------- linear, dropout
-
-
-def _linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                  relu: bool, p: float) -> torch.Tensor:
-    y = F.linear(x, weight, bias)
-    if relu:
-        y = F.relu(y)
-    return F.dropout(y, p, training=True) if p > 0 else y
 
 
 def linear_relu_dropout(input: torch.Tensor, weight: torch.Tensor,
@@ -408,14 +279,11 @@ def linear_relu_dropout(input: torch.Tensor, weight: torch.Tensor,
     p = float(p) if training else 0.0
     if weight.dim() != 2 or (bias is not None and tuple(bias.shape) != weight.shape[:1]):
         backend.count_fallback("linear")
-        return _linear_torch(input, weight, bias, relu, p)
+        return linear_ops.torch_apply(input, weight, bias, relu, p)
     arguments.check_linear_args(input, weight, bias, "linear")
     if not backend.use_triton("linear", input):
-        return _linear_torch(input, weight, bias, relu, p)
-    seed = linear_kernels.new_seed(input.device) if p > 0 else None
-    x2d = input.reshape(input.shape[:-1].numel(), input.shape[-1])
-    y = ops.linear(x2d, weight, bias, bool(relu), p, seed)
-    return y if input.dim() == 2 else y.view(*input.shape[:-1], weight.shape[0])
+        return linear_ops.torch_apply(input, weight, bias, relu, p)
+    return linear_ops.apply(input, weight, bias, bool(relu), p)
 
 
 def linear(input: torch.Tensor, weight: torch.Tensor,
@@ -439,83 +307,10 @@ def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True,
         return F.dropout(input, p, training, inplace)
     if inplace:
         arguments.check_inplace(input)
-    seed = linear_kernels.new_seed(input.device)
-    if not input.is_contiguous(memory_format=backend.memory_format_of(input)):
-        y = ops.dropout(input.contiguous(), float(p), seed)
-        return input.copy_(y) if inplace else y
-    if not inplace:
-        return ops.dropout(input, float(p), seed)
-    if arguments.records_grad(input):  # mutable operators carry no autograd formula: write a copy
-        return input.copy_(ops.dropout(input, float(p), seed))
-    ops.dropout_(input, float(p), seed)
-    return input
+    return dropout_ops.apply(input, float(p), bool(inplace))
 
 
 # ----------------------------------------------------------------------------- sync batch norm
-
-def _rank_partials(x: torch.Tensor) -> torch.Tensor:
-    """This process's Welford partials of a 4-D x merged over its pixel tiles (Chan's
-    formula): one [3, C] fp32 (count, mean, M2); zeros for an empty local batch."""
-    channels = x.shape[1]
-    if x.numel() == 0:
-        return torch.zeros((3, channels), dtype=torch.float32, device=x.device)
-    count, mean, m2 = ops.batch_norm_welford_partials(x.detach()).unbind(0)
-    total = count.sum(0)
-    merged_mean, variance = merge_welford_partials(count, mean, m2)
-    return torch.stack([total, merged_mean, variance * total])
-
-
-def _gather_partials(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """Every process's partials as [3, world, C]: tiles the finalize merges in rank order,
-    so every process computes the same global statistics."""
-    local = _rank_partials(x)
-    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, local, group=group)
-    return torch.stack(gathered, dim=1)
-
-
-@profiling.named("sync_batch_norm")
-class SyncBatchNormFunction(torch.autograd.Function):
-    """Training BatchNorm of a 4-D x over the batches of every process in ``group``: the
-    statistics (and running-statistics update) are those of the global batch; backward
-    all-reduces the per-channel sums of dy and dy * x_hat. dweight and dbias stay local, as
-    in torch's SyncBatchNorm: DistributedDataParallel averages parameter gradients."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: Optional[torch.Tensor],
-                bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
-                running_var: Optional[torch.Tensor], momentum: float, eps: float,
-                group: dist.ProcessGroup) -> torch.Tensor:
-        partials = _gather_partials(x, group)
-        stats = BatchNormStatistics(*ops.batch_norm_finalize(
-            *partials.unbind(0), _detached(weight), _detached(bias), running_mean,
-            running_var, momentum, eps))
-        ctx.group = group
-        ctx.grad_dtypes = (None if weight is None else weight.dtype,
-                           None if bias is None else bias.dtype)
-        # The dx kernel averages the sums over its own N*H*W pixels; the share of them in
-        # the global batch rescales the global sums to that.
-        local_share = x.shape[0] * x.shape[2] * x.shape[3] / partials[0, :, 0].sum()
-        ctx.save_for_backward(x, *stats, local_share)
-        return ops.batch_norm(x, None, None, *stats, True, False)
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x, mean, invstd, scale, shift, local_share = ctx.saved_tensors
-        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        sum_dy, sum_dy_xhat, dw, db = ops.batch_norm_backward_reduce(
-            x, dy, mean, invstd, scale, shift, False,
-            ctx.grad_dtypes[0] if need_dw else None, ctx.grad_dtypes[1] if need_db else None)
-        dx = None
-        if need_dx:  # every process takes part: each one's need_dx is the same
-            sums = torch.stack([sum_dy, sum_dy_xhat])
-            dist.all_reduce(sums, group=ctx.group)
-            sums = sums * local_share
-            dx = ops.batch_norm_backward_input(x, dy, mean, invstd, scale, shift, sums[0],
-                                               sums[1], False)
-        return (dx, dw if need_dw else None, db if need_db else None,
-                None, None, None, None, None)
-
 
 def sync_batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor],
                     running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
@@ -523,7 +318,7 @@ def sync_batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor],
                     process_group: dist.ProcessGroup) -> torch.Tensor:
     """Training batch norm of an (N, C, ...) input over the global batch of
     ``process_group`` (gloo on the CPU under the interpreter, NCCL on CUDA): each process's
-    Welford partials are all-gathered and merged with Chan's formula. float64 and devices
+    Welford partials are gathered and merged with Chan's formula. float64 and devices
     without our kernels run torch's own SyncBatchNorm function (a counted fallback), which
     takes CUDA tensors only."""
     arguments.check_batch_norm_args(input, running_mean, running_var, weight, bias, True, eps)
@@ -534,6 +329,7 @@ def sync_batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor],
         return torch.nn.modules._functions.SyncBatchNorm.apply(
             input, weight, bias, running_mean, running_var, eps, momentum, process_group,
             dist.get_world_size(process_group))
-    y = SyncBatchNormFunction.apply(arguments.as_4d(input), weight, bias, running_mean, running_var,
-                                    float(momentum), float(eps), process_group)
+    y = sync_batch_norm_ops.sync_forward(arguments.as_4d(input), running_mean, running_var,
+                                         weight, bias, float(momentum), float(eps),
+                                         process_group)
     return y if input.dim() == 4 else y.view(input.shape)

@@ -1,24 +1,19 @@
 """Where the time of a model goes, layer by layer: ``python -m fastarch profile <model>``.
 
-The model (``fastarch.models``, fused by ``fastarch.fusion.fuse`` unless ``--no-fuse``) is cut
-into units: each fused run (conv -> bn -> relu -> pool) and each other layer. Every unit is
-timed on the input it sees in the model, through fastarch and through torch's own modules
-(cuDNN on a GPU), and judged against the card's roofline (``fastarch.roofline``); the
-kernels it launched are read from torch.profiler. A chrome trace of one whole-model forward
-(every module and fastarch op a named range) goes to ``--trace``. Without a GPU the kernels run
-under the Triton interpreter on the CPU: the table's shape is the same, its times are not GPU
-times.
-
-This module also holds the layer inventory the benchmarks share: ``torch_twin`` (the same
-module on torch's implementation), ``trace_leaves`` (every leaf layer with its shapes) and
-``run_cost``.
+The model (``fastarch.models``, fused as it is built unless ``--no-fuse``) is cut into units:
+each fused run (conv -> bn -> relu (-> pool), conv -> relu, linear -> relu (-> dropout)) and
+each other layer. Every unit is timed on the input it sees in the model, through fastarch and
+through torch's own modules (cuDNN on a GPU), and judged against the card's roofline
+(``fastarch.roofline``); the kernels it launched are read from torch.profiler. A chrome trace
+of one whole-model forward (every module outside a fused run and every fastarch op a named
+range) goes to ``--trace``. Without a GPU the kernels run under the Triton interpreter on the
+CPU: the table's shape is the same, its times are not GPU times. The layers come from the
+shared inventory, ``fastarch.inventory``.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,116 +21,11 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.nn.modules.utils import _pair
 
-from fastarch import roofline
+from fastarch import backend, fusion, roofline
+from fastarch.inventory import DTYPES, Leaf, label, run_cost, shape_text, torch_twin, trace_leaves
+from fastarch.kernels.tensor_cores import Operand
 from fastarch.roofline import Cost
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-# ----------------------------------------------------------------------------- inventory
-
-@dataclass(frozen=True)
-class Leaf:
-    """A leaf layer as one forward met it."""
-    path: str
-    module: nn.Module
-    input_shape: tuple[int, ...]
-    output_shape: tuple[int, ...]
-
-
-def _torch_class(cls: type) -> type:
-    while cls.__module__.startswith("fastarch.nn"):
-        cls = cls.__bases__[0]
-    return cls
-
-
-def torch_twin(module: nn.Module) -> nn.Module:
-    """A deep copy that runs torch's own implementation: every ``fastarch.nn`` module (fused
-    Sequentials included) becomes the torch.nn class it subclasses; weights are shared by value."""
-    twin = copy.deepcopy(module)
-    for m in twin.modules():
-        m.__class__ = _torch_class(type(m))
-    return twin
-
-
-def trace_leaves(model: nn.Module, example: torch.Tensor) -> list[Leaf]:
-    """Every leaf module ``model(example)`` calls, in call order, with its shapes. Run it on a
-    torch twin on the meta device for shapes alone (fused runs hide their modules' hooks)."""
-    leaves: list[Leaf] = []
-
-    def record(path: str, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        leaves.append(Leaf(path, module, tuple(args[0].shape), tuple(output.shape)))
-
-    handles = [m.register_forward_hook(functools.partial(record, path))
-               for path, m in model.named_modules() if not any(m.children())]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return leaves
-
-
-def run_cost(leaves: Sequence[Leaf], element_size: int, backward: bool = False,
-             input_grad: bool = True) -> Cost:
-    """A layer, or a run of layers executed together: the FLOPs of every layer; the bytes of
-    the run's input, weights and output (what a fused run must move). ``backward`` adds the
-    backward pass; without ``input_grad`` the first layer computes no input gradient."""
-    if len(leaves) == 1:
-        leaf = leaves[0]
-        cost = roofline.forward_cost(leaf.module, leaf.input_shape, leaf.output_shape,
-                                     element_size)
-        if backward:
-            cost += roofline.backward_cost(leaf.module, leaf.input_shape, leaf.output_shape,
-                                           element_size, input_grad)
-        return cost
-    x, y = math.prod(leaves[0].input_shape), math.prod(leaves[-1].output_shape)
-    weights = sum(p.numel() for leaf in leaves for p in leaf.module.parameters(recurse=False))
-    flops = sum(roofline.forward_cost(leaf.module, leaf.input_shape, leaf.output_shape, 0).flops
-                for leaf in leaves)
-    moved = x + weights + y
-    if backward:
-        compute = [leaf for leaf in leaves if isinstance(leaf.module, roofline.COMPUTE_LAYERS)]
-        flops += sum(roofline.backward_cost(leaf.module, leaf.input_shape, leaf.output_shape, 0,
-                                            input_grad or leaf is not compute[0]).flops
-                     for leaf in compute)
-        moved += y + x + 2 * weights + (x if input_grad else 0)
-    return Cost(flops, moved * element_size)
-
-
-def label(module: nn.Module) -> str:
-    """A short ASCII name for a layer (trace ranges must be ASCII): "conv 64->128 3x3 p1",
-    "max 3x3 s2", "bn 256", "fc 4096->1000"; "" for what is not a layer."""
-    if isinstance(module, nn.Conv2d):
-        return (f"conv {module.in_channels}->{module.out_channels} "
-                f"{_window(module.kernel_size, module.stride, module.padding)}")
-    if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
-        kind = "max" if isinstance(module, nn.MaxPool2d) else "avg"
-        return f"{kind} {_window(module.kernel_size, module.stride, module.padding)}"
-    if isinstance(module, nn.AdaptiveAvgPool2d):
-        return f"adaptive avg ->{'x'.join(map(str, _pair(module.output_size)))}"
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return f"bn {module.num_features}"
-    if isinstance(module, nn.Linear):
-        return f"fc {module.in_features}->{module.out_features}"
-    if isinstance(module, (nn.ReLU, nn.Dropout)):
-        return type(module).__name__.lower()
-    return ""
-
-
-def _window(kernel, stride, padding) -> str:
-    def pair(prefix: str, value, default: int) -> str:
-        a, b = _pair(value)
-        return "" if (a, b) == (default, default) else f" {prefix}{a}" + ("" if a == b else f",{b}")
-    kh, kw = _pair(kernel)
-    return f"{kh}x{kw}{pair('s', stride, 1)}{pair('p', padding, 0)}"
-
-
-def shape_text(shape: Sequence[int]) -> str:
-    return "x".join(map(str, shape))
 
 
 # ----------------------------------------------------------------------------- the command
@@ -263,9 +153,11 @@ class Table:
                                    "").rstrip()
 
 
-def module_ranges(model: nn.Module) -> list:
-    """Forward hooks that put every module's call inside a range named by its path and
-    layer (fused runs show as their Sequential); returns the handles to remove."""
+def module_ranges(model: nn.Module, runs: Sequence[Sequence[str]]) -> list:
+    """Forward hooks that put the call of every module outside the fused ``runs`` inside a
+    range named by its path and layer (a hook on a module of a run would unfuse it: a run
+    shows inside its parent's range, as its fastarch op ranges); returns the handles to
+    remove."""
     stack: list = []
 
     def enter(name: str, module: nn.Module, args: tuple) -> None:
@@ -275,20 +167,25 @@ def module_ranges(model: nn.Module) -> list:
     def leave(name: str, module: nn.Module, args: tuple, output: object) -> None:
         stack.pop().__exit__(None, None, None)
 
+    in_runs = {path for run in runs for path in run}
     handles = []
     for path, module in model.named_modules():
+        if path in in_runs:
+            continue
         name = f"{path or type(module).__name__} {label(module)}".strip()
         handles.append(module.register_forward_pre_hook(functools.partial(enter, name)))
         handles.append(module.register_forward_hook(functools.partial(leave, name)))
     return handles
 
 
-def write_trace(model: nn.Module, x: torch.Tensor, path: str) -> None:
-    """A torch.profiler chrome trace of one forward, every module a named range."""
+def write_trace(model: nn.Module, x: torch.Tensor, path: str,
+                runs: Sequence[Sequence[str]]) -> None:
+    """A torch.profiler chrome trace of one forward, every module outside the fused ``runs``
+    a named range."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    handles = module_ranges(model)
+    handles = module_ranges(model, runs)
     try:
         with torch.profiler.profile(activities=activities) as prof, torch.no_grad():
             model(x)
@@ -330,13 +227,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     x = torch.randn(batch, channels, args.size or height, args.size or height, device=device,
                     dtype=dtype).contiguous(memory_format=torch.channels_last)
     with torch.device(device):
-        model = getattr(models, args.model)()
+        model = getattr(models, args.model)(fused=not args.no_fuse)
     model = model.to(dtype=dtype, memory_format=torch.channels_last).eval()
     twin = torch_twin(model)
-    fusion = None if args.no_fuse else _fusion()
-    if fusion is not None:
-        fusion.fuse(model)
-    runs = fusion.fused_runs(model) if fusion is not None else []
+    runs = [] if args.no_fuse else fusion.fused_runs(model)
     leaves = trace_leaves(torch_twin(model).to("meta"), x.to("meta"))
     warmup, reps = (3, args.reps or 20) if gpu else (0, args.reps or 1)
     if gpu:
@@ -344,14 +238,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     where = (f"compiled Triton on {torch.cuda.get_device_name()}" if gpu
              else "Triton interpreter on the CPU: times are interpreter times, not GPU times")
     print(f"fastarch profile: {args.model}, batch {batch}, {args.dtype}, channels_last, eval, "
-          f"{f'{len(runs)} fused runs' if fusion is not None else 'unfused'}; {where}\n")
+          f"{'unfused' if args.no_fuse else f'{len(runs)} fused runs'}; {where}\n")
     ceilings = roofline.ceilings_for(torch.cuda.get_device_name()) if gpu else None
-    table = Table(ceilings, roofline.operand_kind(dtype, _tf32()), "cuDNN" if gpu else "torch")
+    table = Table(ceilings, Operand.of(dtype, _tf32()), "cuDNN" if gpu else "torch")
     print(table.header(), flush=True)
     ours = theirs = 0.0
     with torch.no_grad():
-        for result in profile_units(model, twin, leaves, runs, fusion.fuse if fusion else None,
-                                    dtype, device, warmup, reps):
+        for result in profile_units(model, twin, leaves, runs,
+                                    None if args.no_fuse else fusion.fuse, dtype, device,
+                                    warmup, reps):
             print(table.row(result), flush=True)
             ours, theirs = ours + result.fastarch_s, theirs + result.torch_s
         whole = (seconds_per_call(lambda: model(x), warmup, reps),
@@ -359,19 +254,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(table.rule, table.total("sum of units", ours, theirs),
           table.total("whole model forward", *whole), sep="\n")
     if args.trace:
-        write_trace(model, x, args.trace)
+        write_trace(model, x, args.trace, runs)
         print(f"\nchrome trace of one forward: {args.trace} (chrome://tracing or Perfetto)")
     return 0
 
 
-def _fusion():
-    try:
-        from fastarch import fusion
-    except ImportError:
-        return None
-    return fusion
-
-
 def _tf32() -> bool:
-    from fastarch.kernels import tensor_cores
-    return tensor_cores.cudnn_conv_allows_tf32()
+    return backend.conv_operand(torch.float32) is Operand.TF32

@@ -3,8 +3,8 @@
 A ``Cost`` counts the floating-point operations a layer must compute and the fewest bytes it
 must move through device memory (each input, weight and output once). Convolutions and
 linear layers are judged in TFLOP/s, everything else (BatchNorm, pools, ReLU, dropout) in
-GB/s. ``CEILINGS`` holds the rates measured on the cards this project is lent, with where
-each number comes from; a card not listed has no ceilings (its "% of roofline" is unknown).
+GB/s. ``CEILINGS`` holds the rates measured on the cards this project is lent, with how and when
+each was measured; a card not listed has no ceilings (its "% of roofline" is unknown).
 """
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 from torch import nn
+
+from fastarch.kernels.tensor_cores import Operand
 
 COMPUTE_LAYERS = (nn.Conv2d, nn.Linear)
 
@@ -79,37 +80,36 @@ def backward_cost(module: nn.Module, input_shape: tuple[int, ...],
 @dataclass(frozen=True)
 class Ceilings:
     """A card's measured ceilings: device copy bandwidth (bytes read + written) and dense
-    matrix rates by operand kind ("16bit" bf16/fp16, "tf32", "fp32")."""
+    matrix rates by operand kind."""
     card: str
     copy_gbs: float
-    matmul_tflops: dict[str, float]
+    matmul_tflops: dict[Operand, float]
     source: str
 
-    def peak(self, cost: Cost, operand: str) -> Optional[float]:
+    def peak(self, cost: Cost, operand: Operand) -> Optional[float]:
         """The ceiling ``cost`` is judged against, in its own metric."""
         return self.matmul_tflops.get(operand) if cost.flops else self.copy_gbs
 
 
+# bf16/fp16, tf32 and full-precision fp32 dense GEMM rates (TFLOP/s), measured on an H200.
+_RATES = {Operand.SIXTEEN_BIT: 798.0, Operand.TF32: 372.0, Operand.IEEE: 51.0}
+
 # Matched against torch.cuda.get_device_name() in order ("NVIDIA H100 80GB HBM3", "NVIDIA H200").
+# Every number is measured, on the machines lent to this project, not a datasheet figure.
 CEILINGS = (
-    # targets.md's 702 TFLOP/s bf16 is below what cuDNN reached there on VGG conv3_3 (0.302 ms,
-    # 784 TFLOP/s): the device notes' 8192^3 GEMM on random data is the matrix ceiling.
-    Ceilings("H200", 4276.0, {"16bit": 798.0, "tf32": 372.0, "fp32": 51.0},
-             "copy, tf32, fp32: shared/targets.md (H200, torch 2.11 + cu130, do_bench median); "
-             "bf16: device KINDS.md 2026-11-04, 8192^3 GEMM on random data, 769-798 TFLOP/s"),
+    # The bf16 matrix ceiling is an 8192^3 GEMM on random data: a 702 TFLOP/s bf16 figure
+    # measured first was below what cuDNN itself reached on VGG conv3_3 (0.302 ms, 784 TFLOP/s).
+    Ceilings("H200", 4276.0, _RATES,
+             "measured on an NVIDIA H200 (torch 2.11 + CUDA 13.0): device-to-device copy "
+             "(bytes read + written) and the tf32 / fp32 GEMM rates as triton.testing.do_bench "
+             "medians, recorded 2026-11-26; bf16: 8192^3 GEMM on random data, 769-798 "
+             "TFLOP/s, 2026-11-04"),
     # Same SMs as the H200, so the tf32 / fp32 matrix rates are taken from it (unmeasured here).
-    Ceilings("H100", 3000.0, {"16bit": 798.0, "tf32": 372.0, "fp32": 51.0},
-             "device KINDS.md 2026-11-13: copy 3.0 TB/s, bf16 8192^3 GEMM 798 TFLOP/s on "
-             "random data; tf32 / fp32 are the H200's"),
+    Ceilings("H100", 3000.0, _RATES,
+             "measured on an NVIDIA H100 on 2026-11-13: device-to-device copy 3.0 TB/s, bf16 "
+             "8192^3 GEMM on random data 798 TFLOP/s; tf32 / fp32 are the H200's"),
 )
 
 
 def ceilings_for(device_name: str) -> Optional[Ceilings]:
     return next((c for c in CEILINGS if c.card in device_name), None)
-
-
-def operand_kind(dtype: torch.dtype, tf32: bool) -> str:
-    """The matrix-unit rate a dtype runs at: 16-bit, TF32 (fp32 when allowed) or fp32."""
-    if dtype in (torch.bfloat16, torch.float16):
-        return "16bit"
-    return "tf32" if tf32 else "fp32"

@@ -45,22 +45,3 @@ class Operand(enum.Enum):
 def upcast_operands(dtype: torch.dtype) -> bool:
     """Whether ``dot`` must upcast operands of ``dtype`` (interpreted bf16)."""
     return INTERPRETER and dtype == torch.bfloat16
-
-
-# TRANSITIONAL (issue 12): the old string API, deleted once every family uses Operand and
-# fastarch.backend's conv_operand / matmul_operand.
-def operand_kind(dtype: torch.dtype, allow_tf32: bool) -> str:
-    return Operand.of(dtype, allow_tf32).value
-
-
-def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
-    return Operand.of(dtype, allow_tf32).dot_precision
-
-
-def cudnn_conv_allows_tf32() -> bool:
-    from fastarch import backend
-    return backend.conv_operand(torch.float32) is Operand.TF32
-
-
-def matmul_allows_tf32() -> bool:
-    return bool(torch.backends.cuda.matmul.allow_tf32)

@@ -4,6 +4,9 @@ values or count * mean directly keeps only the magnitude of a large mean and los
 (a channel of mean 1e4 and std 1 sums to ~1e6 per 128 rows, where fp32 resolves 0.06), and a
 running mean near 1e4 rounds by half an ulp (4.9e-4) at every update; deviations from the
 pivot are small, exact to form, and lose nothing. Only ``pivot + offset`` rounds, once."""
+from typing import NamedTuple
+
+import torch
 import triton
 import triton.language as tl
 
@@ -47,3 +50,24 @@ def store_statistics(partials_ptr, plane, offsets, count, mean, m2, mask):
     tl.store(partials_ptr + offsets, tl.zeros_like(mean) + count, mask=mask)
     tl.store(partials_ptr + plane + offsets, mean, mask=mask)
     tl.store(partials_ptr + 2 * plane + offsets, m2, mask=mask)
+
+
+# ----------------------------------------------------------------------------- host side
+
+class WelfordPartials(NamedTuple):
+    """Per-M-tile BatchNorm statistics of a conv output, each [M tiles, K_out] fp32."""
+    count: torch.Tensor
+    mean: torch.Tensor
+    m2: torch.Tensor
+
+
+def merge_welford_partials(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor,
+                           unbiased: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, variance) from [tiles, channels] partials, Chan's parallel formula
+    over all tiles at once: M2 = sum M2_i + sum n_i (mean_i - mean)^2, the mean summed as
+    deviations from the fullest tile's (as ``welford.chan_merge``). Deterministic."""
+    total = count.sum(0)
+    pivot = mean.gather(0, count.argmax(0, keepdim=True))
+    merged_mean = pivot[0] + (count * (mean - pivot)).sum(0) / total
+    merged_m2 = m2.sum(0) + (count * (mean - merged_mean).square()).sum(0)
+    return merged_mean, merged_m2 / (total - 1 if unbiased else total)

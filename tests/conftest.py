@@ -2,8 +2,13 @@
 interpreter, which must be switched on before triton is imported; with a GPU the same tests
 run compiled kernels on CUDA. Every kernel output is NaN-poisoned before the kernel runs."""
 import os
+import tempfile
 
-import torch
+# Inductor's on-disk graph cache does not key on a custom operator's shape function, so a
+# cache left by an earlier checkout could replay a graph built from other shapes.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fastarch-inductor-"))
+
+import torch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu":
@@ -11,6 +16,7 @@ if DEVICE == "cpu":
 os.environ["FASTARCH_POISON_OUTPUTS"] = "1"
 
 import pytest  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 from fastarch import backend  # noqa: E402
 
@@ -18,6 +24,17 @@ from fastarch import backend  # noqa: E402
 @pytest.fixture
 def device() -> str:
     return DEVICE
+
+
+@pytest.fixture
+def process_group():
+    """A one-process gloo group, for one test: what SyncBatchNorm's operator runs on (over
+    every process of a group, here its only one)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.fixture(autouse=True)

@@ -16,14 +16,23 @@ import triton
 
 import fastarch
 import fastarch.functional as FF
-from fastarch import backend, fusion, sm90
-from fastarch.kernels import avg_pool, configs, conv2d_dgrad, conv2d_forward, conv2d_wgrad
+from fastarch import fusion, sm90
+from fastarch.kernels import avg_pool, conv2d, conv2d_backward
 from fastarch.kernels import batch_norm as bn
+from fastarch.kernels import dropout as dropout_kernels
 from fastarch.kernels import linear as linear_kernels
 from fastarch.kernels import max_pool, relu
-from fastarch.kernels.conv_geometry import ConvGeometry
+from fastarch.kernels.conv2d import ConvGeometry
 from fastarch.kernels.launch import Launch, LaunchArgumentError, dense
-from fastarch.kernels.pool_tile import PoolGeometry
+from fastarch.kernels.pool_geometry import PoolGeometry
+from fastarch.kernels.tensor_cores import Operand
+from fastarch.kernels.welford import merge_welford_partials
+from fastarch.ops.common import nhwc_tile
+from fastarch.ops import batch_norm as bn_ops
+from fastarch.ops import conv2d as conv_ops
+from fastarch.ops import dropout as dropout_ops
+from fastarch.ops import linear as linear_ops
+from fastarch.ops.relu import relu_tile
 from fastarch.testing import assert_close, random_input
 
 FP32 = torch.float32
@@ -267,10 +276,9 @@ def _conv_launch(device: str, **overrides) -> Launch:
                    weight_rsc=torch.randn(4, 3, 3, 3, device=device),
                    bias=torch.randn(4, device=device), y=torch.empty(1, 4, 2, 2, device=device))
     tensors.update(overrides)
-    config = configs.conv_forward_config(3, 4, 27, "ieee", backend.INTERPRETER, 4)
-    return conv2d_forward.forward_launch(tensors["x"], tensors["weight_rsc"], tensors["bias"],
-                                         None, None, False, tensors["y"], None, geometry,
-                                         "ieee", config)
+    config = conv_ops.forward_tile(3, 4, 27, Operand.IEEE, 4)
+    return conv2d.forward_launch(tensors["x"], tensors["weight_rsc"], tensors["bias"], None,
+                                 None, False, tensors["y"], None, geometry, Operand.IEEE, config)
 
 
 REFUSED = {
@@ -297,7 +305,7 @@ def test_guard_refuses_running_statistics_it_would_write_past():
     stats = bn.BatchNormStatistics(*(torch.empty(C) for _ in range(4)))
     partials = tuple(torch.ones(2, C) for _ in range(3))
     launch = bn.finalize_launch(partials, None, None, *running, stats, 0.1, 1e-5,
-                                configs.batch_norm_merge_config(C, backend.INTERPRETER))
+                                bn_ops.merge_tile(C))
     with pytest.raises(LaunchArgumentError, match="argument running_mean_ptr "):
         launch()
     assert (running[0] == 0).all() and (running[1] == 1).all()
@@ -307,9 +315,9 @@ def test_guard_refuses_elementwise_operands_of_different_layouts():
     x = torch.randn(2, 3, 4, 4)
     y = torch.empty(2, 3, 4, 4, memory_format=torch.channels_last)
     with pytest.raises(LaunchArgumentError, match="argument y_ptr "):
-        relu.forward_launch(x, y, configs.relu_config(x.numel(), backend.INTERPRETER))()
+        relu.forward_launch(x, y, relu_tile(x.numel()))()
     with pytest.raises(LaunchArgumentError, match="argument x_ptr .*dense"):
-        relu.forward_launch(x[..., ::2], x[..., ::2], configs.relu_config(48, True))()
+        relu.forward_launch(x[..., ::2], x[..., ::2], relu_tile(48))()
 
 
 def test_guard_refuses_a_tensor_whose_storage_was_shrunk():
@@ -318,7 +326,7 @@ def test_guard_refuses_a_tensor_whose_storage_was_shrunk():
     view = x[1:]
     x.untyped_storage().resize_(8 * x.element_size())
     with pytest.raises(LaunchArgumentError, match="argument x_ptr reaches element"):
-        relu.forward_launch(view, torch.empty(3, 4), configs.relu_config(12, True))()
+        relu.forward_launch(view, torch.empty(3, 4), relu_tile(12))()
 
 
 def test_guard_refuses_an_undeclared_tensor():
@@ -400,20 +408,20 @@ N, C, H, W, K = 2, 3, 5, 5, 4
 def test_conv_forward_on_sentinel_views(device):
     geometry = ConvGeometry((3, 3), padding=(1, 1))
     P, Q = geometry.output_size(H, W)
-    config = configs.conv_forward_config(C, K, 9 * C, "ieee", backend.INTERPRETER, N * P * Q)
+    config = conv_ops.forward_tile(C, K, 9 * C, Operand.IEEE, N * P * Q)
     x = _random((N, C, H, W), "nhwc", device)
     weight = random_input((K, C, 3, 3), FP32, device)
-    w_rsc = embed(conv2d_forward.weight_matrix(weight), "dense")
+    w_rsc = embed(conv_ops.weight_matrix(weight), "dense")
     bias, scale, shift = (_random((K,), "strided", device) for _ in range(3))
     y = output((N, K, P, Q), FP32, "strided", device)
     stats = output((3, triton.cdiv(N * P * Q, config.block_m), K), FP32, "dense", device)
-    conv2d_forward.forward_launch(x.view, w_rsc.view, bias.view, scale.view, shift.view, True,
-                                  y.view, stats.view, geometry, "ieee", config)()
+    conv2d.forward_launch(x.view, w_rsc.view, bias.view, scale.view, shift.view, True, y.view,
+                          stats.view, geometry, Operand.IEEE, config)()
     conv = F.conv2d(x.double(), weight.double().cpu(), bias.double(), padding=1)
     channel = (1, -1, 1, 1)
     expected = torch.relu(conv * scale.double().view(channel) + shift.double().view(channel))
     assert_close(y.view, expected, FP32, 9 * C)
-    mean, var = conv2d_forward.merge_welford_partials(*stats.view.unbind(0))
+    mean, var = merge_welford_partials(*stats.view.unbind(0))
     assert_close(mean, conv.mean((0, 2, 3)), FP32, N * P * Q, name="stats mean")
     assert_close(var, conv.var((0, 2, 3), unbiased=False), FP32, N * P * Q, name="stats var")
     _assert_untouched(x, w_rsc, bias, scale, shift, y, stats)
@@ -422,13 +430,14 @@ def test_conv_forward_on_sentinel_views(device):
 def test_conv_dgrad_on_sentinel_views(device):
     geometry = ConvGeometry((3, 3), (2, 2), (1, 1))
     P, Q = geometry.output_size(H, W)
-    config = configs.conv_dgrad_config(C, K, "ieee", backend.INTERPRETER,
-                                       conv2d_dgrad.phase_pixels(N, H, W, geometry))
+    config = conv_ops.dgrad_tile(C, K, Operand.IEEE,
+                                 conv2d_backward.phase_pixels(N, H, W, geometry))
     dy = _random((N, K, P, Q), "strided", device)
     weight = random_input((K, C, 3, 3), FP32, device)
     w_rsck = embed(weight.permute(2, 3, 1, 0), "strided")
     dx = output((N, C, H, W), FP32, "nhwc", device)
-    conv2d_dgrad.dgrad_launch(dy.view, w_rsck.view, dx.view, geometry, "ieee", config)()
+    conv2d_backward.dgrad_launch(dy.view, w_rsck.view, dx.view, geometry, Operand.IEEE,
+                                 config)()
     expected = torch.nn.grad.conv2d_input((N, C, H, W), weight.double().cpu(), dy.double(),
                                           stride=2, padding=1)
     assert_close(dx.view, expected, FP32, 9 * K)
@@ -439,20 +448,21 @@ def test_conv_wgrad_and_merge_on_sentinel_views(device):
     geometry = ConvGeometry((3, 3), padding=(1, 1))
     P, Q = geometry.output_size(H, W)
     pixels, splits = N * P * Q, 2
-    config = configs.conv_wgrad_config(C, K, "ieee", backend.INTERPRETER, 9, pixels)
+    config = conv_ops.wgrad_tile(C, K, Operand.IEEE, 9, pixels)
     x = _random((N, C, H, W), "strided", device)
     dy = _random((N, K, P, Q), "nhwc", device)
     partial = output((splits, 3, 3, C, K), FP32, "strided", device)
     bias_partial = output((splits, K), FP32, "rows", device)
-    conv2d_wgrad.wgrad_launch(x.view, dy.view, partial.view, bias_partial.view, splits,
-                              triton.cdiv(pixels, splits), geometry, "ieee", config)()
+    conv2d_backward.wgrad_launch(x.view, dy.view, partial.view, bias_partial.view, splits,
+                                 triton.cdiv(pixels, splits), geometry, Operand.IEEE, config)()
     dw = torch.nn.grad.conv2d_weight(x.double(), (K, C, 3, 3), dy.double(), padding=1)
     assert_close(partial.view.sum(0), dw.permute(2, 3, 1, 0), FP32, pixels)
     assert_close(bias_partial.view.sum(0), dy.double().sum((0, 2, 3)), FP32, pixels,
                  name="bias")
     dense_partial = embed(partial.view.contiguous(), "dense")
     dw_rsck = output((3, 3, C, K), FP32, "strided", device)
-    conv2d_wgrad.merge_launch(dense_partial.view, dw_rsck.view)()
+    conv2d_backward.merge_launch(dense_partial.view, dw_rsck.view,
+                                 conv_ops.wgrad_merge_tile(dw_rsck.view.numel()))()
     assert_close(dw_rsck.view, dw.permute(2, 3, 1, 0), FP32, pixels, name="merged")
     _assert_untouched(x, dy, partial, bias_partial, dense_partial, dw_rsck)
 
@@ -461,29 +471,29 @@ M, IN, OUT = 5, 7, 6
 
 
 def test_linear_forward_on_sentinel_views(device):
-    config = configs.linear_gemm_config(M, OUT, IN, "ieee", False, False, backend.INTERPRETER)
+    config = linear_ops.gemm_tile(M, OUT, IN, Operand.IEEE, False, False)
     x, weight = _random((M, IN), "strided", device), _random((OUT, IN), "strided", device)
     bias = _random((OUT,), "strided", device)
     y = output((M, OUT), FP32, "strided", device)
     linear_kernels.gemm_launch(x.view, weight.view.t(), y.view, bias.view, None, True, 0.0,
-                               "ieee", config, 1, IN, "forward")()
+                               Operand.IEEE, config, 1, IN, "forward")()
     product = x.double() @ weight.double().t()
     assert_close(y.view, torch.relu(product + bias.double()), FP32, IN)
     partial = output((2, M, OUT), FP32, "strided", device)
     linear_kernels.gemm_launch(x.view, weight.view.t(), partial.view, bias.view, None, True,
-                               0.0, "ieee", config, 2, 4, "forward")()
+                               0.0, Operand.IEEE, config, 2, 4, "forward")()
     assert_close(partial.view.sum(0), product, FP32, IN, name="split-K partials")
     rows = embed(partial.view.reshape(2, M * OUT), "rows")
     y_split = output((M, OUT), FP32, "strided", device)
     linear_kernels.split_k_epilogue_launch(
         rows.view.view(2, M, OUT), y_split.view, bias.view, None, True, 0.0,
-        configs.linear_row_tile_config(M, OUT, backend.INTERPRETER), "forward")()
+        linear_ops.row_tile(M, OUT), "forward")()
     assert_close(y_split.view, torch.relu(product + bias.double()), FP32, IN, name="split-K")
     _assert_untouched(x, weight, bias, y, partial, rows, y_split)
 
 
 def test_linear_backward_and_dropout_on_sentinel_views(device):
-    config = configs.linear_row_tile_config(M, OUT, backend.INTERPRETER)
+    config = linear_ops.row_tile(M, OUT)
     p, tiles = 0.5, triton.cdiv(M, config.block_m)
     dy, y = _random((M, OUT), "strided", device), _random((M, OUT), "rows", device)
     seed = embed(torch.tensor([7], dtype=torch.int64, device=device), "dense")
@@ -499,11 +509,10 @@ def test_linear_backward_and_dropout_on_sentinel_views(device):
     assert_close(db.view, expected.sum(0), FP32, M, name="bias grad")
     x = _random((M, OUT), "dense", device)
     dropped = output((M, OUT), FP32, "dense", device)
-    dropout_config = configs.dropout_config(M * OUT, backend.INTERPRETER)
-    linear_kernels.dropout_launch(x.view, dropped.view, seed.view, p, dropout_config)()
+    dropout_tile = dropout_ops.dropout_tile(M * OUT)
+    dropout_kernels.dropout_launch(x.view, dropped.view, seed.view, p, dropout_tile)()
     plain = torch.empty_like(x.view)
-    linear_kernels.dropout_launch(x.view.clone(), plain, seed.view.clone(), p,
-                                  dropout_config)()
+    dropout_kernels.dropout_launch(x.view.clone(), plain, seed.view.clone(), p, dropout_tile)()
     assert torch.equal(dropped.view, plain)
     kept = dropped.view != 0
     assert torch.equal(dropped.view[kept], x.view[kept] / (1 - p))
@@ -512,16 +521,14 @@ def test_linear_backward_and_dropout_on_sentinel_views(device):
 
 def test_batch_norm_on_sentinel_views(device):
     eps, momentum = 1e-5, 0.1
-    config = configs.batch_norm_config(C, backend.INTERPRETER, N * H * W, reduction=True)
-    steps = configs.batch_norm_tile_steps(N * H * W, C, config, backend.INTERPRETER)
-    tiles = triton.cdiv(N * H * W, steps * config.block_m)
-    merge = configs.batch_norm_merge_config(C, backend.INTERPRETER)
-    elementwise = configs.batch_norm_config(C, backend.INTERPRETER, N * H * W)
+    config, steps, tiles = bn_ops.reduction_plan(N * H * W, C)
+    merge = bn_ops.merge_tile(C)
+    elementwise = nhwc_tile(C, N * H * W)
     x = _random((N, C, H, W), "nhwc", device)
     partials = output((3, tiles, C), FP32, "dense", device)
     bn.partials_launch(x.view, partials.view, steps, config)()
     x64 = x.double()
-    mean, var = conv2d_forward.merge_welford_partials(*partials.view.unbind(0))
+    mean, var = merge_welford_partials(*partials.view.unbind(0))
     assert_close(mean, x64.mean((0, 2, 3)), FP32, N * H * W, name="partials mean")
     assert_close(var, x64.var((0, 2, 3), unbiased=False), FP32, N * H * W, name="partials var")
 
@@ -554,7 +561,8 @@ def test_batch_norm_on_sentinel_views(device):
 
     dy = _random((N, C, H, W), "strided", device)
     y64.backward(dy.double())
-    backward_partials = output((2, tiles, C), FP32, "dense", device)
+    backward_partials = output((2, bn_ops.whole_merge_steps(tiles, merge), C), FP32, "dense",
+                               device)
     bn.backward_partials_launch(x.view, dy.view, statistics, True, backward_partials.view,
                                 steps, config)()
     rows = embed(backward_partials.view, "rows")
@@ -575,7 +583,7 @@ def test_batch_norm_on_sentinel_views(device):
 def test_pools_on_sentinel_views(device):
     geometry = PoolGeometry((3, 3), (2, 2), (1, 1))
     P, Q = geometry.output_size(H, W)
-    config = configs.pool_config(C, backend.INTERPRETER, N * P * Q)
+    config = nhwc_tile(C, N * P * Q)
     x = _random((N, C, H, W), "nhwc", device)
     x64 = x.double().requires_grad_(True)
     y, offsets, indices = (output((N, C, P, Q), dtype, "strided", device)
@@ -596,7 +604,7 @@ def test_pools_on_sentinel_views(device):
 def test_normalized_and_adaptive_average_pools_on_sentinel_views(device):
     geometry = PoolGeometry((3, 3), (2, 2), (1, 1))
     P, Q = geometry.output_size(H, W)
-    config = configs.pool_config(C, backend.INTERPRETER, N * P * Q)
+    config = nhwc_tile(C, N * P * Q)
     x = _random((N, C, H, W), "strided", device)
     normalization = [_random((C,), "dense", device) for _ in range(3)]
     mean, scale, shift = (n.double().view(1, -1, 1, 1) for n in normalization)
@@ -625,7 +633,7 @@ def test_normalized_and_adaptive_average_pools_on_sentinel_views(device):
 
 
 def test_relu_on_sentinel_views(device):
-    config = configs.relu_config(N * C * H * W, backend.INTERPRETER)
+    config = relu_tile(N * C * H * W)
     x = _random((N, C, H, W), "dense", device)
     y = output((N, C, H, W), FP32, "dense", device)
     relu.forward_launch(x.view, y.view, config)()

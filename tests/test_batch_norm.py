@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 import fastarch
 from fastarch import backend
-from fastarch.kernels import batch_norm as bn_kernels
+from fastarch.kernels.batch_norm import BatchNormStatistics
+from fastarch.ops import batch_norm as bn_ops
 from fastarch.testing import assert_close, random_input
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -240,10 +241,11 @@ def test_large_mean_small_spread_keeps_variance_accurate(device):
 
 def test_bf16_input_keeps_fp32_statistics(device):
     x = random_input((2, 6, 5, 5), torch.bfloat16, device, channels_last=True)
-    count, mean, m2 = bn_kernels.welford_partials(x)
+    count, mean, m2 = bn_ops.batch_norm_welford_partials(x).unbind(0)
     running_mean, running_var = torch.zeros(6, device=device), torch.ones(6, device=device)
-    stats = bn_kernels.batch_norm_finalize(count, mean, m2, None, None, running_mean,
-                                           running_var, 0.1, 1e-5)
+    stats = BatchNormStatistics(*bn_ops.batch_norm_finalize(count, mean, m2, None, None,
+                                                            running_mean, running_var, 0.1,
+                                                            1e-5))
     assert {t.dtype for t in (count, mean, m2, *stats)} == {torch.float32}
     x64 = x.cpu().double()
     assert_close(stats.mean, x64.mean((0, 2, 3)), torch.float32, 50, name="mean")
@@ -272,8 +274,9 @@ def test_finalize_merges_uneven_partials_like_a_conv_epilogue(device):
     running_mean, running_var = torch.randn(7, device=device), torch.rand(7, device=device) + 1
     expected_mean = 0.9 * running_mean.cpu().double() + 0.1 * values.cpu().double().mean(0)
     expected_var = 0.9 * running_var.cpu().double() + 0.1 * values.cpu().double().var(0)
-    stats = bn_kernels.batch_norm_finalize(*partials, weight, bias, running_mean, running_var,
-                                           0.1, 1e-5)
+    stats = BatchNormStatistics(*bn_ops.batch_norm_finalize(*partials, weight, bias,
+                                                            running_mean, running_var, 0.1,
+                                                            1e-5))
     invstd = (values.cpu().double().var(0, unbiased=False) + 1e-5).rsqrt()
     assert_close(stats.mean, values.cpu().double().mean(0), torch.float32, 50, name="mean")
     assert_close(stats.invstd, invstd, torch.float32, 50, name="invstd")

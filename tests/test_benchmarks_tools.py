@@ -14,8 +14,9 @@ from torch import nn
 
 import fastarch.functional as FF
 from fastarch import models
-from fastarch.profile import run_cost, torch_twin, trace_leaves
-from fastarch.roofline import Cost, backward_cost, ceilings_for, forward_cost, operand_kind
+from fastarch.inventory import run_cost, torch_twin, trace_leaves
+from fastarch.kernels.tensor_cores import Operand
+from fastarch.roofline import Cost, backward_cost, ceilings_for, forward_cost
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -116,6 +117,10 @@ def test_torch_twin_runs_torch_classes_with_the_same_state():
     assert all(not type(m).__module__.startswith("fastarch.") for m in twin.features.modules())
     assert type(twin.features) is nn.Sequential and type(twin.classifier[0]) is nn.Linear
     assert list(twin.state_dict()) == list(model.state_dict())
+    lenet = models.lenet5()
+    twin = torch_twin(lenet)
+    assert lenet.fused and not twin.fused, "the twin runs LeNet-5 module by module"
+    assert type(twin.conv1) is nn.Conv2d and type(twin.relu1) is nn.ReLU
 
 
 def test_trace_leaves_and_run_cost():
@@ -144,9 +149,11 @@ def test_cost_rates_and_ceilings():
     assert ceilings_for("NVIDIA H100 80GB HBM3").card == "H100"
     assert ceilings_for("NVIDIA H200").copy_gbs == 4276.0
     assert ceilings_for("NVIDIA A100-SXM4-80GB") is None
-    assert operand_kind(torch.bfloat16, True) == "16bit"
-    assert operand_kind(torch.float32, True) == "tf32"
-    assert operand_kind(torch.float32, False) == "fp32"
+    h200 = ceilings_for("NVIDIA H200")
+    assert h200.peak(Cost(flops=1), Operand.of(torch.bfloat16, True)) == 798.0
+    assert h200.peak(Cost(flops=1), Operand.of(torch.float32, True)) == 372.0
+    assert h200.peak(Cost(flops=1), Operand.of(torch.float32, False)) == 51.0
+    assert h200.peak(Cost(bytes=1), Operand.TF32) == 4276.0
 
 
 # ----------------------------------------------------------------------------- timing helpers
@@ -250,13 +257,19 @@ def test_profile_command_prints_its_table_and_writes_a_trace(tmp_path):
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert lines[0].startswith("fastarch profile: lenet5, batch 2, bf16")
-    units = [line.split()[0] for line in lines if line.split()[:1] and
-             line.split()[0] in ("conv1", "relu1", "pool1", "conv2", "fc1", "fc3")]
-    assert units == ["conv1", "relu1", "pool1", "conv2", "fc1", "fc3"]
-    conv1 = next(line for line in lines if line.startswith("conv1 "))
+    assert "4 fused runs" in lines[0]
+    rules = [index for index, line in enumerate(lines) if line.startswith("---")]
+    units = [line.split()[0] for line in lines[rules[0] + 1:rules[1]]]
+    # LeNet-5 is built fused: each conv and fc1, fc2 with the ReLU after it is one unit.
+    assert units == ["conv1-relu1", "pool1", "conv2-relu2", "pool2", "fc1-relu3", "fc2-relu4",
+                     "fc3"]
+    conv1 = next(line for line in lines if line.startswith("conv1-relu1 "))
     # The kernels column: device kernels on a GPU, the fastarch op ranges under the interpreter.
     conv_kernel = "conv2d_forward_kernel" if torch.cuda.is_available() else "fastarch::conv2d"
-    assert "conv 1->6 5x5" in conv1 and "2x1x32x32" in conv1 and conv_kernel in conv1
+    assert "conv 1->6 5x5 + relu" in conv1 and "2x1x32x32" in conv1 and conv_kernel in conv1
     assert any(line.startswith("whole model forward") for line in lines)
     names = {event["name"] for event in json.loads(trace.read_text())["traceEvents"]}
-    assert {"conv1 conv 1->6 5x5", "fastarch::conv2d", "fastarch::linear"} <= names
+    # Modules outside a fused run get a range each (a hook on a run's module would unfuse it).
+    assert {"LeNet5", "pool1 avg 2x2 s2", "fc3 fc 84->10", "fastarch::conv2d",
+            "fastarch::linear"} <= names
+    assert "conv1 conv 1->6 5x5" not in names

@@ -1,5 +1,5 @@
 """Conv2d forward (implicit GEMM), its fused epilogue, BatchNorm partial statistics, the
-autograd Function and fastarch.nn.Conv2d, against float64 torch in the interpreter."""
+operator's autograd formula and fastarch.nn.Conv2d, against float64 torch in the interpreter."""
 import math
 
 import pytest
@@ -8,8 +8,11 @@ import torch.nn.functional as F
 
 import fastarch
 from fastarch import backend
-from fastarch.kernels import configs, conv2d_forward, tensor_cores
-from fastarch.kernels.conv_geometry import ConvGeometry
+from fastarch.kernels import conv2d as conv_kernels
+from fastarch.kernels.conv2d import ConvGeometry
+from fastarch.kernels.tensor_cores import Operand
+from fastarch.kernels.welford import merge_welford_partials
+from fastarch.ops import conv2d as conv_ops
 from fastarch.testing import (assert_close, assert_same_outcome, cudnn_tf32, random_input,
                               reference_grads)
 
@@ -131,21 +134,23 @@ TABLE_LAYERS = {
 }
 
 
-@pytest.mark.parametrize("name", configs.CONV_FORWARD_CONFIGS.keys())
+@pytest.mark.parametrize("name", conv_ops.CONV_FORWARD.keys())
 def test_every_gpu_config_computes_the_conv(name, device):
-    """The shipped tiles themselves (the interpreter otherwise runs one big tile)."""
-    config = configs.CONV_FORWARD_CONFIGS[name]
+    """The shipped tiles themselves (the interpreter otherwise runs its own tile)."""
+    config = conv_ops.CONV_FORWARD[name]
     family, operand = name.rsplit("_", 1)
+    operand = Operand(operand)
     shape, k_out, k, stride, pad = TABLE_LAYERS[family]
-    dtype = torch.bfloat16 if operand == "16bit" else torch.float32
+    dtype = torch.bfloat16 if operand is Operand.SIXTEEN_BIT else torch.float32
     x, weight, bias = _operands((shape, k_out, (k, k), {}), dtype, device)
     geometry = ConvGeometry((k, k), (stride, stride), (pad, pad))
     y = backend.empty((shape[0], k_out, *geometry.output_size(*shape[2:])), dtype, device,
                       torch.channels_last)
-    conv2d_forward.forward_launch(x, conv2d_forward.weight_matrix(weight), bias, None, None,
-                                  False, y, None, geometry, operand, config)()
+    conv_kernels.forward_launch(x, conv_ops.weight_matrix(weight), bias, None, None, False, y,
+                                None, geometry, operand, config)()
     reference = _reference_conv(x, weight, bias, dict(stride=stride, padding=pad))
-    tolerance = {"16bit": dtype, "tf32": "tf32", "ieee": torch.float32}[operand]
+    tolerance = {Operand.SIXTEEN_BIT: dtype, Operand.TF32: "tf32",
+                 Operand.IEEE: torch.float32}[operand]
     assert_close(y, reference, tolerance, shape[1] * k * k)
 
 
@@ -185,7 +190,7 @@ def _merged_stats_match(partials, conv_ref: torch.Tensor, reduction: int) -> Non
     pixels = conv_ref.numel() // conv_ref.shape[1]
     assert torch.equal(partials.count.sum(0).cpu(), torch.full_like(partials.count[0].cpu(),
                                                                     pixels))
-    mean, var = conv2d_forward.merge_welford_partials(*partials)
+    mean, var = merge_welford_partials(*partials)
     assert_close(mean, mean_ref.float(), tolerance, reduction, name="batch mean")
     # var is a mean of squares of values carrying the same absolute error: scale it by them.
     assert_close(var / var_ref.float().clamp_min(1), (var_ref / var_ref.clamp_min(1)).float(),
@@ -241,8 +246,8 @@ def test_merge_welford_partials_is_chans_formula():
     count = torch.tensor([[len(g)] * 5 for g in groups], dtype=torch.float64)
     mean = torch.stack([g.mean(0) for g in groups])
     m2 = torch.stack([((g - g.mean(0)) ** 2).sum(0) for g in groups])
-    merged_mean, var = conv2d_forward.merge_welford_partials(count, mean, m2)
-    _, unbiased = conv2d_forward.merge_welford_partials(count, mean, m2, unbiased=True)
+    merged_mean, var = merge_welford_partials(count, mean, m2)
+    _, unbiased = merge_welford_partials(count, mean, m2, unbiased=True)
     torch.testing.assert_close(merged_mean, values.mean(0))
     torch.testing.assert_close(var, values.var(0, unbiased=False))
     torch.testing.assert_close(unbiased, values.var(0, unbiased=True))
@@ -427,7 +432,7 @@ def test_fused_fallback_float64(device):
                                                    shift=shift, relu=True, stats=True)
     y_ref, conv_ref = _fused_reference(x, weight, bias, scale, shift, True, case[3])
     torch.testing.assert_close(y, y_ref)
-    mean, var = conv2d_forward.merge_welford_partials(*partials)
+    mean, var = merge_welford_partials(*partials)
     var_ref, mean_ref = torch.var_mean(conv_ref, dim=(0, 2, 3), unbiased=False)
     torch.testing.assert_close(mean, mean_ref)
     torch.testing.assert_close(var, var_ref)
@@ -513,9 +518,9 @@ def test_tf32_follows_torchs_cudnn_conv_switch(setting):
             cudnn.allow_tf32 = False
             torch.backends.fp32_precision = "tf32"
         expected = setting in ("legacy_on", "global_tf32")
-        assert tensor_cores.cudnn_conv_allows_tf32() == expected
-        assert tensor_cores.operand_kind(torch.float32, expected) == ("tf32" if expected
-                                                                         else "ieee")
+        assert backend.conv_operand(torch.float32) is (Operand.TF32 if expected
+                                                       else Operand.IEEE)
+        assert backend.conv_operand(torch.bfloat16) is Operand.SIXTEEN_BIT
     finally:
         # Restoring through the legacy switch leaves conv and RNN agreeing, as they started;
         # restoring the per-op values one by one leaves a state torch refuses to read.

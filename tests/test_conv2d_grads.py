@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastarch.kernels import configs
-from fastarch.kernels import conv2d_dgrad, conv2d_wgrad
-from fastarch.kernels.conv2d_dgrad import conv2d_input_grad
-from fastarch.kernels.conv2d_wgrad import conv2d_weight_grad
-from fastarch.kernels.conv_geometry import ConvGeometry
+from fastarch import sm90
+from fastarch.kernels.conv2d import ConvGeometry
+from fastarch.kernels.tensor_cores import Operand
+from fastarch.ops import conv2d as conv_ops
+from fastarch.ops.conv2d import conv2d_input_grad, conv2d_weight_grad
 from fastarch.testing import assert_close, random_input
 
 # NumPy's RuntimeWarnings inside the interpreted kernels (an integer division by zero, an
@@ -126,8 +126,9 @@ def run_grads(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, geometry:
               memory_format: torch.memory_format, allow_tf32: bool, device: str
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x, weight, dy = x.to(device), weight.to(device), dy.to(device)
-    dx = conv2d_input_grad(dy, weight, x.shape, memory_format, geometry, allow_tf32)
-    dw, db = conv2d_weight_grad(x, dy, weight.shape, geometry, True, allow_tf32)
+    operand = Operand.of(x.dtype, allow_tf32)
+    dx = conv2d_input_grad(dy, weight, x.shape, memory_format, geometry, operand)
+    dw, db = conv2d_weight_grad(x, dy, weight.shape, geometry, True, operand)
     return dx, dw, db
 
 
@@ -171,7 +172,7 @@ def test_rows_no_window_reaches_get_zero(device: str) -> None:
     layer = LAYERS["stride2_p0_nondividing"]
     x, weight, dy = make_inputs(layer, torch.float32, torch.channels_last)
     dx = conv2d_input_grad(dy.to(device), weight.to(device), x.shape, torch.channels_last,
-                           layer.geometry, False)
+                           layer.geometry, Operand.IEEE)
     assert torch.equal(dx[:, :, 9, :].cpu(), torch.zeros_like(dx[:, :, 9, :].cpu()))
     assert torch.equal(dx[:, :, :, 9].cpu(), torch.zeros_like(dx[:, :, :, 9].cpu()))
     assert dx[:, :, :9, :9].abs().amin() > 0, "a covered element got no gradient"
@@ -216,7 +217,7 @@ def test_without_bias_grad(device: str) -> None:
     layer = LAYERS["vgg_conv1_1_c3_3x3_p1"]
     x, weight, dy = make_inputs(layer, torch.float32, torch.channels_last)
     dw, db = conv2d_weight_grad(x.to(device), dy.to(device), weight.shape, layer.geometry,
-                                False, False)
+                                False, Operand.IEEE)
     assert db is None
     pixels = layer.batch * layer.output_size()[0] * layer.output_size()[1]
     assert_close(dw, reference(x, weight, dy, layer.geometry)[1], torch.float32, pixels,
@@ -240,7 +241,8 @@ def test_wgrad_split_and_direct_paths(name: str, launches: int) -> None:
     merge, bias merge) and writes dW, db directly otherwise; the tests above run both."""
     layer = LAYERS[name]
     x, weight, dy = make_inputs(layer, torch.float32, torch.channels_last)
-    plan, _, _ = conv2d_wgrad.wgrad_plan(x, dy, weight.shape, True, layer.geometry, False, True)
+    plan, _, _ = conv_ops.wgrad_plan(x, dy, weight.shape, True, layer.geometry, Operand.IEEE,
+                                     interpreter=True)
     assert [launch.name.split("[")[0] for launch in plan] == (
         ["conv2d_wgrad", "conv2d_wgrad_merge", "conv2d_wgrad_merge"][:launches])
 
@@ -252,21 +254,24 @@ def test_gpu_split_count(tiles: int, pixels: int) -> None:
     """GPU split-K (132 SMs, 64-pixel steps): the fewest splits that fill WGRAD_WAVES waves,
     or as many as leave each split WGRAD_MIN_SPLIT_STEPS steps when the reduction is short."""
     sms, steps = 132, pixels // 64
-    programs_wanted = configs.WGRAD_WAVES * sms
-    splits = configs.conv_wgrad_splits(tiles, pixels, 64, False, sms)
-    assert steps // splits >= configs.WGRAD_MIN_SPLIT_STEPS
+    programs_wanted = conv_ops.WGRAD_WAVES * sms
+    splits = conv_ops.wgrad_splits(tiles, pixels, 64, sms, interpreter=False)
+    assert steps // splits >= conv_ops.WGRAD_MIN_SPLIT_STEPS
     if splits * tiles >= programs_wanted:
         assert (splits - 1) * tiles < programs_wanted
     else:
-        assert steps // (splits + 1) < configs.WGRAD_MIN_SPLIT_STEPS
+        assert steps // (splits + 1) < conv_ops.WGRAD_MIN_SPLIT_STEPS
 
 
-def config_names(launches) -> set[str]:
-    """Config names of the launches, without the _k<depth> and ,<variant> decorations."""
+def config_names(launches, kernel: str) -> set[str]:
+    """Config names of ``kernel``'s launches, without the _k<depth> and ,<variant>
+    decorations."""
     return {re.sub(r"_k\d+$", "", launch.name.split("[")[1].rstrip("]").split(",")[0])
-            for launch in launches if "[" in launch.name}
+            for launch in launches if launch.name.startswith(f"{kernel}[")}
 
 
 def test_sm90_check_covers_every_config() -> None:
-    assert config_names(conv2d_dgrad.sm90_launches()) == set(configs.CONV_DGRAD_CONFIGS)
-    assert config_names(conv2d_wgrad.sm90_launches()) == set(configs.CONV_WGRAD_CONFIGS)
+    launches = sm90.conv2d_launches()
+    assert config_names(launches, "conv2d_forward") == set(conv_ops.CONV_FORWARD)
+    assert config_names(launches, "conv2d_dgrad") == set(conv_ops.CONV_DGRAD)
+    assert config_names(launches, "conv2d_wgrad") == set(conv_ops.CONV_WGRAD)

@@ -14,8 +14,8 @@ from model_cases import NotesLeNet5, assert_as_accurate_as_torch, ieee_fp32
 pytest.importorskip("sklearn", reason="scikit-learn (a dependency of fastarch: the digits) is "
                     "not installed here, e.g. after benchmarks/gpu_check.sh's --no-deps install")
 
-# The demo's interpreter recipe (AdamW, constant lr) for six steps, on batches of 8 to keep
-# the interpreter's share of CI small (an interpreted step costs about half a second an image).
+# The demo's interpreter recipe (AdamW, lr held then decayed) for six steps, on batches of 8
+# to keep the interpreter's share of CI small.
 FIRST_STEPS = dataclasses.replace(digits.INTERPRETER_RUN, steps=6, batch_size=8)
 
 

@@ -71,9 +71,10 @@ def test_host_sync_detector_catches_a_value_read():
 
 
 @pytest.mark.gpu_check
-def test_every_launcher_runs_without_host_sync(device):
+def test_every_launcher_runs_without_host_sync(device, process_group):
     """Training and inference, module by module and fused, plus the functional paths the
-    model does not take: together they reach every fastarch operator."""
+    model does not take (SyncBatchNorm on a one-process group): together they reach every
+    fastarch operator."""
     detector = HostSyncDetector()
     x = random_input(INPUT_SHAPE, torch.float32, device)
     with detector:
@@ -85,6 +86,8 @@ def test_every_launcher_runs_without_host_sync(device):
             with torch.no_grad():
                 model.eval()(x)
         functional.relu(x).sum().backward()
+        functional.sync_batch_norm(x, None, None, None, None, 0.1, 1e-5,
+                                   process_group).sum().backward()
         with torch.no_grad():
             functional.dropout(x.clone(), 0.5, inplace=True)
     assert detector.fastarch_ops == _fastarch_op_names()

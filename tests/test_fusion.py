@@ -183,3 +183,52 @@ def test_conv_batch_norm_relu_block(device):
         assert_close(block(x), reference(x).double(), torch.float32, 27, name="output")
     assert_close(block[1].running_var, reference[1].running_var.double(), torch.float32, 27)
     assert isinstance(fastarch.nn.ConvBatchNormReLU(3, 8, 3), FusedSequential)
+
+
+# ----------------------------------------------------------------------------- linear runs
+
+def classifier(p: float, inplace: bool) -> torch.nn.Sequential:
+    """torchvision's classifier pattern, shrunk: linear-relu-dropout, linear-relu, linear."""
+    return torch.nn.Sequential(
+        nn.Linear(12, 16), nn.ReLU(inplace), nn.Dropout(p, inplace),
+        nn.Linear(16, 16), nn.ReLU(inplace), nn.Linear(16, 5))
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["out-of-place", "inplace"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_linear_runs_fused_equal_unfused_without_dropout(train, inplace, device):
+    """Eval switches the dropout off; training here with p = 0 (masks are tested below)."""
+    reference = classifier(0.0 if train else 0.5, inplace).to(device).train(train)
+    fused = fuse(copy.deepcopy(reference))
+    assert fused_runs(fused) == [("0", "1", "2"), ("3", "4")]
+    x = random_input((3, 2, 12), torch.float32, device)  # leading dimensions pass through
+    y, dx, grads = _step(fused, x, torch.ones(3, 2, 5, device=device))
+    y_ref, dx_ref, grads_ref = _step(reference, x, torch.ones(3, 2, 5, device=device))
+    assert_close(y, y_ref.double(), torch.float32, 16, name="output")
+    assert_close(dx, dx_ref.double(), torch.float32, 16, name="grad input")
+    for g, g_ref in zip(grads, grads_ref):
+        assert_close(g, g_ref.double(), torch.float32, 16, name="parameter grad")
+
+
+def test_linear_relu_dropout_run_in_training_drops_and_scales_as_dropout(device):
+    """The mask is recovered from the output (an element is kept exactly where it is not 0:
+    the ReLU leaves 0 only where dropout cannot matter); every kept element and every
+    gradient is what relu(linear) / (1 - p) with that mask gives in float64."""
+    p = 0.25
+    run = fuse(torch.nn.Sequential(nn.Linear(24, 64), nn.ReLU(), nn.Dropout(p))).to(device)
+    assert fused_runs(run) == [("0", "1", "2")]
+    x = random_input((32, 24), torch.float32, device, requires_grad=True)
+    y = run(x)
+    dy = random_input(y.shape, torch.float32, device)
+    y.backward(dy)
+    weight, bias = run[0].weight.double(), run[0].bias.double()
+    kept = y.detach().double() != 0
+    pre = torch.relu(x.detach().double() @ weight.T + bias)
+    dropped = ((pre > 0) & ~kept).double().sum() / (pre > 0).double().sum()
+    assert 0.1 < dropped.item() < 0.4, f"dropped {dropped.item():.2f} of the positive outputs"
+    assert_close(y, torch.where(kept, pre / (1 - p), 0.0), torch.float32, 24)
+    g = torch.where(kept, dy.double() / (1 - p), 0.0)
+    assert_close(x.grad, g @ weight, torch.float32, 64, name="grad input")
+    assert_close(run[0].weight.grad, g.T @ x.detach().double(), torch.float32, 32,
+                 name="grad weight")
+    assert_close(run[0].bias.grad, g.sum(0), torch.float32, 32, name="grad bias")

@@ -105,6 +105,51 @@ def test_an_instance_forward_is_not_skipped(device):
     assert_same_output(model, reference, device)
 
 
+class DoubledLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2.0
+
+
+class ScaledDropout(nn.Dropout):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 3.0
+
+
+def small_classifier() -> nn.Sequential:
+    """torch.nn only: a linear-relu-dropout run and a linear-relu run."""
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 4),
+                         nn.ReLU())
+
+
+@pytest.mark.parametrize("change, expected", [
+    (None, [("0", "1", "2"), ("3", "4")]),
+    ((0, DoubledLinear), [("3", "4")]),
+    ((1, LeakyReLU), [("3", "4")]),
+    ((2, ScaledDropout), [("0", "1"), ("3", "4")]),
+    ((2, "forward_hook"), [("0", "1"), ("3", "4")]),
+    ((1, "forward_pre_hook"), [("3", "4")]),
+], ids=["exact", "linear-subclass", "relu-subclass", "dropout-subclass", "hooked-dropout",
+        "hooked-relu"])
+def test_linear_runs_take_only_exact_unhooked_modules(change, expected, device):
+    """In eval (dropout off) the converted classifier computes what torch.nn does, and every
+    hook fires once per forward."""
+    model, reference = converted_and_reference(small_classifier(), device)
+    calls = []
+    if change is not None:
+        index, how = change
+        for net in (model, reference):
+            if isinstance(how, str):
+                getattr(net[index], f"register_{how}")(lambda *args: calls.append(index))
+            else:
+                net[index].__class__ = how
+    fastarch.convert(model)
+    assert fused_runs(model) == expected
+    model.eval()
+    x = random_input((3, 6), torch.float32, device)
+    assert_close(model(x), reference.eval()(x.double()), torch.float32, 8)
+    assert len(calls) == (2 if change is not None and isinstance(change[1], str) else 0)
+
+
 # ----------------------------------------------------------------------------- hooks
 
 def _add_hook(module: nn.Module, kind: str, calls: list) -> torch.utils.hooks.RemovableHandle:

@@ -1,5 +1,5 @@
-"""Linear (GEMM with bias, ReLU and dropout in its epilogue), dropout, their autograd
-Functions and fastarch.nn.Linear / Dropout, against float64 torch in the interpreter.
+"""Linear (GEMM with bias, ReLU and dropout in its epilogue), dropout, their operators'
+gradients and fastarch.nn.Linear / Dropout, against float64 torch in the interpreter.
 
 The dropout mask of a fused call is recovered from our own output: the mask depends only on
 the seed (drawn from torch's generator) and the element's position, so the same call on
@@ -13,8 +13,11 @@ import torch.nn.functional as F
 
 import fastarch
 from fastarch import backend, functional
-from fastarch.kernels import configs
+from fastarch.kernels import dropout as dropout_kernels
 from fastarch.kernels import linear as linear_kernels
+from fastarch.kernels.tensor_cores import Operand
+from fastarch.ops import dropout as dropout_ops
+from fastarch.ops import linear as linear_ops
 from fastarch.testing import assert_close, assert_same_outcome, random_input, reference_grads
 
 # name -> (input shape, out features): the real classifier layers, AlexNet/VGG's shrunk.
@@ -319,16 +322,17 @@ def test_dropout_inplace_on_a_leaf_is_torchs_error(device):
 
 # ----------------------------------------------------------------------------- GPU configs
 
-@pytest.mark.parametrize("name", configs.LINEAR_GEMM_CONFIGS.keys())
+@pytest.mark.parametrize("name", linear_ops.GEMM_TILES.keys())
 def test_every_gpu_config_computes_the_gemm(name, device):
     """The shipped tiles themselves, with ragged edges and a ragged split-K tail, on the
-    forward with its full epilogue (the interpreter otherwise runs one big tile)."""
-    config = configs.LINEAR_GEMM_CONFIGS[name]
-    operand = name.rsplit("_", 1)[1]
-    dtype = torch.bfloat16 if operand == "16bit" else torch.float32
+    forward with its full epilogue (the interpreter otherwise runs its own tiles)."""
+    config = linear_ops.GEMM_TILES[name]
+    operand = Operand(name.rsplit("_", 1)[1])
+    dtype = torch.bfloat16 if operand is Operand.SIXTEEN_BIT else torch.float32
     M, N, K = config.block_m + 3, config.block_n + 5, 3 * config.block_k + 7
     x, weight, b = _operands((M, K), N, dtype, device, requires_grad=False)
-    tolerance = {"16bit": dtype, "tf32": "tf32", "ieee": torch.float32}[operand]
+    tolerance = {Operand.SIXTEEN_BIT: dtype, Operand.TF32: "tf32",
+                 Operand.IEEE: torch.float32}[operand]
     reference = torch.relu(F.linear(x.double(), weight.double(), b.double()))
     for splits in (1, 2):
         y = backend.empty((M, N), dtype, device)
@@ -339,7 +343,7 @@ def test_every_gpu_config_computes_the_gemm(name, device):
                                                k_per_split, "forward")]
         if splits == 2:
             launches.append(linear_kernels.split_k_epilogue_launch(
-                partial, y, b, None, True, 0.0, configs.LINEAR_ROW_TILE, "forward"))
+                partial, y, b, None, True, 0.0, linear_ops.ROW_TILE, "forward"))
         for launch in launches:
             launch()
         assert_close(y, reference, tolerance, K, name=f"{splits} splits")
@@ -354,10 +358,10 @@ def test_gpu_row_tile_and_dropout_configs(device):
     partial = backend.empty((3, N), torch.float32, device)
     db = backend.empty((N,), torch.float32, device)
     linear_kernels.output_grad_launch(dy, None, seed, g, partial, False, p,
-                                      configs.LINEAR_ROW_TILE)()
-    linear_kernels.sum_rows_launch(partial, db, configs.LINEAR_ROW_TILE)()
+                                      linear_ops.ROW_TILE)()
+    linear_kernels.sum_rows_launch(partial, db, linear_ops.ROW_TILE)()
     expected = backend.empty((M, N), torch.float32, device)
-    linear_kernels.dropout_launch(dy, expected, seed, p, configs.DROPOUT_CONFIG)()
+    dropout_kernels.dropout_launch(dy, expected, seed, p, dropout_ops.DROPOUT_TILE)()
     assert torch.equal(g, expected)  # one mask: the element's flat index, whatever the tile
     assert_close(db, g.double().sum(0), torch.float32, M)
 

@@ -5,12 +5,19 @@ references holding the same weights (``MODEL_RUNS`` says which mode runs what).
 
 The forward tests shrink what the interpreter cannot afford, keeping each model's layout
 (``model_cases.CASES``): 32-wide classifiers, AlexNet at its smallest input (63x63) with a
-quarter of torchvision's channels, VGG at 32x32 with an eighth."""
+quarter of torchvision's channels, VGG at 32x32 with an eighth.
+
+Models are built fused (``fused=False`` runs module by module): the last section counts the
+kernels a training step launches."""
+from collections import Counter
+
 import pytest
 import torch
 
-from fastarch import models
+from fastarch import fusion, models
+from fastarch.kernels.launch import Launch
 from fastarch.models.vgg import VGG, make_layers
+from fastarch.nn import FusedSequential
 from model_cases import CASES, TorchvisionVGG, check_against_reference, ieee_fp32
 
 # --------------------------------------------------------------------------- expected keys
@@ -206,6 +213,15 @@ def test_model_matches_torch_reference(name, mode, backward, device):
                                 device, mode == "train", backward)
 
 
+@pytest.mark.parametrize("name", ["lenet5", "vgg11_bn"])
+def test_unfused_model_matches_torch_reference(name, device):
+    case = CASES[name]
+    model = fusion.unfuse(case.ours(0.0))
+    with ieee_fp32():
+        check_against_reference(model, case.reference(0.0), case.input_shape, device,
+                                training=True)
+
+
 def test_lenet5_under_bf16_autocast_matches_torch_reference(device):
     case = CASES["lenet5"]
     check_against_reference(case.ours(0.0), case.reference(0.0), case.input_shape, device,
@@ -229,3 +245,94 @@ def test_torchvision_state_dict_loads_and_matches_with_the_same_seed(name):
     for key, tensor in ours.state_dict().items():
         assert torch.equal(tensor, theirs[key]), f"{key}: initialised differently"
     ours.load_state_dict(theirs)
+
+
+# --------------------------------------------------------------------------- fused by default
+
+# The runs each model fuses as built: VGG's conv-bn-relu(-pool) / conv-relu runs and
+# classifier linear-relu-dropout runs, AlexNet's conv-relu and linear-relu(-dropout) runs
+# (its leading Dropout alone), LeNet-5's conv-relu and fc-relu pairs.
+FUSED_RUNS = {
+    "lenet5": [("conv1", "relu1"), ("conv2", "relu2"), ("fc1", "relu3"), ("fc2", "relu4")],
+    "alexnet": [("features.0", "features.1"), ("features.3", "features.4"),
+                ("features.6", "features.7"), ("features.8", "features.9"),
+                ("features.10", "features.11"), ("classifier.1", "classifier.2", "classifier.3"),
+                ("classifier.4", "classifier.5")],
+    "vgg11_bn": [*(tuple(f"features.{i + k}" for k in range(length))
+                   for i, length in ((0, 4), (4, 4), (8, 3), (11, 4), (15, 3), (18, 4), (22, 3),
+                                     (25, 4))),
+                 ("classifier.0", "classifier.1", "classifier.2"),
+                 ("classifier.3", "classifier.4", "classifier.5")],
+}
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_models_are_built_fused_unless_asked_not_to(name):
+    with torch.device("meta"):
+        model = getattr(models, name)()
+        unfused = getattr(models, name)(fused=False)
+    assert list(unfused.state_dict()) == list(model.state_dict())
+    runs = fusion.fused_runs(model)
+    assert runs, name
+    if name in FUSED_RUNS:
+        assert runs == FUSED_RUNS[name]
+    if name == "lenet5":
+        assert model.fused and not unfused.fused
+        return
+    assert type(model.features) is type(model.classifier) is FusedSequential
+    assert type(unfused.features) is type(unfused.classifier) is torch.nn.Sequential
+
+
+def _kernel_name(launch: Launch) -> str:
+    """The kernel of a launch, without its config: "relu_forward[...]" -> "relu_forward"."""
+    return (launch.name or launch.kernel.__name__).split("[")[0]
+
+
+def _training_step_launches(model: torch.nn.Module, input_shape: tuple, device: str,
+                            monkeypatch) -> Counter:
+    """The kernels one training forward + backward of ``model`` launches, by name."""
+    launched: Counter = Counter()
+    launch = Launch.__call__
+
+    def counted(self: Launch) -> None:
+        launched[_kernel_name(self)] += 1
+        launch(self)
+
+    monkeypatch.setattr(Launch, "__call__", counted)
+    x = torch.randn(input_shape, device=device)
+    model.to(device).train()(x).sum().backward()
+    monkeypatch.undo()
+    return launched
+
+
+def _standalone(launched: Counter) -> set[str]:
+    """The ReLU, dropout and BatchNorm statistics kernels among ``launched``: what a fused
+    run does inside its conv, GEMM and normalising kernels instead."""
+    return {kernel for kernel in launched
+            if kernel.startswith(("relu", "dropout")) or "welford" in kernel}
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("name", ["vgg11_bn", "lenet5"])
+def test_a_fused_training_step_launches_no_relu_dropout_or_statistics_kernel(name, fused,
+                                                                             device,
+                                                                             monkeypatch):
+    """VGG11-BN (an eighth of its channels, dropout 0.5) and LeNet-5 as built: the only
+    kernels of a training step are the convs (with the BatchNorm partials and ReLU in their
+    epilogue), the finalize, the normalise (+ ReLU + pool) passes, the GEMMs (ReLU and
+    dropout in their epilogue), the pools and their backward passes. Unfused, the same model
+    launches each ReLU, dropout and statistics pass of its own."""
+    case = CASES[name]
+    model = case.ours(0.5)
+    if not fused:
+        fusion.unfuse(model)
+    launched = _training_step_launches(model, case.input_shape, device, monkeypatch)
+    assert any(kernel.startswith("conv2d") for kernel in launched), launched
+    standalone = _standalone(launched)
+    if fused:
+        assert not standalone, f"standalone kernels: {standalone}"
+        return
+    expected = {"relu_forward", "relu_backward"}
+    if name == "vgg11_bn":
+        expected |= {"dropout", "batch_norm_welford_partials"}
+    assert standalone >= expected, launched

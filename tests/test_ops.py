@@ -9,7 +9,7 @@ import collections
 import pytest
 import torch
 
-from fastarch import functional, ops
+from fastarch import functional
 from fastarch.testing import random_input
 from tiny_net import INPUT_SHAPE, TinyNet
 
@@ -17,7 +17,7 @@ WINDOW = ([3, 3], [2, 2], [1, 1], [1, 1], False)  # kernel, stride, padding, dil
 AVG_WINDOW = ([2, 2], [2, 2], [0, 0], True)  # kernel, stride, padding, ceil
 
 
-def _cases(device: str, channels_last: bool) -> dict:
+def _cases(device: str, channels_last: bool, group_name: str) -> dict:
     """Arguments for every operator, on small tensors in the given layout."""
     def t(*shape, grad=False, dtype=torch.float32):
         return random_input(shape, dtype, device, channels_last=channels_last and len(shape) == 4,
@@ -25,17 +25,18 @@ def _cases(device: str, channels_last: bool) -> dict:
     x, w, b = t(2, 3, 7, 7, grad=True), t(4, 3, 3, 3, grad=True), t(4, grad=True)
     gamma, beta = t(3, grad=True), t(3, grad=True)
     mean, var = t(3), t(3).abs() + 0.5
-    partials = ops.batch_norm_welford_partials(x.detach())
-    stats = ops.batch_norm_running_statistics(mean, var, gamma.detach(), beta.detach(), 1e-5)
-    pooled, offsets, _ = ops.max_pool2d(x.detach(), *WINDOW, True, False)
+    partials = torch.ops.fastarch.batch_norm_welford_partials(x.detach())
+    stats = torch.ops.fastarch.batch_norm_running_statistics(mean, var, gamma.detach(),
+                                                             beta.detach(), 1e-5)
+    pooled, offsets, _ = torch.ops.fastarch.max_pool2d(x.detach(), *WINDOW, True, False)
     shape, last = list(x.shape), channels_last
-    y = ops.relu(x.detach())
+    y = torch.ops.fastarch.relu(x.detach())
     seed = torch.tensor([1234], dtype=torch.int64, device=device)
     conv_window = ([1, 1], [1, 1], [1, 1], [1, 1])
-    conv_y, _ = ops.conv2d(x.detach(), w.detach(), b.detach(), None, None, *conv_window, True,
-                           False)
+    conv_y, _ = torch.ops.fastarch.conv2d(x.detach(), w.detach(), b.detach(), None, None,
+                                          *conv_window, True, False)
     a, weight = t(5, 6, grad=True), t(4, 6, grad=True)
-    linear_y = ops.linear(a.detach(), weight.detach(), None, True, 0.5, seed)
+    linear_y = torch.ops.fastarch.linear(a.detach(), weight.detach(), None, True, 0.5, seed)
     return {
         "max_pool2d": (x, *WINDOW, True, True),
         "max_pool2d_backward": (t(*pooled.shape), offsets, shape, last, *WINDOW),
@@ -53,6 +54,7 @@ def _cases(device: str, channels_last: bool) -> dict:
         "batch_norm_backward_reduce": (x.detach(), t(*shape), *stats, True, torch.float32,
                                        None),
         "batch_norm_backward_input": (x.detach(), t(*shape), *stats, t(3), t(3), False),
+        "sync_batch_norm": (x, gamma, beta, *stats, group_name),
         "relu": (x,),
         "relu_": (x.detach().clone(),),
         "relu_backward": (y, t(*shape)),
@@ -67,10 +69,10 @@ def _cases(device: str, channels_last: bool) -> dict:
     }
 
 
-def test_every_operator_has_a_case():
+def test_every_operator_has_a_case(process_group):
     names = {name.split("::")[1] for name in torch._library.custom_ops.OPDEFS
              if name.startswith("fastarch::")}
-    assert names == set(_cases("cpu", False))
+    assert names == set(_cases("cpu", False, process_group.group_name))
 
 
 # channels_last inputs only change strides: the fake-tensor check compares them.
@@ -79,11 +81,11 @@ def test_every_operator_has_a_case():
              "test_aot_dispatch_dynamic")),
     (True, ("test_faketensor",)),
 ], ids=["nchw", "nhwc"])
-def test_operators_pass_opcheck(device, channels_last, checks):
+def test_operators_pass_opcheck(device, channels_last, checks, process_group):
     failures = {}
-    for name, args in _cases(device, channels_last).items():
-        results = torch.library.opcheck(getattr(ops, name), args, test_utils=checks,
-                                        raise_exception=False)
+    for name, args in _cases(device, channels_last, process_group.group_name).items():
+        results = torch.library.opcheck(getattr(torch.ops.fastarch, name), args,
+                                        test_utils=checks, raise_exception=False)
         failed = {test: result for test, result in results.items() if result != "SUCCESS"}
         if failed:
             failures[name] = failed
@@ -100,7 +102,8 @@ def test_profiler_names_every_op_and_backward(device):
                "linear", "dropout"):
         assert names[f"fastarch::{op}"] >= 1, op
         assert names[f"fastarch::{op}.backward"] >= 1, op
-    assert names["fastarch::relu_"] == names["fastarch::relu.backward"] == 4
+    # In-place ReLUs that autograd records run the out-of-place op (ops.common.elementwise).
+    assert names["fastarch::relu"] == names["fastarch::relu.backward"] == 4
 
 
 DOUBLE_BACKWARD_CALLS = {

@@ -11,15 +11,16 @@ import torch
 import torch.nn.functional as F
 
 import fastarch
-from fastarch.kernels import configs, conv2d_forward
+from fastarch.kernels.welford import merge_welford_partials
+from fastarch.ops import batch_norm as bn_ops
+from fastarch.ops import common as ops_common
+from fastarch.ops import conv2d as conv_ops
 
 LARGE_MEAN = 1e4
 ULP = 2.0 ** -10  # fp32 spacing at 1e4 (9.8e-4)
 # A mean is rounded to fp32 twice (a tile's, then the merged one), half an ulp each, plus what
 # the averaged roundings of the values leave.
 MEAN_TOLERANCE = 1.25 * ULP
-CONFIG_CHOOSERS = ("batch_norm_config", "batch_norm_merge_config", "batch_norm_tile_steps",
-                   "conv_forward_config")
 
 
 def _as_on_a_gpu(choose):
@@ -36,8 +37,10 @@ def _as_on_a_gpu(choose):
 @pytest.fixture(params=["interpreter_configs", "gpu_configs"])
 def tile_configs(request, monkeypatch) -> str:
     if request.param == "gpu_configs":
-        for name in CONFIG_CHOOSERS:
-            monkeypatch.setattr(configs, name, _as_on_a_gpu(getattr(configs, name)))
+        # BatchNorm's tiles: its reduction and merge tiles, and the NHWC tile it shares.
+        monkeypatch.setattr(bn_ops, "INTERPRETER", False)
+        monkeypatch.setattr(ops_common, "INTERPRETER", False)
+        monkeypatch.setattr(conv_ops, "forward_tile", _as_on_a_gpu(conv_ops.forward_tile))
     return request.param
 
 
@@ -64,7 +67,7 @@ def test_convolution_statistics_of_a_large_mean(tile_configs, device):
     weight = (torch.randn(16, 8, 3, 3) * 0.1).to(device)
     bias = torch.full((16,), LARGE_MEAN).to(device)
     _, partials = fastarch.functional.conv2d_fused(x, weight, bias, padding=1, stats=True)
-    mean, var = conv2d_forward.merge_welford_partials(*partials)
+    mean, var = merge_welford_partials(*partials)
     conv64 = F.conv2d(x.cpu().double(), weight.cpu().double(), bias.cpu().double(), padding=1)
     var64, mean64 = torch.var_mean(conv64, dim=(0, 2, 3), unbiased=False)
     assert (mean.cpu().double() - mean64).abs().max() <= MEAN_TOLERANCE
@@ -78,7 +81,6 @@ def test_host_merge_of_large_mean_partials():
     count = torch.tensor([[len(g)] * 4 for g in groups], dtype=torch.float64)
     mean = torch.stack([g.mean(0) for g in groups])
     m2 = torch.stack([((g - g.mean(0)) ** 2).sum(0) for g in groups])
-    merged_mean, var = conv2d_forward.merge_welford_partials(count.float(), mean.float(),
-                                                             m2.float())
+    merged_mean, var = merge_welford_partials(count.float(), mean.float(), m2.float())
     assert (merged_mean.double() - values.mean(0)).abs().max() <= MEAN_TOLERANCE
     torch.testing.assert_close(var.double(), values.var(0, unbiased=False), rtol=1e-4, atol=0)

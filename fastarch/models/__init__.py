@@ -1,6 +1,7 @@
 """LeNet-5, AlexNet and VGG built from ``fastarch.nn`` modules only; the state_dict keys and
 shapes are torchvision's (and the lecture notes' for LeNet-5 and the compact AlexNet), so
-checkpoints load unchanged."""
+checkpoints load unchanged. Every builder returns the model fused (``fastarch.fusion``);
+the keyword-only ``fused=False`` runs it module by module."""
 from fastarch.models.alexnet import AlexNet, CompactAlexNet, alexnet, compact_alexnet
 from fastarch.models.lenet import LeNet5, lenet5
 from fastarch.models.vgg import (VGG, make_layers, vgg11, vgg11_bn, vgg13, vgg13_bn, vgg16,

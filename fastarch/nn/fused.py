@@ -16,8 +16,8 @@ lists of its children, LeNet-5's) run what it yields.
   leave it stale.
 * Linear runs: one GEMM with the bias, the ReLU and (while the Dropout is in training, with
   its ``p``) the Philox dropout in its epilogue; backward applies the ReLU and dropout masks
-  inside its own GEMM. The ReLU and Dropout ``inplace`` flags change nothing: the fused run
-  never exposes the tensor they would overwrite.
+  in the one pass that also sums the bias gradient. The ReLU and Dropout ``inplace`` flags
+  change nothing: the fused run never exposes the tensor they would overwrite.
 
 A run fuses only modules whose ``forward`` is known to compute what the fused kernels do:
 each module's type must be exactly torch.nn's class or its ``fastarch.nn`` twin (a subclass,

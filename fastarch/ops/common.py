@@ -1,16 +1,17 @@
 """What every family's operators share: placeholders for outputs not asked for, shape-function
 allocation, window geometry as operator arguments (schemas carry ints, int lists and
-booleans only), the double-backward refusal, and the NHWC tile table of the memory-bound
-[pixels x channels] kernels (pools, BatchNorm)."""
+booleans only), the double-backward refusal, the NHWC tile table of the memory-bound
+[pixels x channels] kernels (pools, BatchNorm), and how an elementwise op runs in place."""
 from collections.abc import Callable
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from fastarch.kernels.conv_geometry import ConvGeometry
+from fastarch.arguments import records_grad
+from fastarch.kernels.conv2d import ConvGeometry
 from fastarch.kernels.launch import TileConfig, interpreter_tile
-from fastarch.kernels.pool_tile import PoolGeometry
+from fastarch.kernels.pool_geometry import PoolGeometry
 from fastarch.kernels.runtime import INTERPRETER, memory_format_of
 
 PoolWindow = tuple[list[int], list[int], list[int], list[int], bool]
@@ -102,3 +103,22 @@ def nhwc_tile(channels: int, pixels: int) -> TileConfig:
     if INTERPRETER:
         return interpreter_tile(pixels, channels)
     return next((tile for tile in NHWC_TILES if channels <= tile.block_n), NHWC_TILES[-1])
+
+
+def elementwise(x: Tensor, inplace: bool, out_of_place: Callable[[Tensor], Tensor],
+                in_place: Callable[[Tensor], None]) -> Tensor:
+    """An elementwise op (ReLU, dropout) on the flat storage of x: ``out_of_place(x)``, or x
+    itself rewritten when ``inplace`` (after ``arguments.check_inplace``). A tensor that is
+    neither contiguous nor channels_last runs on a contiguous copy (written back in place).
+    An in-place op that autograd records runs ``out_of_place`` and copies its output into x,
+    as torch's in-place ops do (x's version counter moves, its grad_fn becomes the copy's):
+    mutable operators carry no autograd formula."""
+    if not x.is_contiguous(memory_format=memory_format_of(x)):
+        y = out_of_place(x.contiguous())
+        return x.copy_(y) if inplace else y
+    if not inplace:
+        return out_of_place(x)
+    if records_grad(x):
+        return x.copy_(out_of_place(x))
+    in_place(x)
+    return x

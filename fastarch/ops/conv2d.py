@@ -1,0 +1,400 @@
+"""Convolution (groups=1) as operators: ``fastarch::conv2d`` (forward with its fused epilogue:
+bias, BatchNorm statistics, scale/shift, ReLU) and ``fastarch::conv2d_backward`` (dgrad,
+wgrad, the bias gradient), their shape and autograd formulas, and the host side of the
+kernels in ``kernels.conv2d`` / ``kernels.conv2d_backward``: output allocation, the config
+tables and their choice, the wgrad split policy, and the TF32 decision (``backend``'s
+``conv_operand``, read once per op, forward and backward alike)."""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch import Tensor
+
+from fastarch import arguments, backend, profiling
+from fastarch.kernels.conv2d import SMALL_C, ConvGeometry, forward_launch
+from fastarch.kernels.conv2d_backward import (dgrad_launch, merge_launch, phase_pixels,
+                                              wgrad_launch)
+from fastarch.kernels.launch import Launch, TileConfig, interpreter_tile
+from fastarch.kernels.runtime import INTERPRETER, empty, memory_format_of, sm_count
+from fastarch.kernels.tensor_cores import Operand
+from fastarch.kernels.welford import WelfordPartials
+from fastarch.ops.common import (absent, conv_geometry, conv_window, fake_empty,
+                                 is_channels_last, memory_format_for, no_double_backward,
+                                 no_grads, or_absent)
+
+
+# ----------------------------------------------------------------------------- config tables
+
+# fp32 without TF32 has no tensor cores: every kernel gets this one FMA tile.
+FMA_TILE = TileConfig("fp32_ieee", 64, 64, 16, num_warps=4, num_stages=2)
+
+
+def _table(prefix: str, *sixteen_bit: TileConfig) -> dict[str, TileConfig]:
+    """The 16-bit tiles, each one's TF32 twin, then the FMA tile (its name after
+    ``prefix``), by name. A TF32 twin is its 16-bit tile at most 32 deep: a 128-byte row of
+    a stage holds 64 16-bit elements but 32 fp32 ones."""
+    twins = [replace(tile, name=tile.name.replace("16bit", "tf32"),
+                     block_k=min(tile.block_k, 32)) for tile in sixteen_bit]
+    fma = replace(FMA_TILE, name=prefix + FMA_TILE.name)
+    return {tile.name: tile for tile in (*sixteen_bit, *twins, fma)}
+
+
+# Forward, keyed on path ("flat": C < SMALL_C; "chan": K tiles inside one (r, s) tap), output
+# channels (n16 / n64 / n128: 128 and more) and operand. Chan tiles are a 128-byte channel
+# row deep; 4 stages of 32 KiB for 128x128x64. Flat tiles gather 2-byte elements (no
+# cp.async, so no software pipeline: one stage), 32 deep, and need 8 warps to stay under 128
+# registers. 128x256 (the prototype's tile) is left out: at 8 warps it reaches 255 registers
+# with the bias epilogue and spills with stats or scale/shift + ReLU (checked with
+# ``python -m fastarch.sm90``).
+CONV_FORWARD = _table("",
+    TileConfig("flat_n16_16bit", 128, 16, 32, num_warps=8, num_stages=1),
+    TileConfig("flat_n64_16bit", 128, 64, 32, num_warps=8, num_stages=1),
+    TileConfig("chan_n64_16bit", 128, 64, 64, num_warps=4, num_stages=4),
+    TileConfig("chan_n128_16bit", 128, 128, 64, num_warps=8, num_stages=4))
+
+# dgrad is a GEMM over input pixels (M) x input channels (N), stepping BLOCK_K output channels
+# of one tap at a time. Keyed on the input channels (n16: C <= 16, n64: C <= 64, else n128)
+# and operand, with the forward's tile depths. A first layer's dgrad (C = 1 or 3) pads to a
+# 16-wide N tile; it only runs when the image itself requires grad.
+CONV_DGRAD = _table("dgrad_",
+    TileConfig("dgrad_n16_16bit", 128, 16, 64, num_warps=4, num_stages=4),
+    TileConfig("dgrad_n64_16bit", 128, 64, 64, num_warps=4, num_stages=4),
+    TileConfig("dgrad_n128_16bit", 128, 128, 64, num_warps=8, num_stages=4))
+
+# wgrad is a GEMM over (r, s, c) flattened (M) x output channels (N), reducing over the
+# N*P*Q pixels in BLOCK_K steps, split across programs. An M tile stays inside one tap when C
+# is a multiple of BLOCK_M (the kernel then reads one channel run per pixel); otherwise
+# (C = 1, 3, 6, ...) it spans taps so a 3-channel layer fills its tile with 27 or 363 real
+# (r, s, c) columns instead of padding each tap to 16. Keyed on the tile (m128 only when
+# C % 128 == 0 and K_out > 64), output channels (n16: K_out <= 16, n64: <= 64, else n128) and
+# operand.
+CONV_WGRAD = _table("wgrad_",
+    TileConfig("wgrad_m64_n16_16bit", 64, 16, 64, num_warps=4, num_stages=4),
+    TileConfig("wgrad_m64_n64_16bit", 64, 64, 64, num_warps=4, num_stages=4),
+    TileConfig("wgrad_m64_n128_16bit", 64, 128, 64, num_warps=4, num_stages=4),
+    TileConfig("wgrad_m128_n128_16bit", 128, 128, 64, num_warps=8, num_stages=4))
+
+# The merge of wgrad's split partials: an elementwise pass, 1024 elements a program.
+WGRAD_MERGE = TileConfig("merge", block_m=1024)
+
+# Split-K: enough programs for WGRAD_WAVES waves of the GPU, but each split reduces at least
+# WGRAD_MIN_SPLIT_STEPS tiles, so its fp32 partial (written once, read once by the merge) stays
+# small beside the activations it read. The interpreter splits in at most
+# WGRAD_INTERPRETER_SPLITS parts of WGRAD_INTERPRETER_STEP-pixel steps: enough to exercise the
+# merge on test-sized layers, cheap to run.
+WGRAD_WAVES = 2
+WGRAD_MIN_SPLIT_STEPS = 16
+WGRAD_INTERPRETER_SPLITS = 3
+WGRAD_INTERPRETER_STEP = 64
+
+
+# ----------------------------------------------------------------------------- config choice
+
+def forward_tile(channels: int, out_channels: int, reduction: int, operand: Operand,
+                 pixels: int, interpreter: bool = INTERPRETER) -> TileConfig:
+    """The tile of a conv forward over ``pixels`` = N*P*Q outputs; ``reduction`` is R*S*C."""
+    flat = channels < SMALL_C
+    depth = reduction if flat else channels
+    if interpreter:
+        return interpreter_tile(pixels, out_channels, depth)
+    if operand is Operand.IEEE:
+        return _shallow(CONV_FORWARD["fp32_ieee"], depth)
+    if flat:
+        width = "n16" if out_channels <= 16 else "n64"
+    else:
+        width = "n64" if out_channels <= 64 else "n128"
+    path = "flat" if flat else "chan"
+    return _shallow(CONV_FORWARD[f"{path}_{width}_{operand.value}"], depth)
+
+
+def dgrad_tile(channels: int, out_channels: int, operand: Operand, pixels: int,
+               interpreter: bool = INTERPRETER) -> TileConfig:
+    """The tile of a conv input gradient; ``pixels`` are those of one stride phase."""
+    if interpreter:
+        return interpreter_tile(pixels, channels, out_channels)
+    if operand is Operand.IEEE:
+        return CONV_DGRAD["dgrad_fp32_ieee"]
+    width = "n16" if channels <= 16 else "n64" if channels <= 64 else "n128"
+    return _shallow(CONV_DGRAD[f"dgrad_{width}_{operand.value}"], out_channels)
+
+
+def wgrad_tile(channels: int, out_channels: int, operand: Operand, taps: int, pixels: int,
+               interpreter: bool = INTERPRETER) -> TileConfig:
+    """The tile of a conv weight gradient; ``taps`` is R*S, ``pixels`` N*P*Q."""
+    if interpreter:
+        tile = interpreter_tile(taps * channels, out_channels, pixels,
+                                max_k=WGRAD_INTERPRETER_STEP)
+        # Tiles inside one tap when C is a multiple of 16, as on the GPU for C % 64 == 0,
+        # so the tests run both the tap-aligned and the flattened path.
+        if channels % 16 == 0:
+            tile = replace(tile, block_m=min(channels & -channels, 128))
+        return tile
+    if operand is Operand.IEEE:
+        return CONV_WGRAD["wgrad_fp32_ieee"]
+    width = "n16" if out_channels <= 16 else "n64" if out_channels <= 64 else "n128"
+    height = "m128" if width == "n128" and channels % 128 == 0 else "m64"
+    return CONV_WGRAD[f"wgrad_{height}_{width}_{operand.value}"]
+
+
+def wgrad_splits(tiles: int, pixels: int, block_k: int, sms: int,
+                 interpreter: bool = INTERPRETER) -> int:
+    """How many parts the N*P*Q reduction of a wgrad with ``tiles`` output tiles is split in,
+    on a GPU of ``sms`` SMs."""
+    steps = triton.cdiv(pixels, block_k)
+    if interpreter:
+        return max(1, min(steps, WGRAD_INTERPRETER_SPLITS))
+    wanted = triton.cdiv(WGRAD_WAVES * sms, max(tiles, 1))
+    return max(1, min(wanted, steps // WGRAD_MIN_SPLIT_STEPS))
+
+
+def wgrad_merge_tile(numel: int, interpreter: bool = INTERPRETER) -> TileConfig:
+    """The tile of the merge of ``numel`` elements of wgrad's split partials."""
+    return interpreter_tile(numel) if interpreter else WGRAD_MERGE
+
+
+def split_reduction(pixels: int, splits: int, block_k: int) -> tuple[int, int]:
+    """(splits, pixels per split): whole BLOCK_K steps per split, and no empty split."""
+    per_split = max(1, triton.cdiv(triton.cdiv(pixels, splits), block_k)) * block_k
+    return max(1, triton.cdiv(pixels, per_split)), per_split
+
+
+def _shallow(config: TileConfig, depth: int) -> TileConfig:
+    """A reduction shallower than the tile (C = 16 or 32, LeNet's K_out = 6 or 16, a 1x1
+    first layer) gets a shallower tile."""
+    depth = max(16, triton.next_power_of_2(depth))
+    if depth < config.block_k:
+        config = replace(config, name=f"{config.name}_k{depth}", block_k=depth)
+    return config
+
+
+# ----------------------------------------------------------------------------- host side
+
+def weight_matrix(weight: Tensor) -> Tensor:
+    """[K_out, C, R, S] -> [K_out, R, S, C] contiguous, the forward's [K_out, R*S*C] GEMM
+    operand (a view, no copy, for a channels_last weight)."""
+    return weight.permute(0, 2, 3, 1).contiguous()
+
+
+def dgrad_weight(weight: Tensor) -> Tensor:
+    """The weight as dgrad's B operand reads it: [R, S, C, K_out] dense, K_out (the GEMM's
+    reduction axis) contiguous, the K-major layout the tensor-core operand wants."""
+    return weight.permute(2, 3, 1, 0).contiguous()
+
+
+def _forward_tile(x: Tensor, weight: Tensor, geometry: ConvGeometry,
+                  operand: Operand) -> TileConfig:
+    N, C, H, W = x.shape
+    P, Q = geometry.output_size(H, W)
+    return forward_tile(C, weight.shape[0], C * weight.shape[2] * weight.shape[3], operand,
+                        N * P * Q)
+
+
+def stats_tiles(x: Tensor, weight: Tensor, geometry: ConvGeometry) -> int:
+    """The M tiles of the Welford partials the forward writes with ``stats`` (their shape is
+    [3, tiles, K_out]): what a shape function needs to know without running it."""
+    N, _, H, W = x.shape
+    P, Q = geometry.output_size(H, W)
+    tile = _forward_tile(x, weight, geometry, backend.conv_operand(x.dtype))
+    return triton.cdiv(N * P * Q, tile.block_m)
+
+
+def conv2d_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: ConvGeometry,
+                   scale: Optional[Tensor], shift: Optional[Tensor], relu: bool,
+                   stats: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """y = conv2d(x, weight) (+ bias) [* scale + shift] [ReLU] of a 4-D x, in x's dtype and
+    memory format, and when ``stats`` the Welford partials of conv + bias as one
+    [3, tiles, K_out] fp32 buffer of (count, mean, M2)."""
+    N, _, H, W = x.shape
+    K_out = weight.shape[0]
+    P, Q = geometry.output_size(H, W)
+    y = empty((N, K_out, P, Q), x.dtype, x.device, memory_format_of(x))
+    operand = backend.conv_operand(x.dtype)
+    tile = _forward_tile(x, weight, geometry, operand)
+    m_tiles = triton.cdiv(N * P * Q, tile.block_m)
+    partials = empty((3, m_tiles, K_out), torch.float32, x.device) if stats else None
+    forward_launch(x, weight_matrix(weight), bias, scale, shift, relu, y, partials, geometry,
+                   operand, tile)()
+    return y, partials
+
+
+def conv2d_input_grad(dy: Tensor, weight: Tensor, input_shape: torch.Size,
+                      memory_format: torch.memory_format, geometry: ConvGeometry,
+                      operand: Operand) -> Tensor:
+    """dx of a conv2d: ``input_shape`` (N, C, H, W) in ``memory_format``, dy's dtype."""
+    N, C, H, W = input_shape
+    dx = empty(input_shape, dy.dtype, dy.device, memory_format)
+    tile = dgrad_tile(C, weight.shape[0], operand, phase_pixels(N, H, W, geometry))
+    dgrad_launch(dy, dgrad_weight(weight), dx, geometry, operand, tile)()
+    return dx
+
+
+def wgrad_plan(x: Tensor, dy: Tensor, weight_shape: torch.Size, need_bias_grad: bool,
+               geometry: ConvGeometry, operand: Operand, interpreter: bool = INTERPRETER
+               ) -> tuple[list[Launch], Tensor, Optional[Tensor]]:
+    """The launches of one weight gradient and the dW, db they fill (dW and db are
+    allocated here; so is the fp32 partial buffer when the reduction is split)."""
+    K_out, C, R, S = weight_shape
+    N, _, P, Q = dy.shape
+    tile = wgrad_tile(C, K_out, operand, R * S, N * P * Q, interpreter)
+    tiles = triton.cdiv(R * S * C, tile.block_m) * triton.cdiv(K_out, tile.block_n)
+    splits, per_split = split_reduction(
+        N * P * Q, wgrad_splits(tiles, N * P * Q, tile.block_k, sm_count(x.device), interpreter),
+        tile.block_k)
+    dw = empty(weight_shape, x.dtype, x.device)
+    db = empty((K_out,), x.dtype, x.device) if need_bias_grad else None
+    dw_rsck = dw.permute(2, 3, 1, 0)  # the (r, s, c, k) order of the GEMM's M x N
+    if splits == 1:
+        main = wgrad_launch(x, dy, dw_rsck[None], None if db is None else db[None], 1,
+                            per_split, geometry, operand, tile)
+        return [main], dw, db
+    partial = empty((splits, R, S, C, K_out), torch.float32, x.device)
+    bias_partial = (empty((splits, 1, 1, 1, K_out), torch.float32, x.device)
+                    if need_bias_grad else None)
+    main = wgrad_launch(x, dy, partial,
+                        None if bias_partial is None else bias_partial.view(splits, K_out),
+                        splits, per_split, geometry, operand, tile)
+    launches = [main, merge_launch(partial, dw_rsck, wgrad_merge_tile(dw.numel(), interpreter))]
+    if need_bias_grad:
+        launches.append(merge_launch(bias_partial, db.view(1, 1, 1, K_out),
+                                     wgrad_merge_tile(K_out, interpreter)))
+    return launches, dw, db
+
+
+def conv2d_weight_grad(x: Tensor, dy: Tensor, weight_shape: torch.Size,
+                       geometry: ConvGeometry, need_bias_grad: bool,
+                       operand: Operand) -> tuple[Tensor, Optional[Tensor]]:
+    """dW (``weight_shape``, contiguous) and, if asked, db of a conv2d, both in x's dtype,
+    accumulated in fp32."""
+    launches, dw, db = wgrad_plan(x, dy, weight_shape, need_bias_grad, geometry, operand)
+    for launch in launches:
+        launch()
+    return dw, db
+
+
+# ----------------------------------------------------------------------------- operators
+
+@torch.library.custom_op("fastarch::conv2d", mutates_args=())
+def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
+           shift: Optional[Tensor], stride: list[int], padding: list[int],
+           dilation: list[int], padding_end: list[int], relu: bool,
+           stats: bool) -> tuple[Tensor, Tensor]:
+    """conv2d (groups=1) of a 4-D x with the fused epilogue: y = relu?((conv + bias) * scale +
+    shift); with ``stats`` also the Welford partials of conv + bias ([3, tiles, K_out] fp32,
+    not differentiable)."""
+    geometry = conv_geometry(weight.shape, stride, padding, dilation, padding_end)
+    y, partials = conv2d_forward(x, weight, bias, geometry, scale, shift, relu, stats)
+    return y, or_absent(partials, x)
+
+
+@conv2d.register_fake
+def _(x, weight, bias, scale, shift, stride, padding, dilation, padding_end, relu, stats):
+    geometry = conv_geometry(weight.shape, stride, padding, dilation, padding_end)
+    shape = (x.shape[0], weight.shape[0], *geometry.output_size(*x.shape[2:]))
+    y = fake_empty(shape, x.dtype, x, memory_format_of(x))
+    if not stats:
+        return y, absent(x)
+    return y, fake_empty((3, stats_tiles(x, weight, geometry), weight.shape[0]), torch.float32,
+                         x)
+
+
+def _conv2d_setup(ctx, inputs, output) -> None:
+    x, weight, _, scale, _, *window, relu, _ = inputs
+    ctx.window = window
+    ctx.input_shape, ctx.channels_last = list(x.shape), is_channels_last(x)
+    ctx.weight_shape = list(weight.shape)
+    ctx.mark_non_differentiable(output[1])
+    need_dx, need_dw = ctx.needs_input_grad[:2]
+    ctx.save_for_backward(x if need_dw else None, weight if need_dx else None, scale,
+                          output[0] if relu else None)
+
+
+@profiling.op_range("conv2d.backward")
+def _conv2d_grads(ctx, dy: Tensor, unused_partials_grad):
+    x, weight, scale, y = ctx.saved_tensors
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    dx, dw, db = conv2d_backward(dy, x, weight, scale, y, ctx.input_shape, ctx.channels_last,
+                                 ctx.weight_shape, *ctx.window, need_dx, need_dw, need_db)
+    return (dx if need_dx else None, dw if need_dw else None, db if need_db else None,
+            *no_grads(8))
+
+
+conv2d.register_autograd(_conv2d_grads, setup_context=_conv2d_setup)
+
+
+@torch.library.custom_op("fastarch::conv2d_backward", mutates_args=())
+def conv2d_backward(dy: Tensor, x: Optional[Tensor], weight: Optional[Tensor],
+                    scale: Optional[Tensor], y: Optional[Tensor], input_shape: list[int],
+                    channels_last: bool, weight_shape: list[int], stride: list[int],
+                    padding: list[int], dilation: list[int], padding_end: list[int],
+                    input_grad: bool, weight_grad: bool,
+                    bias_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias) of ``conv2d``, each a placeholder unless asked for; dy goes back
+    through the ReLU (``y``, the output, given when it ran) and the constant ``scale``. dx
+    needs ``weight``, dweight needs ``x``."""
+    if y is not None:
+        dy = dy.masked_fill(y <= 0, 0)  # ReLU: torch's threshold_backward (NaN passes)
+    if scale is not None:
+        dy = (dy.float() * scale.view(1, -1, 1, 1)).to(dy.dtype)
+    geometry = conv_geometry(weight_shape, stride, padding, dilation, padding_end)
+    operand = backend.conv_operand(dy.dtype)
+    dx = dw = db = None
+    if input_grad:
+        dx = conv2d_input_grad(dy, weight, torch.Size(input_shape),
+                               memory_format_for(channels_last), geometry, operand)
+    if weight_grad:
+        dw, db = conv2d_weight_grad(x, dy, torch.Size(weight_shape), geometry, bias_grad,
+                                    operand)
+    elif bias_grad:
+        db = dy.sum((0, 2, 3), dtype=torch.float32).to(dy.dtype)
+    return or_absent(dx, dy), or_absent(dw, dy), or_absent(db, dy)
+
+
+@conv2d_backward.register_fake
+def _(dy, x, weight, scale, y, input_shape, channels_last, weight_shape, stride, padding,
+      dilation, padding_end, input_grad, weight_grad, bias_grad):
+    return (fake_empty(input_shape, dy.dtype, dy, memory_format_for(channels_last)) if input_grad
+            else absent(dy),
+            fake_empty(weight_shape, dy.dtype, dy) if weight_grad else absent(dy),
+            fake_empty(weight_shape[:1], dy.dtype, dy) if bias_grad else absent(dy))
+
+
+conv2d_backward.register_autograd(no_double_backward("conv2d"))
+
+
+# ----------------------------------------------------------------------------- functional
+
+def conv2d_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: ConvGeometry,
+                 scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
+                 relu: bool = False, stats: bool = False
+                 ) -> tuple[Tensor, Optional[WelfordPartials]]:
+    """The ``fastarch::conv2d`` operator on a 4-D x (checked arguments), with the statistics
+    as ``WelfordPartials`` (None without ``stats``)."""
+    y, partials = conv2d(x, weight, bias, scale, shift, *conv_window(geometry), bool(relu),
+                         bool(stats))
+    return y, WelfordPartials(*partials.unbind(0)) if stats else None
+
+
+def conv2d_fused_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                       stride: arguments.IntOrPair, padding: arguments.ConvPadding,
+                       dilation: arguments.IntOrPair, scale: Optional[Tensor],
+                       shift: Optional[Tensor], relu: bool,
+                       stats: bool) -> tuple[Tensor, Optional[WelfordPartials]]:
+    """The fallback of ``functional.conv2d_fused``: torch's conv2d, then the epilogue as
+    torch ops; the partials are one tile holding the whole output."""
+    y = F.conv2d(arguments.batched(x), weight, bias, stride, padding, dilation)
+    partials = None
+    if stats:
+        values = y.detach().to(torch.promote_types(y.dtype, torch.float32))
+        var, mean = torch.var_mean(values, dim=(0, 2, 3), unbiased=False)
+        count = torch.full_like(mean, y.numel() // y.shape[1])
+        partials = WelfordPartials(count[None], mean[None], (var * count)[None])
+    if scale is not None:
+        channel = (1, -1, 1, 1)
+        y = (y * scale.view(channel) + shift.view(channel)).to(y.dtype)
+    if relu:
+        y = torch.relu(y)
+    return arguments.unbatched_like(x, y), partials

@@ -1,0 +1,244 @@
+"""Convolution forward as an implicit GEMM over NHWC, with a fused epilogue; and the geometry
+every convolution kernel shares (forward here, dgrad and wgrad in ``conv2d_backward``).
+
+GEMM view: M = N*P*Q output pixels, N = K_out output channels, K = R*S*C. A program owns a
+[BLOCK_M pixels x BLOCK_N channels] tile of the output and never materializes im2col: each
+K step gathers its [BLOCK_M x BLOCK_K] slice of the input straight from the strided tensor
+(channels_last is the coalesced fast path; any strides work) and multiplies it with a
+[BLOCK_K x BLOCK_N] slice of the weight. Accumulation is fp32; pixel offsets are int64.
+
+Two main loops, picked by a constexpr:
+* channels (C >= SMALL_C): one flat loop over (tap r, s) x (C in BLOCK_K chunks). The
+  per-pixel index math (n, p, q, the input base offset) is done once; a step adds a scalar
+  tap offset and compares the tap's row/column with the bounds. One flat loop (not nested)
+  so Triton pipelines across taps too.
+* flattened K (C < SMALL_C: LeNet, AlexNet and VGG first layers): K runs over (r, s, c)
+  together, so a 3-channel 3x3 layer has K = 27 in one 32-deep step instead of 9 steps of
+  16-wide tiles that are 81 % padding.
+
+The weight is read as [K_out, R*S*C] with (r, s, c) contiguous (for a channels_last weight
+that is the weight itself, viewed).
+
+Epilogue, constexpr flags applied in this order on the fp32 accumulator:
+HAS_BIAS (+ bias[k], any stride), STATS (Welford partials of this tile: count, mean, M2 per
+channel, of conv + bias, for BatchNorm's batch statistics; written to a [3, M tiles, K_out]
+fp32 buffer and merged on the host with Chan's formula, no atomics), HAS_SCALE_SHIFT
+(* scale[k] + shift[k], e.g. an eval-mode BatchNorm folded in), RELU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import UNUSED, Extent, Launch, TileConfig, dense, vector
+from .nhwc import split_pixel, strided_args, strided_extent
+from .tensor_cores import Operand, dot, upcast_operands
+from .welford import store_statistics, tile_statistics
+
+# Inputs with fewer channels than this take the flattened-K loop (the reduction runs over
+# (r, s, c) together), so a 3-channel first layer does not pad every tap to a 16-wide K tile.
+SMALL_C = 16
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A 2-D convolution window, groups=1.
+
+    ``padding`` is the top/left padding. ``padding_end`` is the bottom/right padding; it
+    differs from ``padding`` only for padding='same' with an even effective kernel, where
+    torch pads the extra row/column at the end.
+    """
+    kernel: tuple[int, int]
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    padding_end: tuple[int, int] | None = None
+
+    def end_padding(self) -> tuple[int, int]:
+        return self.padding if self.padding_end is None else self.padding_end
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        pad_end = self.end_padding()
+        return tuple(
+            (size + begin + end - dilation * (k - 1) - 1) // stride + 1
+            for size, begin, end, k, stride, dilation in zip(
+                (height, width), self.padding, pad_end, self.kernel, self.stride, self.dilation))
+
+    def constexprs(self) -> dict[str, int]:
+        """Stride, top/left padding and dilation as the kernels' constexprs."""
+        return {"SH": self.stride[0], "SW": self.stride[1], "PH": self.padding[0],
+                "PW": self.padding[1], "DH": self.dilation[0], "DW": self.dilation[1]}
+
+
+@triton.jit
+def _channel_tile_loop(acc, x_ptr, w_ptr, pixel_base, h0, w0, m_ok, w_cols, k_out_ok,
+                       C, C_TILES, H, W, x_sh, x_sw, x_sc,
+                       S: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, R_TIMES_S,
+                       EVEN_C: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       UPCAST_OPERANDS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """K = (r, s) taps x C in BLOCK_K chunks (C_TILES of them), as one flat loop."""
+    lanes = tl.arange(0, BLOCK_K)
+    for step in range(0, R_TIMES_S * C_TILES):
+        tap = step // C_TILES
+        c = (step - tap * C_TILES) * BLOCK_K + lanes
+        r = tap // S
+        s = tap - r * S
+        h = h0 + r * DH
+        w = w0 + s * DW
+        row_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        tap_offset = (r * DH).to(tl.int64) * x_sh + (s * DW).to(tl.int64) * x_sw
+        a_ptrs = x_ptr + (pixel_base + tap_offset)[:, None] + (c * x_sc)[None, :]
+        b_ptrs = w_ptr + (tap * C + c)[:, None] + w_cols[None, :]
+        if EVEN_C:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=k_out_ok[None, :], other=0.0)
+        else:
+            c_ok = c < C
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=c_ok[:, None] & k_out_ok[None, :], other=0.0)
+        acc = dot(a, b, acc, DOT_PRECISION, UPCAST_OPERANDS)
+    return acc
+
+
+@triton.jit
+def _flat_k_loop(acc, x_ptr, w_ptr, pixel_base, h0, w0, m_ok, w_cols, k_out_ok,
+                 C, H, W, x_sh, x_sw, x_sc, K_TOTAL,
+                 S: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """K = (r, s, c) flattened, c fastest: no padding per tap for small C."""
+    lanes = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K_TOTAL, BLOCK_K):
+        k = k0 + lanes
+        k_ok = k < K_TOTAL
+        tap = k // C
+        c = k - tap * C
+        r = tap // S
+        s = tap - r * S
+        h = h0[:, None] + (r * DH)[None, :]
+        w = w0[:, None] + (s * DW)[None, :]
+        a_mask = (m_ok[:, None] & k_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W))
+        column_offset = (r * DH).to(tl.int64) * x_sh + (s * DW).to(tl.int64) * x_sw + c * x_sc
+        a = tl.load(x_ptr + pixel_base[:, None] + column_offset[None, :], mask=a_mask,
+                    other=0.0)
+        b = tl.load(w_ptr + k[:, None] + w_cols[None, :],
+                    mask=k_ok[:, None] & k_out_ok[None, :], other=0.0)
+        acc = dot(a, b, acc, DOT_PRECISION, UPCAST_OPERANDS)
+    return acc
+
+
+@triton.jit
+def conv2d_forward_kernel(
+    x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, y_ptr, stats_ptr,
+    M, C, C_TILES, H, W, P, Q, K_OUT, K_TOTAL, NUM_M_TILES,
+    x_sn, x_sh, x_sw, x_sc, w_sk, bias_s, scale_s, shift_s, y_sn, y_sh, y_sw, y_sc,
+    R: tl.constexpr, S: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    FLAT_K: tl.constexpr, EVEN_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr, STATS: tl.constexpr, HAS_SCALE_SHIFT: tl.constexpr,
+    RELU: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Channel tiles vary fastest, so the programs sharing an input tile run together and
+    # the input is read from DRAM about once (the weight stays in L2).
+    n_tiles = tl.cdiv(K_OUT, BLOCK_N)
+    tile_m = tl.program_id(0) // n_tiles
+    tile_n = tl.program_id(0) % n_tiles
+    m = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k_out = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = m < M
+    k_out_ok = k_out < K_OUT
+    n, p, q = split_pixel(m, P, Q)
+    h0 = (p * SH - PH).to(tl.int32)
+    w0 = (q * SW - PW).to(tl.int32)
+    pixel_base = n * x_sn + h0.to(tl.int64) * x_sh + w0.to(tl.int64) * x_sw
+    w_cols = k_out * w_sk
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    if FLAT_K:
+        acc = _flat_k_loop(acc, x_ptr, w_ptr, pixel_base, h0, w0, m_ok, w_cols, k_out_ok,
+                           C, H, W, x_sh, x_sw, x_sc, K_TOTAL, S, DH, DW,
+                           DOT_PRECISION, UPCAST_OPERANDS, BLOCK_K)
+    else:
+        acc = _channel_tile_loop(acc, x_ptr, w_ptr, pixel_base, h0, w0, m_ok, w_cols,
+                                 k_out_ok, C, C_TILES, H, W, x_sh, x_sw, x_sc, S, DH, DW,
+                                 R * S, EVEN_C, DOT_PRECISION, UPCAST_OPERANDS, BLOCK_K)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + k_out * bias_s, mask=k_out_ok,
+                       other=0.0).to(tl.float32)[None, :]
+    if STATS:  # count, mean and M2 of this tile's valid rows, per channel
+        count = tl.minimum(M - tile_m.to(tl.int64) * BLOCK_M, BLOCK_M).to(tl.float32)
+        mean, m2 = tile_statistics(acc, m_ok, BLOCK_M)
+        store_statistics(stats_ptr, NUM_M_TILES.to(tl.int64) * K_OUT,
+                         tile_m.to(tl.int64) * K_OUT + k_out, count, mean, m2, k_out_ok)
+    if HAS_SCALE_SHIFT:
+        scale = tl.load(scale_ptr + k_out * scale_s, mask=k_out_ok, other=0.0)
+        shift = tl.load(shift_ptr + k_out * shift_s, mask=k_out_ok, other=0.0)
+        acc = acc * scale[None, :] + shift[None, :]
+    if RELU:
+        acc = tl.where(acc < 0.0, 0.0, acc)  # NaN stays NaN, as in torch.relu
+    y_offsets = (n * y_sn + p * y_sh + q * y_sw)[:, None] + (k_out * y_sc)[None, :]
+    tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & k_out_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- launch
+
+def forward_launch(x: torch.Tensor, weight_rsc: torch.Tensor, bias: torch.Tensor | None,
+                   scale: torch.Tensor | None, shift: torch.Tensor | None, relu: bool,
+                   y: torch.Tensor, stats: torch.Tensor | None, geometry: ConvGeometry,
+                   operand: Operand, config: TileConfig) -> Launch:
+    """The launch for x [N, C, H, W] (any strides), ``weight_rsc`` [K_out, R, S, C] with
+    (r, s, c) contiguous, [K_out] bias, scale and shift (any stride), y [N, K_out, P, Q] (any
+    strides) and, for the STATS epilogue, a dense [3, M tiles, K_out] fp32 ``stats``."""
+    N, C, H, W = x.shape
+    K_out, R, S, _ = weight_rsc.shape
+    P, Q = y.shape[2:]
+    M = N * P * Q
+    m_tiles = triton.cdiv(M, config.block_m)
+    vectors = {"bias": bias, "scale": scale, "shift": shift}
+    return Launch(
+        conv2d_forward_kernel, (m_tiles * triton.cdiv(K_out, config.block_n),),
+        args={"x_ptr": x, "w_ptr": weight_rsc, "y_ptr": y,
+              **{f"{name}_ptr": y if t is None else t for name, t in vectors.items()},
+              "stats_ptr": stats if stats is not None else y,
+              "M": M, "C": C, "C_TILES": triton.cdiv(C, config.block_k), "H": H, "W": W,
+              "P": P, "Q": Q, "K_OUT": K_out, "K_TOTAL": R * S * C, "NUM_M_TILES": m_tiles,
+              **strided_args("x", x), "w_sk": weight_rsc.stride(0), **strided_args("y", y),
+              **{f"{name}_s": 0 if t is None else t.stride(0) for name, t in vectors.items()}},
+        extents={"x_ptr": strided_extent("x", (N, C, H, W)),
+                 "w_ptr": Extent((K_out, R * S * C), ("w_sk", 1)),
+                 "y_ptr": strided_extent("y", (N, K_out, P, Q)),
+                 "bias_ptr": vector(bias, K_out, "bias_s"),
+                 "scale_ptr": vector(scale, K_out, "scale_s", (torch.float32,)),
+                 "shift_ptr": vector(shift, K_out, "shift_s", (torch.float32,)),
+                 "stats_ptr": UNUSED if stats is None
+                 else dense(3, m_tiles, K_out, dtypes=(torch.float32,))},
+        constexprs={"R": R, "S": S, **geometry.constexprs(),
+                    "FLAT_K": C < SMALL_C, "EVEN_C": C % config.block_k == 0,
+                    "HAS_BIAS": bias is not None, "STATS": stats is not None,
+                    "HAS_SCALE_SHIFT": scale is not None, "RELU": relu,
+                    **gemm_constexprs(operand, x.dtype, config)},
+        num_warps=config.num_warps, num_stages=config.num_stages,
+        name=f"conv2d_forward[{config.name},{_DTYPE_NAMES[x.dtype]}"
+             f"{_epilogue_suffix(bias is not None, stats is not None, scale is not None, relu)}]")
+
+
+def gemm_constexprs(operand: Operand, dtype: torch.dtype, config: TileConfig) -> dict[str, Any]:
+    """What every convolution GEMM takes besides its geometry: the dot's precision, whether
+    interpreted bf16 upcasts its operands, and the tile."""
+    return {"DOT_PRECISION": operand.dot_precision, "UPCAST_OPERANDS": upcast_operands(dtype),
+            "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k}
+
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _epilogue_suffix(bias: bool, stats: bool, scale_shift: bool, relu: bool) -> str:
+    flags = (("bias", bias), ("stats", stats), ("scale_shift", scale_shift), ("relu", relu))
+    return "".join(f"+{flag}" for flag, on in flags if on)

@@ -1,0 +1,336 @@
+"""Convolution backward as implicit GEMMs, groups=1: the input gradient (dgrad) and the weight
+and bias gradients (wgrad), fp32 accumulation, deterministic (no atomics).
+
+dgrad. dx[n, h, w, c] = sum over taps (r, s) and output channels k of dy[n, p, q, k] *
+W[k, c, r, s] where h = p * SH - PH + r * DH (and likewise for w): GEMM M = input pixels,
+N = C, K = taps x K_out.
+
+Stride is handled by decomposing the input by stride phase rather than by masking. Input
+rows h with the same h mod SH are reached by the same taps: those r with
+(h + PH - r * DH) divisible by SH, which form one residue class r0, r0 + STEP, r0 + 2 STEP, ...
+(STEP = SH / gcd(SH, DH)). Each program owns one phase (grid axis 2 runs over the SH * SW
+phases), visits only its phase's taps, and then p = i + base - j * DSTEP for the i-th row of
+the phase and the j-th tap: no division and no wasted tap in the main loop. A masked
+"visit every tap, skip the non-dividing ones" loop would spend 1 - 1/(SH * SW) of its tiles
+on zeros: 3/4 at stride 2, 15/16 for AlexNet's stride-4 conv1. Rows that no window reaches
+(a phase without taps, or the last rows when the input is not covered exactly by the
+windows) get an empty or fully masked reduction and are stored as zeros.
+
+wgrad. dW[k, c, r, s] = sum over pixels (n, p, q) of dy[n, p, q, k] * x[n, p*SH - PH + r*DH,
+q*SW - PW + s*DW, c]: GEMM M = (r, s, c) flattened, N = K_out, K = N*P*Q. Flattening
+(r, s, c) into M lets a first layer (C = 1 or 3) fill its tiles with real columns (27 for a
+3x3 RGB layer) instead of padding every tap; when C is a multiple of the M tile, a tile stays
+inside one tap and its patch load is one channel run per pixel.
+
+The pixel reduction is long (N*P*Q, a million and more) while the output is small, so it is
+split across programs: split i reduces its own pixel range into an fp32 partial, and a second
+tiny kernel sums the partials in split order (``reduction.sum_in_order``). With one split the
+main kernel writes dW (and db) directly.
+
+The bias gradient db[k] = sum of dy[., ., ., k] comes from the dy tiles the GEMM loads
+anyway: the programs holding the first (r, s, c) tile also sum each dy tile into per-split
+bias partials, merged the same way. No extra pass over dy.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .conv2d import ConvGeometry, gemm_constexprs
+from .launch import UNUSED, Extent, Launch, TileConfig, dense
+from .nhwc import strided_args, strided_extent
+from .reduction import sum_in_order
+from .tensor_cores import Operand, dot
+
+
+@triton.jit
+def split_pixels(start, count, H, W, BLOCK: tl.constexpr):
+    """Pixels start .. start + BLOCK of an [N, H, W] grid as (n, h, w) and their mask.
+
+    The flat index (int64 ``start``) may pass 2^31 while each coordinate cannot, so one
+    scalar int64 division finds the image and the per-pixel divisions are int32."""
+    image = start // (H * W)
+    local = (start - image * (H * W)).to(tl.int32) + tl.arange(0, BLOCK)
+    hw = local % (H * W)
+    n = image.to(tl.int32) + local // (H * W)
+    return n, hw // W, hw % W, tl.arange(0, BLOCK) < count - start
+
+
+@triton.jit
+def phase_taps(phase, PAD: tl.constexpr, TAPS: tl.constexpr, STRIDE: tl.constexpr,
+               STEP: tl.constexpr, INVERSE: tl.constexpr):
+    """The first tap t reaching input rows ``phase`` (mod STRIDE), i.e. the least t with
+    t * DIL = phase + PAD (mod STRIDE) for the dilation DIL, and how many taps do (every
+    STEP-th).
+
+    With g = STRIDE / STEP = gcd(STRIDE, DIL) a tap exists iff g divides phase + PAD, and
+    t = (phase + PAD) / g * INVERSE mod STEP, INVERSE being (DIL / g)^-1 mod STEP."""
+    GCD: tl.constexpr = STRIDE // STEP
+    first = ((phase + PAD) // GCD * INVERSE) % STEP
+    reachable = ((phase + PAD) % GCD == 0).to(tl.int32)
+    return first, (TAPS - first + STEP - 1) // STEP * reachable
+
+
+@triton.jit
+def conv2d_dgrad_kernel(
+    dy_ptr, w_ptr, dx_ptr,
+    N, H, W, P, Q, C, K_out,
+    dy_sn, dy_sh, dy_sw, dy_sc, w_sk, w_sc, w_sr, w_ss, dx_sn, dx_sh, dx_sw, dx_sc,
+    R: tl.constexpr, S: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    STEP_R: tl.constexpr, STEP_S: tl.constexpr, DSTEP_R: tl.constexpr, DSTEP_S: tl.constexpr,
+    INVERSE_R: tl.constexpr, INVERSE_S: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    phase = tl.program_id(2)
+    phase_h = phase // SW
+    phase_w = phase % SW
+    r0, taps_r = phase_taps(phase_h, PH, R, SH, STEP_R, INVERSE_R)
+    s0, taps_s = phase_taps(phase_w, PW, S, SW, STEP_S, INVERSE_S)
+    # This phase's input rows are phase_h, phase_h + SH, ...; row i meets tap j at output
+    # row i + base_p - j * DSTEP_R (base_p is exact: r0 was chosen to make it divide).
+    rows = (H - phase_h + SH - 1) // SH
+    cols = (W - phase_w + SW - 1) // SW
+    base_p = (phase_h + PH - r0 * DH) // SH
+    base_q = (phase_w + PW - s0 * DW) // SW
+    start = tl.program_id(0).to(tl.int64) * BLOCK_M
+    count = rows.to(tl.int64) * cols * N
+    # A phase past the input's end (H < SH) has no rows: count is 0, every pixel masked.
+    n, i_h, i_w, m_ok = split_pixels(start, count, tl.maximum(rows, 1), tl.maximum(cols, 1),
+                                     BLOCK_M)
+    p0 = i_h + base_p
+    q0 = i_w + base_q
+    dy_rows = n.to(tl.int64) * dy_sn + p0.to(tl.int64) * dy_sh + q0.to(tl.int64) * dy_sw
+
+    c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ok = c < C
+    k = tl.arange(0, BLOCK_K)
+    k_blocks = tl.cdiv(K_out, BLOCK_K)
+    # Programs past their phase's pixel count (phases differ by a row or column) idle.
+    steps = taps_r * taps_s * k_blocks * (start < count).to(tl.int32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for step in range(steps):
+        tap = step // k_blocks
+        kk = (step % k_blocks) * BLOCK_K + k
+        k_ok = kk < K_out
+        j_r = tap // taps_s
+        j_s = tap % taps_s
+        p = p0 - j_r * DSTEP_R
+        q = q0 - j_s * DSTEP_S
+        row_ok = m_ok & (p >= 0) & (p < P) & (q >= 0) & (q < Q)
+        tap_offset = (j_r * DSTEP_R).to(tl.int64) * dy_sh + (j_s * DSTEP_S).to(tl.int64) * dy_sw
+        a = tl.load(dy_ptr + (dy_rows - tap_offset)[:, None] + (kk * dy_sc)[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        r = r0 + j_r * STEP_R
+        s = s0 + j_s * STEP_S
+        b = tl.load(w_ptr + (r * w_sr + s * w_ss) + (kk * w_sk)[:, None] + (c * w_sc)[None, :],
+                    mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+        acc = dot(a, b, acc, DOT_PRECISION, UPCAST_OPERANDS)
+
+    h = phase_h + i_h * SH
+    w = phase_w + i_w * SW
+    dx_rows = n.to(tl.int64) * dx_sn + h.to(tl.int64) * dx_sh + w.to(tl.int64) * dx_sw
+    tl.store(dx_ptr + dx_rows[:, None] + (c.to(tl.int64) * dx_sc)[None, :],
+             acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def wgrad_reduce(x_ptr, dy_ptr, x_cols, tap_h, tap_w, col_ok, k, k_ok, start, end, steps,
+                 H, W, P, Q, x_sn, x_sh, x_sw, dy_sn, dy_sh, dy_sw, dy_sc,
+                 SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
+                 WITH_BIAS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Sum of x_patch^T @ dy over pixels start .. end (and of dy itself, WITH_BIAS).
+
+    ``tap_h``/``tap_w`` are the (r*DH, s*DW) tap offsets of the M columns: scalars when the
+    tile lies in one tap, [BLOCK_M, 1] columns otherwise; ``x_cols`` their address offsets."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    bias = tl.zeros((BLOCK_N,), tl.float32)
+    for step in range(steps):
+        n, p, q, pix_ok = split_pixels(start + step * BLOCK_K, end, P, Q, BLOCK_K)
+        h0 = p * SH - PH
+        w0 = q * SW - PW
+        x_rows = n.to(tl.int64) * x_sn + h0.to(tl.int64) * x_sh + w0.to(tl.int64) * x_sw
+        h = h0[None, :] + tap_h
+        w = w0[None, :] + tap_w
+        x_ok = pix_ok[None, :] & col_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        a = tl.load(x_ptr + x_cols + x_rows[None, :], mask=x_ok, other=0.0)
+        dy_rows = n.to(tl.int64) * dy_sn + p.to(tl.int64) * dy_sh + q.to(tl.int64) * dy_sw
+        b = tl.load(dy_ptr + dy_rows[:, None] + (k * dy_sc)[None, :],
+                    mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = dot(a, b, acc, DOT_PRECISION, UPCAST_OPERANDS)
+        if WITH_BIAS:
+            bias += tl.sum(b.to(tl.float32), axis=0)
+    return acc, bias
+
+
+@triton.jit
+def conv2d_wgrad_kernel(
+    x_ptr, dy_ptr, out_ptr, bias_out_ptr,
+    H, W, P, Q, C, K_out, pixels, split_pixels_count,
+    x_sn, x_sh, x_sw, x_sc, dy_sn, dy_sh, dy_sw, dy_sc,
+    o_split, o_sr, o_ss, o_sc, o_sk, b_split,
+    R: tl.constexpr, S: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    TAP_ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    split = tl.program_id(2)
+    j = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if TAP_ALIGNED:  # C % BLOCK_M == 0: one tap, a run of channels
+        tap = (pid_m * BLOCK_M) // C
+        r = tap // S
+        s = tap % S
+        c = j - tap * C
+        tap_h = r * DH
+        tap_w = s * DW
+    else:
+        r = j // (S * C)
+        s = (j // C) % S
+        c = j % C
+        tap_h = (r * DH)[:, None]
+        tap_w = (s * DW)[:, None]
+    col_ok = (j < R * S * C)[:, None]
+    x_cols = (tap_h.to(tl.int64) * x_sh + tap_w.to(tl.int64) * x_sw
+              + (c.to(tl.int64) * x_sc)[:, None])
+    k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = k < K_out
+
+    start = split.to(tl.int64) * split_pixels_count
+    end = tl.minimum(start + split_pixels_count, pixels)
+    steps = tl.cdiv(end - start, BLOCK_K).to(tl.int32)
+    # The bias sum rides on the programs of the first M tile only: one compiled loop with
+    # the sum, one without, so the other programs pay nothing for it.
+    with_bias = (pid_m == 0) if HAS_BIAS else False
+    if with_bias:
+        acc, bias = wgrad_reduce(x_ptr, dy_ptr, x_cols, tap_h, tap_w, col_ok, k, k_ok, start,
+                                 end, steps, H, W, P, Q, x_sn, x_sh, x_sw, dy_sn, dy_sh, dy_sw,
+                                 dy_sc, SH, SW, PH, PW, DOT_PRECISION, UPCAST_OPERANDS, True,
+                                 BLOCK_M, BLOCK_N, BLOCK_K)
+        tl.store(bias_out_ptr + split * b_split + k, bias.to(bias_out_ptr.dtype.element_ty),
+                 mask=k_ok)
+    else:
+        acc, bias = wgrad_reduce(x_ptr, dy_ptr, x_cols, tap_h, tap_w, col_ok, k, k_ok, start,
+                                 end, steps, H, W, P, Q, x_sn, x_sh, x_sw, dy_sn, dy_sh, dy_sw,
+                                 dy_sc, SH, SW, PH, PW, DOT_PRECISION, UPCAST_OPERANDS, False,
+                                 BLOCK_M, BLOCK_N, BLOCK_K)
+    out = split.to(tl.int64) * o_split + r * o_sr + s * o_ss + c * o_sc
+    tl.store(out_ptr + out[:, None] + (k * o_sk)[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=col_ok & k_ok[None, :])
+
+
+@triton.jit
+def sum_splits_kernel(partial_ptr, out_ptr, splits, numel, D1, D2, D3,
+                      o_s0, o_s1, o_s2, o_s3, BLOCK: tl.constexpr):
+    """out[e] = sum of partial[0 .. splits-1, e] in split order, for a dense [D0, D1, D2, D3]
+    partial index e, stored through out's own strides."""
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = e < numel
+    total = sum_in_order(partial_ptr + e.to(tl.int64), ok, splits, numel)
+    i3 = e % D3
+    i2 = (e // D3) % D2
+    i1 = (e // (D2 * D3)) % D1
+    i0 = e // (D1 * D2 * D3)
+    tl.store(out_ptr + i0 * o_s0 + i1 * o_s1 + i2 * o_s2 + i3 * o_s3,
+             total.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+# ----------------------------------------------------------------------------- launches
+
+def phase_steps(stride: int, dilation: int) -> tuple[int, int, int]:
+    """(tap step, output-row step, inverse): taps reaching one stride phase repeat every
+    stride / g (g = gcd(stride, dilation)) and move the output row by dilation / g; the
+    inverse of dilation / g modulo the tap step finds a phase's first tap."""
+    g = math.gcd(stride, dilation)
+    return stride // g, dilation // g, pow(dilation // g, -1, stride // g)
+
+
+def phase_pixels(N: int, H: int, W: int, geometry: ConvGeometry) -> int:
+    """Input pixels of the largest stride phase: the M extent of the grid."""
+    return N * triton.cdiv(H, geometry.stride[0]) * triton.cdiv(W, geometry.stride[1])
+
+
+def dgrad_launch(dy: torch.Tensor, weight_rsck: torch.Tensor, dx: torch.Tensor,
+                 geometry: ConvGeometry, operand: Operand, config: TileConfig) -> Launch:
+    """``weight_rsck`` is the [R, S, C, K_out]-shaped weight (any strides)."""
+    N, C, H, W = dx.shape
+    K_out, P, Q = dy.shape[1:]
+    R, S = geometry.kernel
+    (SH, SW), (DH, DW) = geometry.stride, geometry.dilation
+    (step_r, dstep_r, inverse_r), (step_s, dstep_s, inverse_s) = (phase_steps(SH, DH),
+                                                                  phase_steps(SW, DW))
+    w_sr, w_ss, w_sc, w_sk = weight_rsck.stride()
+    return Launch(
+        conv2d_dgrad_kernel,
+        (triton.cdiv(phase_pixels(N, H, W, geometry), config.block_m),
+         triton.cdiv(C, config.block_n), SH * SW),
+        args={"dy_ptr": dy, "w_ptr": weight_rsck, "dx_ptr": dx,
+              "N": N, "H": H, "W": W, "P": P, "Q": Q, "C": C, "K_out": K_out,
+              **strided_args("dy", dy),
+              "w_sk": w_sk, "w_sc": w_sc, "w_sr": w_sr, "w_ss": w_ss,
+              **strided_args("dx", dx)},
+        extents={"dy_ptr": strided_extent("dy", (N, K_out, P, Q)),
+                 "w_ptr": Extent((R, S, C, K_out), ("w_sr", "w_ss", "w_sc", "w_sk")),
+                 "dx_ptr": strided_extent("dx", (N, C, H, W))},
+        constexprs={"R": R, "S": S, **geometry.constexprs(),
+                    "STEP_R": step_r, "STEP_S": step_s, "DSTEP_R": dstep_r,
+                    "DSTEP_S": dstep_s, "INVERSE_R": inverse_r, "INVERSE_S": inverse_s,
+                    **gemm_constexprs(operand, dy.dtype, config)},
+        num_warps=config.num_warps, num_stages=config.num_stages,
+        name=f"conv2d_dgrad[{config.name}]")
+
+
+def wgrad_launch(x: torch.Tensor, dy: torch.Tensor, out: torch.Tensor,
+                 bias_out: torch.Tensor | None, splits: int, per_split: int,
+                 geometry: ConvGeometry, operand: Operand, config: TileConfig) -> Launch:
+    """``out`` [splits, R, S, C, K_out] (any strides) receives split i's dW, ``bias_out``
+    [splits, K_out] (K_out contiguous) its db: partial buffers, or with one split views of
+    dW and db themselves."""
+    N, C, H, W = x.shape
+    K_out, P, Q = dy.shape[1:]
+    R, S = geometry.kernel
+    o_split, o_sr, o_ss, o_sc, o_sk = out.stride()
+    return Launch(
+        conv2d_wgrad_kernel,
+        (triton.cdiv(R * S * C, config.block_m), triton.cdiv(K_out, config.block_n), splits),
+        args={"x_ptr": x, "dy_ptr": dy, "out_ptr": out,
+              "bias_out_ptr": bias_out if bias_out is not None else out,
+              "H": H, "W": W, "P": P, "Q": Q, "C": C, "K_out": K_out, "pixels": N * P * Q,
+              "split_pixels_count": per_split,
+              **strided_args("x", x), **strided_args("dy", dy),
+              "o_split": o_split, "o_sr": o_sr, "o_ss": o_ss, "o_sc": o_sc, "o_sk": o_sk,
+              "b_split": bias_out.stride(0) if bias_out is not None else 0},
+        extents={"x_ptr": strided_extent("x", (N, C, H, W)),
+                 "dy_ptr": strided_extent("dy", (N, K_out, P, Q)),
+                 "out_ptr": Extent((splits, R, S, C, K_out),
+                                   ("o_split", "o_sr", "o_ss", "o_sc", "o_sk")),
+                 "bias_out_ptr": UNUSED if bias_out is None
+                 else Extent((splits, K_out), ("b_split", 1))},
+        constexprs={"R": R, "S": S, **geometry.constexprs(),
+                    "TAP_ALIGNED": C % config.block_m == 0, "HAS_BIAS": bias_out is not None,
+                    **gemm_constexprs(operand, x.dtype, config)},
+        num_warps=config.num_warps, num_stages=config.num_stages,
+        name=f"conv2d_wgrad[{config.name}]")
+
+
+def merge_launch(partial: torch.Tensor, out: torch.Tensor, config: TileConfig) -> Launch:
+    """Sum a dense [splits, D0, D1, D2, D3] fp32 partial over splits into ``out``
+    [D0, D1, D2, D3] (any strides), ``config.block_m`` elements a program."""
+    splits, d0, d1, d2, d3 = partial.shape
+    s0, s1, s2, s3 = out.stride()
+    return Launch(sum_splits_kernel, (triton.cdiv(d0 * d1 * d2 * d3, config.block_m),),
+                  args={"partial_ptr": partial, "out_ptr": out, "splits": splits,
+                        "numel": d0 * d1 * d2 * d3, "D1": d1, "D2": d2, "D3": d3,
+                        "o_s0": s0, "o_s1": s1, "o_s2": s2, "o_s3": s3},
+                  extents={"partial_ptr": dense(splits, d0, d1, d2, d3,
+                                                dtypes=(torch.float32,)),
+                           "out_ptr": Extent((d0, d1, d2, d3), ("o_s0", "o_s1", "o_s2", "o_s3"))},
+                  constexprs={"BLOCK": config.block_m}, num_warps=config.num_warps,
+                  name="conv2d_wgrad_merge")
