@@ -97,14 +97,16 @@ class Throughput:
 
 
 def _describe_run(gpu: bool, recipe: Recipe, data: Digits) -> None:
-    from fastarch import digits
-    from fastarch.kernels import tensor_cores
+    from fastarch import backend, digits
+    from fastarch.kernels.tensor_cores import Operand
 
     n_train = len(data.train_labels)
     where = (f"compiled Triton on {torch.cuda.get_device_name()}" if gpu else
              "the Triton interpreter on the CPU (no GPU found): the real kernels, run in numpy")
-    tf32 = (f"TF32 convolutions {'on' if tensor_cores.cudnn_conv_allows_tf32() else 'off'}, "
-            f"TF32 matmuls {'on' if tensor_cores.matmul_allows_tf32() else 'off'}")
+    conv_tf32 = backend.conv_operand(torch.float32) is Operand.TF32
+    matmul_tf32 = backend.matmul_operand(torch.float32) is Operand.TF32
+    tf32 = (f"TF32 convolutions {'on' if conv_tf32 else 'off'}, "
+            f"TF32 matmuls {'on' if matmul_tf32 else 'off'}")
     print("fastarch demo: LeNet-5 on scikit-learn's handwritten digits "
           f"({n_train + len(data.test_labels)} real 8x8 scans scaled to 32x32)")
     print(f"  kernels:  {where}")

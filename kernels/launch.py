@@ -15,6 +15,8 @@ from typing import Any, Union
 import torch
 import triton
 
+from .runtime import INTERPRETER_TILE_ELEMENTS
+
 # What the kernels compute on; the default dtypes of an extent (the data tensors).
 FLOATING = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -196,17 +198,25 @@ class TileConfig:
     num_stages: int = 1
 
 
-def interpreter_tile(m: int, n: int | None = None, k: int | None = None, *, max_m: int = 4096,
+def interpreter_tile(m: int | None, n: int | None = None, k: int | None = None, *,
+                     long_axis: str = "m", max_long: int | None = None, max_m: int = 128,
                      max_n: int = 128, max_k: int = 128, min_block: int = 16) -> TileConfig:
-    """The tile every kernel takes under the Triton interpreter, which costs about a
-    millisecond per program per loop iteration whatever the tile holds (and ignores warps and
-    stages): the parallel extents ``m`` and ``n`` each in about two programs, so that every
-    multi-program path (merges of per-tile partials, split reductions) still runs, and the
-    reduction ``k`` in one step; each a power of two between ``min_block`` and its cap. An
-    axis the kernel does not have (None) gets a block of 1."""
-    return TileConfig("interpreter", _block(-(-m // 2), min_block, max_m),
-                      1 if n is None else _block(-(-n // 2), min_block, max_n),
-                      1 if k is None else _block(k, min_block, max_k))
+    """The tile every kernel takes under the Triton interpreter, which costs about 10 ms per
+    program per loop iteration whatever the tile holds (and ignores warps and stages): each
+    axis a kernel has (an extent; None where it has none: block 1) gets a power of two
+    covering it, at least ``min_block``; the short axes (channels, depth) at most their cap
+    (``max_m`` ...), and the long one (``long_axis``: pixels or rows, a wgrad's pixel steps)
+    as many as ``runtime.INTERPRETER_TILE_ELEMENTS`` allows beside the widest short block
+    (and at most ``max_long``): few programs, few loop iterations."""
+    extents = {"m": m, "n": n, "k": k}
+    caps = {"m": max_m, "n": max_n, "k": max_k}
+    blocks = {axis: _block(extent, min_block, caps[axis]) for axis, extent in extents.items()
+              if extent is not None and axis != long_axis}
+    long_cap = max(min_block, INTERPRETER_TILE_ELEMENTS // max(blocks.values(), default=1))
+    if max_long is not None:
+        long_cap = min(long_cap, max_long)
+    blocks[long_axis] = _block(extents[long_axis] or 1, min_block, long_cap)
+    return TileConfig("interpreter", blocks.get("m", 1), blocks.get("n", 1), blocks.get("k", 1))
 
 
 def _block(extent: int, floor: int, cap: int) -> int:

@@ -1,6 +1,6 @@
 """What the kernels need to know about the process they run in, in one place: whether Triton
 interprets them (``TRITON_INTERPRET=1``, set before Triton is imported: the tests and the CPU
-demo), how outputs are allocated (poisoned with NaN when ``FASTARCH_POISON_OUTPUTS=1``, so an
+demo), how large its tiles may be there, how outputs are allocated (poisoned with NaN when ``FASTARCH_POISON_OUTPUTS=1``, so an
 element a kernel forgets to write fails its test), the memory format an output takes, and
 how many SMs a split reduction should fill."""
 from __future__ import annotations
@@ -13,6 +13,12 @@ import torch
 INTERPRETER: bool = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 POISON_OUTPUTS: bool = os.environ.get("FASTARCH_POISON_OUTPUTS", "0") == "1"
+
+# The elements an interpreted tile may hold (``launch.interpreter_tile``). Large, because the
+# interpreter's cost is per program and loop iteration; the tests set a small one, so that
+# their tiny shapes still run every multi-program path (partial merges, split reductions).
+INTERPRETER_TILE_ELEMENTS: int = int(os.environ.get("FASTARCH_INTERPRETER_TILE_ELEMENTS",
+                                                    1 << 18))
 
 # Hopper's SM count (H100/H200 SXM): what split reductions size their grids for where no
 # device can be asked (the interpreter, the compile check's meta tensors).

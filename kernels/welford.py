@@ -1,5 +1,5 @@
-"""Per-channel Welford statistics (count, mean, M2) in fp32, formed around a pivot (a member of
-the group: a pixel's value, the first tile's mean) and merged with Chan's formula. Summing
+"""Per-channel Welford statistics (count, mean, M2) in fp32, formed around a pivot (a tile's
+plain mean, the fullest tile's mean) and merged with Chan's formula. Summing
 values or count * mean directly keeps only the magnitude of a large mean and loses its spread
 (a channel of mean 1e4 and std 1 sums to ~1e6 per 128 rows, where fp32 resolves 0.06), and a
 running mean near 1e4 rounds by half an ulp (4.9e-4) at every update; deviations from the
@@ -12,18 +12,14 @@ import triton.language as tl
 
 
 @triton.jit
-def first_row(values, ROWS: tl.constexpr):
-    """Row 0 of a [ROWS, columns] block, as a [columns] vector."""
-    row = tl.arange(0, ROWS)
-    return tl.sum(tl.where(row[:, None] == 0, values, 0.0), axis=0)
-
-
-@triton.jit
 def tile_statistics(values, rows_ok, ROWS: tl.constexpr):
-    """(mean, M2) per column of the valid rows of a [ROWS, columns] fp32 block (row 0 valid):
-    the mean around row 0's value, M2 from the deviations, never E[x^2] - E[x]^2."""
+    """(mean, M2) per column of the valid rows of a [ROWS, columns] fp32 block (row 0 valid),
+    in two passes: the plain mean is the pivot, and the deviations from it correct it, so the
+    mean is exact to fp32 both when it dwarfs the spread (1e4 +- 1: the plain sum alone loses
+    the spread) and when the spread dwarfs it (a pivot far from the mean would put its
+    magnitude into every deviation). M2 from the deviations, never E[x^2] - E[x]^2."""
     count = tl.sum(rows_ok.to(tl.float32), axis=0)
-    pivot = first_row(values, ROWS)
+    pivot = tl.sum(tl.where(rows_ok[:, None], values, 0.0), axis=0) / count
     shifted = tl.where(rows_ok[:, None], values - pivot[None, :], 0.0)
     mean = pivot + tl.sum(shifted, axis=0) / count
     deviation = tl.where(rows_ok[:, None], values - mean[None, :], 0.0)

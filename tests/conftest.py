@@ -14,6 +14,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
 os.environ["FASTARCH_POISON_OUTPUTS"] = "1"
+# Interpreted tiles of at most 8192 elements: test-sized layers still split into several
+# programs, steps and partials, so every multi-program path runs.
+os.environ["FASTARCH_INTERPRETER_TILE_ELEMENTS"] = "8192"
 
 import pytest  # noqa: E402
 import torch.distributed as dist  # noqa: E402

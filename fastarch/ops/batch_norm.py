@@ -72,7 +72,7 @@ def gpu_tile_steps(pixels: int, channels: int, tile: TileConfig) -> int:
 
 def reduction_plan(pixels: int, channels: int) -> ReductionPlan:
     if INTERPRETER:
-        tile = interpreter_tile(pixels, channels, max_m=INTERPRETER_REDUCTION_BLOCK)
+        tile = interpreter_tile(pixels, channels, max_long=INTERPRETER_REDUCTION_BLOCK)
         steps = min(triton.cdiv(pixels, tile.block_m), INTERPRETER_TILE_STEPS)
     else:
         tile = nhwc_tile(channels, pixels)

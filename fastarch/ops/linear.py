@@ -64,7 +64,7 @@ def gemm_tile(M: int, N: int, K: int, operand: Operand, aligned: bool,
     """The tile for C[M, N] = A[M, K] @ B[K, N]; ``aligned``: every operand's row stride is
     a multiple of 16 elements; ``dropout``: the epilogue runs dropout."""
     if INTERPRETER:
-        return interpreter_tile(M, N, K, max_m=64, max_n=128, max_k=128)
+        return interpreter_tile(M, N, K)
     if operand is Operand.IEEE:
         return GEMM_TILES["fp32_ieee"]
     if N <= 16:
@@ -79,7 +79,7 @@ def gemm_tile(M: int, N: int, K: int, operand: Operand, aligned: bool,
 def row_tile(M: int, N: int) -> TileConfig:
     """The tile of an elementwise pass over an [M, N] tensor."""
     if INTERPRETER:
-        return interpreter_tile(M, N, max_m=64, max_n=256)
+        return interpreter_tile(M, N, max_n=256)
     return ROW_TILE
 
 
