@@ -5,9 +5,10 @@ distinct conv, BatchNorm, pool and linear layer of LeNet-5, AlexNet and VGG16-BN
 layer case at its real shape (identical layers, e.g. VGG's conv3_2 and conv3_3, are one case
 that lists the others in ``also``), every distinct fused run conv -> bn -> relu (-> pool)
 (``fastarch.fusion.fused_runs``) a block case, and LeNet-5, AlexNet, VGG16 and VGG16-BN whole-
-model cases. Batches: 1024 for LeNet-5, 256 for AlexNet (shared/targets.md quotes AlexNet
-layers at 128), 64 for VGG. Layers are numbered per kind in call order: ``vgg16_bn.conv7`` is
-VGG's conv3_3. Adaptive average pools are left out: at these input sizes they are the identity.
+model cases. Batches: 1024 for LeNet-5, 256 for AlexNet (the cuDNN figures the speed targets
+quote for AlexNet's layers are at 128), 64 for VGG. Layers are numbered per kind in call
+order: ``vgg16_bn.conv7`` is VGG's conv3_3. Adaptive average pools are left out: at these
+input sizes they are the identity.
 
 ``--quick`` runs ``QUICK``, ``--dry-run`` ``DRY_RUN`` (a few of them) at the smoke shapes;
 ``--smoke`` runs ``SMOKE`` on the same architectures with every
@@ -54,7 +55,7 @@ MODEL_MODES = ("eval", "train_step")
 
 # The --quick subset (gpu_check.sh; --dry-run at the smoke shapes), in priority order, since a
 # cut run keeps only its head: the headline (VGG16-BN inference, fused, vs cuDNN) first, then
-# the other models, then the targets of shared/targets.md, then one of each remaining kind.
+# the other models, then the layers the speed targets name, then one of each remaining kind.
 QUICK = (
     ("vgg16_bn", "eval"),
     ("vgg16", "eval"),

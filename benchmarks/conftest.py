@@ -25,6 +25,9 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
+# The tests' interpreted tile budget (tests/conftest.py): when one pytest run collects both
+# folders, the first import of fastarch fixes it for the whole process.
+os.environ["FASTARCH_INTERPRETER_TILE_ELEMENTS"] = "8192"
 
 import pytest  # noqa: E402
 

@@ -348,3 +348,13 @@ def check_weight_and_bias(op: str, x: torch.Tensor, weight: torch.Tensor,
             raise RuntimeError(f"{op}: input dtype {x.dtype} and {name} dtype {t.dtype} "
                                "should be the same")
 
+
+def check_batch_norm_pool_args(op: str, pool_op: str, input: torch.Tensor,
+                              running_mean: Optional[torch.Tensor],
+                              running_var: Optional[torch.Tensor],
+                              weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                              training: bool, eps: float) -> None:
+    """The checks of BatchNorm fused into ``pool_op``, torch's pool's last."""
+    check_batch_norm_pool_input(input, op)
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
+    check_pool_input(input, pool_op)

@@ -144,16 +144,6 @@ def batch_norm_relu(input: torch.Tensor, running_mean: Optional[torch.Tensor],
                        training, momentum, eps, relu=True, partials=partials)
 
 
-def _check_batch_norm_pool(op: str, pool_op: str, input: torch.Tensor,
-                           running_mean: Optional[torch.Tensor],
-                           running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
-                           bias: Optional[torch.Tensor], training: bool, eps: float) -> None:
-    """The checks of BatchNorm fused into ``pool_op``, torch's pool's last."""
-    arguments.check_batch_norm_pool_input(input, op)
-    arguments.check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
-    arguments.check_pool_input(input, pool_op)
-
-
 def batch_norm_max_pool2d(input: torch.Tensor, running_mean: Optional[torch.Tensor],
                           running_var: Optional[torch.Tensor],
                           weight: Optional[torch.Tensor] = None,
@@ -166,8 +156,9 @@ def batch_norm_max_pool2d(input: torch.Tensor, running_mean: Optional[torch.Tens
     """max_pool2d(relu(batch_norm(input, ...))) (ReLU only if ``relu``) for a 4-D input,
     without writing the normalised tensor; the arguments are F.batch_norm's then
     F.max_pool2d's (no return_indices). ``partials`` as in ``batch_norm_relu``."""
-    _check_batch_norm_pool("batch_norm_max_pool2d", "max_pool2d", input, running_mean,
-                           running_var, weight, bias, training, eps)
+    arguments.check_batch_norm_pool_args("batch_norm_max_pool2d", "max_pool2d", input,
+                                        running_mean, running_var, weight, bias, training,
+                                        eps)
     geometry = arguments.pool_geometry("max_pool2d", input, kernel_size, stride, padding,
                                        dilation, ceil_mode)
     return _batch_norm("batch_norm_max_pool2d", input, running_mean, running_var, weight, bias,
@@ -188,8 +179,9 @@ def batch_norm_avg_pool2d(input: torch.Tensor, running_mean: Optional[torch.Tens
     """avg_pool2d(relu(batch_norm(input, ...))) (ReLU only if ``relu``) for a 4-D input,
     without writing the normalised tensor; the arguments are F.batch_norm's then
     F.avg_pool2d's. ``partials`` as in ``batch_norm_relu``."""
-    _check_batch_norm_pool("batch_norm_avg_pool2d", "avg_pool2d", input, running_mean,
-                           running_var, weight, bias, training, eps)
+    arguments.check_batch_norm_pool_args("batch_norm_avg_pool2d", "avg_pool2d", input,
+                                        running_mean, running_var, weight, bias, training,
+                                        eps)
     geometry = arguments.pool_geometry("avg_pool2d", input, kernel_size, stride, padding, 1,
                                        ceil_mode)
     arguments.check_divisor_override(divisor_override)

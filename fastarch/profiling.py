@@ -2,8 +2,8 @@
 
 The custom operators appear in a trace under their own names (``fastarch::conv2d``, ...).
 ``@op_range("conv2d.backward")`` on a function (an operator's backward formula) runs it inside
-a ``record_function("fastarch::conv2d.backward")`` range. The kernels launched there appear under the range
-(each launch records its own name: kernel and config). Ranges are entered only while a
+a ``record_function("fastarch::conv2d.backward")`` range. The kernels launched there appear
+under the range (each launch records its own name: kernel and config). Ranges are entered only while a
 profiler is running, so timing runs pay nothing; under
 ``torch.autograd.profiler.emit_nvtx()`` the same ranges become NVTX ranges.
 """

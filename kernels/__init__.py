@@ -1,2 +1,4 @@
-"""fastarch.kernels: pure Triton. One file per kernel family: the ``@triton.jit`` kernels,
-then a thin launcher (shapes, strides, grid, config). Nothing here imports ``fastarch.nn``."""
+"""fastarch.kernels: the Triton kernels. One file per op family holds its ``@triton.jit``
+kernels and the functions that build their launches (``launch.Launch``) from tensors and a
+given ``launch.TileConfig``; the other modules hold what the families share. Nothing here
+imports ``fastarch``: the host side (``fastarch.ops``) allocates, picks configs and launches."""

@@ -1,8 +1,8 @@
 """What the kernels need to know about the process they run in, in one place: whether Triton
 interprets them (``TRITON_INTERPRET=1``, set before Triton is imported: the tests and the CPU
-demo), how large its tiles may be there, how outputs are allocated (poisoned with NaN when ``FASTARCH_POISON_OUTPUTS=1``, so an
-element a kernel forgets to write fails its test), the memory format an output takes, and
-how many SMs a split reduction should fill."""
+demo) and how large its tiles may be there, how outputs are allocated (poisoned with NaN when
+``FASTARCH_POISON_OUTPUTS=1``, so an element a kernel forgets to write fails its test), the
+memory format an output takes, and how many SMs a split reduction should fill."""
 from __future__ import annotations
 
 import os

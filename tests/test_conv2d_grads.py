@@ -235,10 +235,11 @@ def test_empty_batch(device: str) -> None:
 
 
 @pytest.mark.parametrize("name, launches", (("lenet_conv1_c1_5x5", 3),
-                                            ("kernel1x1_stride2", 1)))
+                                            ("input_smaller_than_stride", 1)))
 def test_wgrad_split_and_direct_paths(name: str, launches: int) -> None:
-    """The interpreter config splits reductions longer than one step (main kernel, weight
-    merge, bias merge) and writes dW, db directly otherwise; the tests above run both."""
+    """The interpreter config splits reductions of more than one minimal step (main kernel,
+    weight merge, bias merge) and writes dW, db directly otherwise; the tests above run
+    both."""
     layer = LAYERS[name]
     x, weight, dy = make_inputs(layer, torch.float32, torch.channels_last)
     plan, _, _ = conv_ops.wgrad_plan(x, dy, weight.shape, True, layer.geometry, Operand.IEEE,

@@ -83,9 +83,8 @@ WGRAD_MERGE = TileConfig("merge", block_m=1024)
 
 # Split-K: enough programs for WGRAD_WAVES waves of the GPU, but each split reduces at least
 # WGRAD_MIN_SPLIT_STEPS tiles, so its fp32 partial (written once, read once by the merge) stays
-# small beside the activations it read. The interpreter gives each of at most
-# WGRAD_INTERPRETER_SPLITS parts one pixel step, as long as its tile budget allows (the
-# tests' small budget makes several, so they run the merge).
+# small beside the activations it read. The interpreter splits in at most
+# WGRAD_INTERPRETER_SPLITS parts of whole pixel steps.
 WGRAD_WAVES = 2
 WGRAD_MIN_SPLIT_STEPS = 16
 WGRAD_INTERPRETER_SPLITS = 3
@@ -125,7 +124,9 @@ def wgrad_tile(channels: int, out_channels: int, operand: Operand, taps: int, pi
                interpreter: bool = INTERPRETER) -> TileConfig:
     """The tile of a conv weight gradient; ``taps`` is R*S, ``pixels`` N*P*Q."""
     if interpreter:
-        tile = interpreter_tile(taps * channels, out_channels, pixels, long_axis="k")
+        # Steps of at most half the pixels: every layer splits, so the merge always runs.
+        tile = interpreter_tile(taps * channels, out_channels, triton.cdiv(pixels, 2),
+                                long_axis="k")
         # Tiles inside one tap when C is a multiple of 16, as on the GPU for C % 64 == 0,
         # so the tests run both the tap-aligned and the flattened path.
         if channels % 16 == 0:
