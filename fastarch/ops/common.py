@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Optional
 
 import torch
+import triton
 from torch import Tensor
 
 from fastarch.arguments import records_grad
@@ -69,6 +70,13 @@ def conv_geometry(weight_shape, stride: list[int], padding: list[int], dilation:
     end = None if list(padding_end) == list(padding) else tuple(padding_end)
     return ConvGeometry(tuple(weight_shape[2:]), tuple(stride), tuple(padding),
                         tuple(dilation), end)
+
+
+def split_reduction(length: int, parts: int, block: int) -> tuple[int, int]:
+    """A reduction of ``length`` in ``parts`` (at most) split-K programs: (parts, length per
+    part), each part whole ``block`` steps long and none empty."""
+    per_part = max(1, triton.cdiv(triton.cdiv(length, parts), block)) * block
+    return max(1, triton.cdiv(length, per_part)), per_part
 
 
 def no_grads(count: int) -> tuple[None, ...]:

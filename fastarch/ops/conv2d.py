@@ -24,7 +24,7 @@ from fastarch.kernels.tensor_cores import Operand
 from fastarch.kernels.welford import WelfordPartials
 from fastarch.ops.common import (absent, conv_geometry, conv_window, fake_empty,
                                  is_channels_last, memory_format_for, no_double_backward,
-                                 no_grads, or_absent)
+                                 no_grads, or_absent, split_reduction)
 
 
 # ----------------------------------------------------------------------------- config tables
@@ -153,12 +153,6 @@ def wgrad_splits(tiles: int, pixels: int, block_k: int, sms: int,
 def wgrad_merge_tile(numel: int, interpreter: bool = INTERPRETER) -> TileConfig:
     """The tile of the merge of ``numel`` elements of wgrad's split partials."""
     return interpreter_tile(numel) if interpreter else WGRAD_MERGE
-
-
-def split_reduction(pixels: int, splits: int, block_k: int) -> tuple[int, int]:
-    """(splits, pixels per split): whole BLOCK_K steps per split, and no empty split."""
-    per_split = max(1, triton.cdiv(triton.cdiv(pixels, splits), block_k)) * block_k
-    return max(1, triton.cdiv(pixels, per_split)), per_split
 
 
 def _shallow(config: TileConfig, depth: int) -> TileConfig:

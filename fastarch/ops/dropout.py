@@ -18,7 +18,7 @@ DROPOUT_TILE = TileConfig("block2048", block_m=2048, num_warps=8)
 def dropout_tile(numel: int) -> TileConfig:
     """The tile of a dropout pass over ``numel`` elements."""
     if INTERPRETER:
-        return interpreter_tile(numel, max_long=1 << 16)
+        return interpreter_tile(numel)
     return DROPOUT_TILE
 
 

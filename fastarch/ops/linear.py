@@ -15,7 +15,8 @@ from fastarch.kernels.linear import (gemm_launch, output_grad_launch, split_k_ep
                                      sum_rows_launch)
 from fastarch.kernels.runtime import INTERPRETER, empty, sm_count
 from fastarch.kernels.tensor_cores import Operand
-from fastarch.ops.common import absent, fake_empty, no_double_backward, or_absent
+from fastarch.ops.common import (absent, fake_empty, no_double_backward, or_absent,
+                                 split_reduction)
 from fastarch.ops.dropout import new_seed
 
 # Keyed on columns (n16: N <= 16, LeNet's 10-class head, whatever M), alignment, dropout,
@@ -105,10 +106,8 @@ def gemm_plan(a: Tensor, b: Tensor, c: Tensor, bias: Optional[Tensor], seed: Opt
     N = b.shape[1]
     tile = gemm_tile(M, N, K, operand, aligned(a, b, c), p > 0)
     tiles = triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n)
-    wanted = split_k(tiles, K, tile.block_k, a.device)
-    steps_per_split = triton.cdiv(triton.cdiv(K, tile.block_k), wanted)
-    k_per_split = max(steps_per_split, 1) * tile.block_k
-    splits = max(1, triton.cdiv(K, k_per_split))
+    splits, k_per_split = split_reduction(K, split_k(tiles, K, tile.block_k, a.device),
+                                          tile.block_k)
     if splits == 1:
         return [gemm_launch(a, b, c, bias, seed, relu, p, operand, tile, 1, k_per_split,
                             product)]

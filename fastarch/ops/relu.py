@@ -17,7 +17,7 @@ RELU_TILE = TileConfig("block4096", block_m=4096, num_warps=8)
 def relu_tile(numel: int) -> TileConfig:
     """The tile of a ReLU pass over ``numel`` elements."""
     if INTERPRETER:
-        return interpreter_tile(numel, max_long=1 << 16)
+        return interpreter_tile(numel)
     return RELU_TILE
 
 
