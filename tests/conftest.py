@@ -17,6 +17,9 @@ os.environ["FASTARCH_POISON_OUTPUTS"] = "1"
 # Interpreted tiles of at most 8192 elements: test-sized layers still split into several
 # programs, steps and partials, so every multi-program path runs.
 os.environ["FASTARCH_INTERPRETER_TILE_ELEMENTS"] = "8192"
+# On a GPU the tests check the static tables' tiles (test_autotune checks the tuning): no
+# candidate timing in the GPU check's test stage, no cache file written.
+os.environ.setdefault("FASTARCH_AUTOTUNE", "off")
 
 import pytest  # noqa: E402
 import torch.distributed as dist  # noqa: E402

@@ -13,7 +13,7 @@ from fastarch.kernels.avg_pool import (adaptive_backward_launch, adaptive_forwar
 from fastarch.kernels.pool_geometry import PoolGeometry
 from fastarch.kernels.runtime import empty, memory_format_of
 from fastarch.ops.common import (fake_empty, is_channels_last, memory_format_for,
-                                 no_double_backward, no_grads, nhwc_tile, pool_geometry,
+                                 no_double_backward, no_grads, run_nhwc, pool_geometry,
                                  pool_window, pooled_shape)
 
 AvgWindow = tuple[list[int], list[int], list[int], bool]
@@ -41,8 +41,9 @@ def avg_pool2d(x: Tensor, kernel_size: list[int], stride: list[int], padding: li
     geometry = _avg_geometry(kernel_size, stride, padding, ceil_mode)
     y = empty(pooled_shape(x.shape, geometry), x.dtype, x.device, memory_format_of(x))
     N, C, P, Q = y.shape
-    avg_forward_launch(x, y, geometry, count_include_pad, divisor_override,
-                       nhwc_tile(C, N * P * Q))()
+    run_nhwc("avg_pool2d_forward", x, C, N * P * Q,
+             lambda tile: avg_forward_launch(x, y, geometry, count_include_pad,
+                                             divisor_override, tile), (y,), window=kernel_size)
     return y
 
 
@@ -76,8 +77,10 @@ def avg_pool2d_backward(dy: Tensor, input_shape: list[int], channels_last: bool,
     geometry = _avg_geometry(kernel_size, stride, padding, ceil_mode)
     N, C, H, W = input_shape
     dx = empty(input_shape, dy.dtype, dy.device, memory_format_for(channels_last))
-    avg_backward_launch(dy, dx, geometry, count_include_pad, divisor_override,
-                        nhwc_tile(C, N * H * W))()
+    run_nhwc("avg_pool2d_backward", dy, C, N * H * W,
+             lambda tile: avg_backward_launch(dy, dx, geometry, count_include_pad,
+                                              divisor_override, tile), (dx,),
+             window=kernel_size)
     return dx
 
 
@@ -98,7 +101,9 @@ def adaptive_avg_pool2d(x: Tensor, output_size: list[int]) -> Tensor:
     format."""
     N, C = x.shape[:2]
     y = empty((N, C, *output_size), x.dtype, x.device, memory_format_of(x))
-    adaptive_forward_launch(x, y, nhwc_tile(C, N * output_size[0] * output_size[1]))()
+    run_nhwc("adaptive_avg_pool2d_forward", x, C, N * output_size[0] * output_size[1],
+             lambda tile: adaptive_forward_launch(x, y, tile), (y,),
+             window=[*x.shape[2:], *output_size])
     return y
 
 
@@ -128,7 +133,9 @@ def adaptive_avg_pool2d_backward(dy: Tensor, input_shape: list[int],
     windows that contain it."""
     N, C, H, W = input_shape
     dx = empty(input_shape, dy.dtype, dy.device, memory_format_for(channels_last))
-    adaptive_backward_launch(dy, dx, nhwc_tile(C, N * H * W))()
+    run_nhwc("adaptive_avg_pool2d_backward", dy, C, N * H * W,
+             lambda tile: adaptive_backward_launch(dy, dx, tile), (dx,),
+             window=[H, W, *dy.shape[2:]])
     return dx
 
 

@@ -33,7 +33,7 @@ from fastarch.kernels.welford import WelfordPartials
 from fastarch.ops.avg_pool import avg_pool2d_backward, avg_window
 from fastarch.ops.common import (absent, fake_empty, is_channels_last, nhwc_tile, no_grads,
                                  no_double_backward, or_absent, pool_geometry, pool_window,
-                                 pooled_shape)
+                                 pooled_shape, run_nhwc)
 from fastarch.ops.max_pool import max_pool2d_backward, max_pool_outputs, output_empty
 
 # ----------------------------------------------------------------------------- tiles
@@ -71,6 +71,8 @@ def gpu_tile_steps(pixels: int, channels: int, tile: TileConfig) -> int:
 
 
 def reduction_plan(pixels: int, channels: int) -> ReductionPlan:
+    """The static plan: not autotuned, since its tile count is the shape of the partials
+    an operator returns (and its shape function must know without running)."""
     if INTERPRETER:
         tile = interpreter_tile(pixels, channels, max_long=INTERPRETER_REDUCTION_BLOCK)
         steps = min(triton.cdiv(pixels, tile.block_m), INTERPRETER_TILE_STEPS)
@@ -179,7 +181,8 @@ def _(running_mean, running_var, weight, bias, eps):
 def normalized(x: Tensor, stats: BatchNormStatistics, relu: bool) -> Tensor:
     """(x - mean) * scale + shift [ReLU] in x's dtype and memory format."""
     y = empty(x.shape, x.dtype, x.device, memory_format_of(x))
-    kernels.apply_launch(x, y, stats, relu, nhwc_tile(x.shape[1], _pixels(x)))()
+    run_nhwc("batch_norm_apply", x, x.shape[1], _pixels(x),
+             lambda tile: kernels.apply_launch(x, y, stats, relu, tile), (y,))
     return y
 
 
@@ -255,8 +258,11 @@ def batch_norm_max_pool2d(x: Tensor, weight: Optional[Tensor], bias: Optional[Te
     y, offsets, _ = max_pool_outputs(x, geometry, keep_offsets, False, output_empty)
     N, C, P, Q = y.shape
     stats = BatchNormStatistics(mean, invstd, scale, shift)
-    max_pool_kernels.forward_launch(x, y, offsets if keep_offsets else None, None, geometry,
-                                    nhwc_tile(C, N * P * Q), pool_normalization(stats), relu)()
+    kept = offsets if keep_offsets else None
+    run_nhwc("batch_norm_max_pool2d", x, C, N * P * Q,
+             lambda tile: max_pool_kernels.forward_launch(
+                 x, y, kept, None, geometry, tile, pool_normalization(stats), relu),
+             (y, kept), window=kernel_size)
     return y, offsets
 
 
@@ -294,8 +300,11 @@ def batch_norm_avg_pool2d(x: Tensor, weight: Optional[Tensor], bias: Optional[Te
     y = empty(pooled_shape(x.shape, geometry), x.dtype, x.device, memory_format_of(x))
     N, C, P, Q = y.shape
     stats = BatchNormStatistics(mean, invstd, scale, shift)
-    avg_pool_kernels.avg_forward_launch(x, y, geometry, count_include_pad, divisor_override,
-                                        nhwc_tile(C, N * P * Q), pool_normalization(stats), relu)()
+    run_nhwc("batch_norm_avg_pool2d", x, C, N * P * Q,
+             lambda tile: avg_pool_kernels.avg_forward_launch(
+                 x, y, geometry, count_include_pad, divisor_override, tile,
+                 pool_normalization(stats), relu),
+             (y,), window=kernel_size)
     return y
 
 
@@ -380,8 +389,9 @@ def batch_norm_backward_input(x: Tensor, dy: Tensor, mean: Tensor, invstd: Tenso
     dx = empty(x.shape, dy.dtype, x.device, memory_format_of(x))
     stats = BatchNormStatistics(mean, invstd, scale, shift)
     sums = None if sum_dy is None else BackwardSums(sum_dy, sum_dy_xhat)
-    kernels.backward_input_launch(x, dy, dx, stats, sums, relu,
-                                  nhwc_tile(x.shape[1], _pixels(x)))()
+    run_nhwc("batch_norm_backward_input", x, x.shape[1], _pixels(x),
+             lambda tile: kernels.backward_input_launch(x, dy, dx, stats, sums, relu, tile),
+             (dx,))
     return dx
 
 

@@ -9,9 +9,10 @@ import torch
 import triton
 from torch import Tensor
 
+from fastarch import autotune
 from fastarch.arguments import records_grad
 from fastarch.kernels.conv2d import ConvGeometry
-from fastarch.kernels.launch import TileConfig, interpreter_tile
+from fastarch.kernels.launch import Launch, TileConfig, interpreter_tile
 from fastarch.kernels.pool_geometry import PoolGeometry
 from fastarch.kernels.runtime import INTERPRETER, memory_format_of
 
@@ -111,6 +112,44 @@ def nhwc_tile(channels: int, pixels: int) -> TileConfig:
     if INTERPRETER:
         return interpreter_tile(pixels, channels)
     return next((tile for tile in NHWC_TILES if channels <= tile.block_n), NHWC_TILES[-1])
+
+
+def layout_of(x: Tensor) -> str:
+    """The layout part of an autotuning key."""
+    if x.dim() == 4 and is_channels_last(x):
+        return "channels_last"
+    return "contiguous" if x.is_contiguous() else "strided"
+
+
+def tuned_tile(family: str, shape: dict, x: Tensor, static: TileConfig,
+               candidates: autotune.Candidates, build: Callable[[TileConfig], list[Launch]],
+               written: tuple[Optional[Tensor], ...]) -> TileConfig:
+    """``autotune.choose`` for a launch on x's dtype, layout and device: a trial runs the
+    launches ``build`` makes for a candidate with the ``written`` tensors (the outputs and
+    state of the real call) swapped for scratch."""
+    return autotune.choose(family, shape, x.dtype, layout_of(x), x.device, static, candidates,
+                           lambda tile: autotune.scratch_run(build(tile), written))
+
+
+def run_nhwc(family: str, x: Tensor, channels: int, pixels: int,
+             build: Callable[[TileConfig], Launch], written: tuple[Optional[Tensor], ...],
+             **shape) -> None:
+    """Run the [pixels x channels] launch ``build`` makes, on the tuned NHWC tile (keyed on
+    C, pixels to a power of two and ``shape``, e.g. the window)."""
+    run_memory_bound(family, x, nhwc_tile(channels, pixels),
+                     {"C": channels, "pixels": triton.next_power_of_2(pixels), **shape},
+                     build, written)
+
+
+def run_memory_bound(family: str, x: Tensor, static: TileConfig, shape: dict,
+                     build: Callable[[TileConfig], Launch],
+                     written: tuple[Optional[Tensor], ...]) -> None:
+    """Run the launch ``build`` makes on the tuned tile of a memory-bound pass: ``static``
+    or one of its elementwise variants."""
+    tile = tuned_tile(family, shape, x, static,
+                      lambda generation: autotune.elementwise_candidates(static),
+                      lambda tile: [build(tile)], written)
+    build(tile)()
 
 
 def elementwise(x: Tensor, inplace: bool, out_of_place: Callable[[Tensor], Tensor],

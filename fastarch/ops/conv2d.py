@@ -15,6 +15,7 @@ import triton
 from torch import Tensor
 
 from fastarch import arguments, backend, profiling
+from fastarch.autotune import Generation, gemm_candidates
 from fastarch.kernels.conv2d import SMALL_C, ConvGeometry, forward_launch
 from fastarch.kernels.conv2d_backward import (dgrad_launch, merge_launch, phase_pixels,
                                               wgrad_launch)
@@ -24,7 +25,7 @@ from fastarch.kernels.tensor_cores import Operand
 from fastarch.kernels.welford import WelfordPartials
 from fastarch.ops.common import (absent, conv_geometry, conv_window, fake_empty,
                                  is_channels_last, memory_format_for, no_double_backward,
-                                 no_grads, or_absent, split_reduction)
+                                 no_grads, or_absent, split_reduction, tuned_tile)
 
 
 # ----------------------------------------------------------------------------- config tables
@@ -186,6 +187,27 @@ def _forward_tile(x: Tensor, weight: Tensor, geometry: ConvGeometry,
                         N * P * Q)
 
 
+def forward_candidates(static: TileConfig, out_channels: int, pixels: int, stats: bool,
+                       generation: Generation) -> tuple[TileConfig, ...]:
+    """The forward tiles tried on a GPU of ``generation``: with ``stats`` only those of the
+    static tile's height, since the partials' shape (one row per M tile) is fixed before
+    the kernel runs (``stats_tiles``)."""
+    tiles = gemm_candidates(static, generation, pixels, out_channels)
+    return tuple(tile for tile in tiles if not stats or tile.block_m == static.block_m)
+
+
+def dgrad_candidates(static: TileConfig, channels: int, pixels: int,
+                     generation: Generation) -> tuple[TileConfig, ...]:
+    """The dgrad tiles tried on a GPU of ``generation`` (``pixels``: one stride phase's)."""
+    return gemm_candidates(static, generation, pixels, channels)
+
+
+def wgrad_candidates(static: TileConfig, channels: int, out_channels: int, taps: int,
+                     generation: Generation) -> tuple[TileConfig, ...]:
+    """The wgrad tiles tried on a GPU of ``generation`` (M = taps * C, N = K_out)."""
+    return gemm_candidates(static, generation, taps * channels, out_channels)
+
+
 def stats_tiles(x: Tensor, weight: Tensor, geometry: ConvGeometry) -> int:
     """The M tiles of the Welford partials the forward writes with ``stats`` (their shape is
     [3, tiles, K_out]): what a shape function needs to know without running it."""
@@ -206,11 +228,27 @@ def conv2d_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: 
     P, Q = geometry.output_size(H, W)
     y = empty((N, K_out, P, Q), x.dtype, x.device, memory_format_of(x))
     operand = backend.conv_operand(x.dtype)
-    tile = _forward_tile(x, weight, geometry, operand)
-    m_tiles = triton.cdiv(N * P * Q, tile.block_m)
-    partials = empty((3, m_tiles, K_out), torch.float32, x.device) if stats else None
-    forward_launch(x, weight_matrix(weight), bias, scale, shift, relu, y, partials, geometry,
-                   operand, tile)()
+    weight_rsc = weight_matrix(weight)
+
+    def launch(tile: TileConfig) -> tuple[Launch, Optional[Tensor]]:
+        partials = (empty((3, triton.cdiv(N * P * Q, tile.block_m), K_out), torch.float32,
+                          x.device) if stats else None)
+        return forward_launch(x, weight_rsc, bias, scale, shift, relu, y, partials, geometry,
+                              operand, tile), partials
+
+    static = _forward_tile(x, weight, geometry, operand)
+    epilogue = "".join(flag for flag, on in (("+bias", bias is not None), ("+stats", stats),
+                                              ("+scale", scale is not None), ("+relu", relu))
+                       if on)
+    shape = {"C": x.shape[1], "K": K_out, "RS": f"{weight.shape[2]}x{weight.shape[3]}",
+             "stride": geometry.stride, "pixels": triton.next_power_of_2(N * P * Q),
+             "operand": operand.value, "epilogue": epilogue}
+    tile = tuned_tile("conv2d_forward", shape, x, static,
+                      lambda generation: forward_candidates(static, K_out, N * P * Q, stats,
+                                                            generation),
+                      lambda tile: [launch(tile)[0]], (y,))
+    main, partials = launch(tile)
+    main()
     return y, partials
 
 
@@ -220,8 +258,18 @@ def conv2d_input_grad(dy: Tensor, weight: Tensor, input_shape: torch.Size,
     """dx of a conv2d: ``input_shape`` (N, C, H, W) in ``memory_format``, dy's dtype."""
     N, C, H, W = input_shape
     dx = empty(input_shape, dy.dtype, dy.device, memory_format)
-    tile = dgrad_tile(C, weight.shape[0], operand, phase_pixels(N, H, W, geometry))
-    dgrad_launch(dy, dgrad_weight(weight), dx, geometry, operand, tile)()
+    K_out = weight.shape[0]
+    pixels = phase_pixels(N, H, W, geometry)
+    weight_t = dgrad_weight(weight)
+    static = dgrad_tile(C, K_out, operand, pixels)
+    shape = {"C": C, "K": K_out, "RS": f"{weight.shape[2]}x{weight.shape[3]}",
+             "stride": geometry.stride, "pixels": triton.next_power_of_2(pixels),
+             "operand": operand.value}
+    tile = tuned_tile("conv2d_dgrad", shape, dy, static,
+                      lambda generation: dgrad_candidates(static, C, pixels, generation),
+                      lambda tile: [dgrad_launch(dy, weight_t, dx, geometry, operand, tile)],
+                      (dx,))
+    dgrad_launch(dy, weight_t, dx, geometry, operand, tile)()
     return dx
 
 
@@ -232,7 +280,23 @@ def wgrad_plan(x: Tensor, dy: Tensor, weight_shape: torch.Size, need_bias_grad: 
     allocated here; so is the fp32 partial buffer when the reduction is split)."""
     K_out, C, R, S = weight_shape
     N, _, P, Q = dy.shape
-    tile = wgrad_tile(C, K_out, operand, R * S, N * P * Q, interpreter)
+    static = wgrad_tile(C, K_out, operand, R * S, N * P * Q, interpreter)
+    shape = {"C": C, "K": K_out, "RS": f"{R}x{S}", "stride": geometry.stride,
+             "pixels": triton.next_power_of_2(N * P * Q), "operand": operand.value}
+    tile = tuned_tile("conv2d_wgrad", shape, x, static,
+                      lambda generation: wgrad_candidates(static, C, K_out, R * S, generation),
+                      lambda tile: _wgrad_launches(x, dy, weight_shape, need_bias_grad,
+                                                   geometry, operand, tile, interpreter)[0], ())
+    return _wgrad_launches(x, dy, weight_shape, need_bias_grad, geometry, operand, tile,
+                           interpreter)
+
+
+def _wgrad_launches(x: Tensor, dy: Tensor, weight_shape: torch.Size, need_bias_grad: bool,
+                    geometry: ConvGeometry, operand: Operand, tile: TileConfig,
+                    interpreter: bool) -> tuple[list[Launch], Tensor, Optional[Tensor]]:
+    """``wgrad_plan`` on a given tile (its split-K policy, dW, db and partials allocated)."""
+    K_out, C, R, S = weight_shape
+    N, _, P, Q = dy.shape
     tiles = triton.cdiv(R * S * C, tile.block_m) * triton.cdiv(K_out, tile.block_n)
     splits, per_split = split_reduction(
         N * P * Q, wgrad_splits(tiles, N * P * Q, tile.block_k, sm_count(x.device), interpreter),

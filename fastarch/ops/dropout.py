@@ -3,13 +3,14 @@ the same kernel on dy with the forward's seed), ``fastarch::dropout_`` (in place
 operator carries no autograd formula), the seed every dropout draws (the linear epilogue's
 too), output allocation and the elementwise tile."""
 import torch
+import triton
 from torch import Tensor
 
 from fastarch import profiling
 from fastarch.kernels.dropout import dropout_launch
 from fastarch.kernels.launch import TileConfig, interpreter_tile
 from fastarch.kernels.runtime import INTERPRETER, empty, memory_format_of
-from fastarch.ops.common import elementwise, fake_empty
+from fastarch.ops.common import elementwise, fake_empty, run_memory_bound
 
 # Philox costs ~100 integer ops an element, so dropout is compute-bound: 8 elements a thread.
 DROPOUT_TILE = TileConfig("block2048", block_m=2048, num_warps=8)
@@ -28,12 +29,19 @@ def new_seed(device: torch.device) -> Tensor:
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
 
 
+def _run(x: Tensor, y: Tensor, seed: Tensor, p: float) -> None:
+    """y = dropout(x) on the tuned tile (the mask depends on the element, not the tile)."""
+    run_memory_bound("dropout", x, dropout_tile(x.numel()),
+                     {"numel": triton.next_power_of_2(x.numel())},
+                     lambda tile: dropout_launch(x, y, seed, p, tile), (y,))
+
+
 @torch.library.custom_op("fastarch::dropout", mutates_args=())
 def dropout(x: Tensor, p: float, seed: Tensor) -> Tensor:
     """x * mask / (1 - p) of a dense x, the mask keyed on memory order and drawn from
     ``seed``; the same call on dy is the backward."""
     y = empty(x.shape, x.dtype, x.device, memory_format_of(x))
-    dropout_launch(x, y, seed, p, dropout_tile(x.numel()))()
+    _run(x, y, seed, p)
     return y
 
 
@@ -61,7 +69,7 @@ dropout.register_autograd(_dropout_grads, setup_context=_dropout_setup)
 @torch.library.custom_op("fastarch::dropout_", mutates_args=("x",))
 def dropout_(x: Tensor, p: float, seed: Tensor) -> None:
     """``dropout`` of a dense x in place."""
-    dropout_launch(x, x, seed, p, dropout_tile(x.numel()))()
+    _run(x, x, seed, p)
 
 
 @dropout_.register_fake

@@ -9,14 +9,15 @@ import torch.nn.functional as F
 import triton
 from torch import Tensor
 
-from fastarch import backend, profiling
+from fastarch import autotune, backend, profiling
+from fastarch.autotune import Generation
 from fastarch.kernels.launch import Launch, TileConfig, interpreter_tile
 from fastarch.kernels.linear import (gemm_launch, output_grad_launch, split_k_epilogue_launch,
                                      sum_rows_launch)
 from fastarch.kernels.runtime import INTERPRETER, empty, sm_count
 from fastarch.kernels.tensor_cores import Operand
 from fastarch.ops.common import (absent, fake_empty, no_double_backward, or_absent,
-                                 split_reduction)
+                                 split_reduction, tuned_tile)
 from fastarch.ops.dropout import new_seed
 
 # Keyed on columns (n16: N <= 16, LeNet's 10-class head, whatever M), alignment, dropout,
@@ -104,7 +105,33 @@ def gemm_plan(a: Tensor, b: Tensor, c: Tensor, bias: Optional[Tensor], seed: Opt
     partial (allocated here) and its epilogue."""
     M, K = a.shape
     N = b.shape[1]
-    tile = gemm_tile(M, N, K, operand, aligned(a, b, c), p > 0)
+    is_aligned, dropout = aligned(a, b, c), p > 0
+    static = gemm_tile(M, N, K, operand, is_aligned, dropout)
+    epilogue = "".join(flag for flag, on in (("+bias", bias is not None), ("+relu", relu),
+                                              ("+dropout", dropout)) if on)
+    shape = {"M": triton.next_power_of_2(M), "N": N, "K": K, "product": product,
+             "aligned": is_aligned, "operand": operand.value, "epilogue": epilogue}
+    tile = tuned_tile("linear_gemm", shape, a, static,
+                      lambda generation: gemm_candidates(static, M, N, dropout, generation),
+                      lambda tile: _gemm_launches(a, b, c, bias, seed, relu, p, operand,
+                                                  product, tile), (c,))
+    return _gemm_launches(a, b, c, bias, seed, relu, p, operand, product, tile)
+
+
+def gemm_candidates(static: TileConfig, M: int, N: int, dropout: bool,
+                    generation: Generation) -> tuple[TileConfig, ...]:
+    """The GEMM tiles tried on a GPU of ``generation``; with a dropout epilogue none wider
+    than 64 columns (Philox's live words would spill)."""
+    tiles = autotune.gemm_candidates(static, generation, M, N)
+    return tuple(tile for tile in tiles if not dropout or tile.block_n <= 64)
+
+
+def _gemm_launches(a: Tensor, b: Tensor, c: Tensor, bias: Optional[Tensor],
+                   seed: Optional[Tensor], relu: bool, p: float, operand: Operand,
+                   product: str, tile: TileConfig) -> list[Launch]:
+    """``gemm_plan`` on a given tile (its split-K policy and partial allocated)."""
+    M, K = a.shape
+    N = b.shape[1]
     tiles = triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n)
     splits, k_per_split = split_reduction(K, split_k(tiles, K, tile.block_k, a.device),
                                           tile.block_k)

@@ -12,7 +12,7 @@ from fastarch.kernels.max_pool import backward_launch, forward_launch, window_of
 from fastarch.kernels.pool_geometry import PoolGeometry
 from fastarch.kernels.runtime import empty, memory_format_of
 from fastarch.ops.common import (absent, fake_empty, is_channels_last, memory_format_for,
-                                 no_double_backward, no_grads, nhwc_tile,
+                                 no_double_backward, no_grads, run_nhwc,
                                  pool_geometry, pooled_shape)
 
 
@@ -45,8 +45,10 @@ def max_pool2d(x: Tensor, kernel_size: list[int], stride: list[int], padding: li
     y, offsets, indices = max_pool_outputs(x, geometry, keep_offsets, return_indices,
                                            output_empty)
     N, C, P, Q = y.shape
-    forward_launch(x, y, offsets if keep_offsets else None,
-                   indices if return_indices else None, geometry, nhwc_tile(C, N * P * Q))()
+    kept = (offsets if keep_offsets else None, indices if return_indices else None)
+    run_nhwc("max_pool2d_forward", x, C, N * P * Q,
+             lambda tile: forward_launch(x, y, *kept, geometry, tile), (y, *kept),
+             window=kernel_size)
     return y, offsets, indices
 
 
@@ -82,7 +84,9 @@ def max_pool2d_backward(dy: Tensor, offsets: Tensor, input_shape: list[int],
     geometry = pool_geometry(kernel_size, stride, padding, dilation, ceil_mode)
     N, C, H, W = input_shape
     dx = empty(input_shape, dy.dtype, dy.device, memory_format_for(channels_last))
-    backward_launch(dy, offsets, dx, geometry, nhwc_tile(C, N * H * W))()
+    run_nhwc("max_pool2d_backward", dy, C, N * H * W,
+             lambda tile: backward_launch(dy, offsets, dx, geometry, tile), (dx,),
+             window=kernel_size)
     return dx
 
 

@@ -1,14 +1,17 @@
 """ReLU's operators and host side: ``fastarch::relu`` (differentiable: its backward,
 ``fastarch::relu_backward``, reads the saved output), ``fastarch::relu_`` (in place; a
 mutable operator carries no autograd formula), output allocation and the elementwise tile."""
+from collections.abc import Callable
+
 import torch
+import triton
 from torch import Tensor
 
 from fastarch import profiling
-from fastarch.kernels.launch import TileConfig, interpreter_tile
+from fastarch.kernels.launch import Launch, TileConfig, interpreter_tile
 from fastarch.kernels.relu import backward_launch, forward_launch
 from fastarch.kernels.runtime import INTERPRETER, empty, memory_format_of
-from fastarch.ops.common import elementwise, fake_empty, no_double_backward
+from fastarch.ops.common import elementwise, fake_empty, no_double_backward, run_memory_bound
 
 # 4096 elements a program, 16 a thread: a memory-bound pass at full bandwidth.
 RELU_TILE = TileConfig("block4096", block_m=4096, num_warps=8)
@@ -21,11 +24,18 @@ def relu_tile(numel: int) -> TileConfig:
     return RELU_TILE
 
 
+def _run(family: str, x: Tensor, build: Callable[[TileConfig], Launch],
+         written: tuple[Tensor, ...]) -> None:
+    """Run a ReLU pass over x's elements on its tuned tile."""
+    run_memory_bound(family, x, relu_tile(x.numel()),
+                     {"numel": triton.next_power_of_2(x.numel())}, build, written)
+
+
 @torch.library.custom_op("fastarch::relu", mutates_args=())
 def relu(x: Tensor) -> Tensor:
     """ReLU of a dense x (contiguous or channels_last), in x's layout."""
     y = empty(x.shape, x.dtype, x.device, memory_format_of(x))
-    forward_launch(x, y, relu_tile(x.numel()))()
+    _run("relu_forward", x, lambda tile: forward_launch(x, y, tile), (y,))
     return y
 
 
@@ -50,7 +60,7 @@ relu.register_autograd(_relu_grads, setup_context=_relu_setup)
 @torch.library.custom_op("fastarch::relu_", mutates_args=("x",))
 def relu_(x: Tensor) -> None:
     """ReLU of a dense x in place."""
-    forward_launch(x, x, relu_tile(x.numel()))()
+    _run("relu_forward", x, lambda tile: forward_launch(x, x, tile), (x,))
 
 
 @relu_.register_fake
@@ -66,7 +76,7 @@ def relu_backward(y: Tensor, dy: Tensor) -> Tensor:
     if not dy.is_contiguous(memory_format=memory_format):
         dy = dy.contiguous(memory_format=memory_format)
     dx = empty(y.shape, dy.dtype, y.device, memory_format)
-    backward_launch(y, dy, dx, relu_tile(y.numel()))()
+    _run("relu_backward", y, lambda tile: backward_launch(y, dy, dx, tile), (dx,))
     return dx
 
 
