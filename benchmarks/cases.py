@@ -49,7 +49,10 @@ MODELS = {
 LAYER_MODELS = ("lenet5", "alexnet", "vgg16_bn")
 LAYER_KINDS = ((nn.Conv2d, "conv"), (nn.BatchNorm2d, "bn"), ((nn.MaxPool2d, nn.AvgPool2d), "pool"),
                (nn.Linear, "fc"))
-CONTENDERS = ("eager", "compile", "fastarch")  # fastarch last: its speedups need the others
+# fastarch runs its static tables (FASTARCH_AUTOTUNE=off); "tuned" is fastarch autotuned
+# (=on: its first, warm-up call times the candidates), on layers and blocks only. The
+# fastarch contenders come last: their speedups need the others.
+CONTENDERS = ("eager", "compile", "fastarch", "tuned")
 LAYER_MODES = ("eval", "train", "fwd_bwd")
 MODEL_MODES = ("eval", "train_step")
 

@@ -12,7 +12,7 @@ Modes:
 * otherwise, without a GPU, nothing is collected and the header says why.
 
 Options: ``--dtype`` (bf16 default), ``--no-tf32``, ``--quick``, ``--contenders`` (which of
-eager, compile, fastarch to run), ``--rounds``, ``--time-budget`` (skip what is left after
+eager, compile, fastarch, tuned to run), ``--rounds``, ``--time-budget`` (skip what is left after
 that many seconds, so that a bounded run ends by itself and writes its JSON).
 """
 import os
@@ -51,7 +51,7 @@ def pytest_addoption(parser):
     group.addoption("--quick", action="store_true",
                     help="only the cases in benchmarks/cases.py QUICK (gpu_check.sh)")
     group.addoption("--contenders", default=",".join(CONTENDERS),
-                    help="comma-separated subset of eager,compile,fastarch (default: all)")
+                    help="comma-separated subset of eager,compile,fastarch,tuned (default: all)")
     group.addoption("--dtype", default="bf16", choices=sorted(DTYPES),
                     help="activations and weights of every contender (default bf16)")
     group.addoption("--no-tf32", action="store_true",

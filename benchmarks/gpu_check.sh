@@ -12,6 +12,9 @@
 #   2. benchmarks, PyTorch eager (cuDNN) vs fastarch: VGG16-BN inference first, then the other
 #      models, then the layers (benchmarks/cases.py QUICK)
 #   3. the same cases under torch.compile
+#   3b. autotuning: the same layers and blocks with fastarch autotuned (each one's first call
+#      times its candidates) against the static tables of stage 2; the winners are kept in
+#      OUT/autotune/ (every other stage runs the static tables: FASTARCH_AUTOTUNE=off)
 #   4. the layer-by-layer profile of VGG16-BN (a row printed as each unit is measured)
 #   5. the GPU test subset (tests marked gpu_check: every kernel family once per dtype on the
 #      native bf16/fp16 paths, CUDA graphs, convergence), failures named (-rfE); the dry run
@@ -19,7 +22,7 @@
 # SIGINT or SIGTERM to this script stops the running stage the same way, writes the report and
 # exits. OUT gets 7 files: check.log (everything printed), bench.json (every stage merged),
 # table.md, RESULTS.md (benchmarks/RESULTS.md with this run's section: copy it back),
-# roofline.png, profile.txt, tests.log.
+# roofline.png, profile.txt, tests.log; and on a GPU autotune/ (the tuned winners' cache).
 set -uo pipefail
 
 dry_run=0
@@ -30,17 +33,18 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 scratch=$(mktemp -d)
 export PYTHONUNBUFFERED=1
+export FASTARCH_AUTOTUNE=off FASTARCH_CACHE_DIR="$out/autotune"
 exec > >(tee -i "$out/check.log") 2>&1   # -i: a Ctrl-C to the group must not end the log
 
 if [ $dry_run = 1 ]; then
     budget=${GPU_CHECK_SECONDS:-175}
-    bench_cap=60 compile_cap=35 profile_cap=30 tests_cap=25 case_reserve=8
+    bench_cap=60 compile_cap=35 tune_cap=20 profile_cap=30 tests_cap=25 case_reserve=8
     bench_flags=(--dry-run --rounds 1)
     profile_args=(lenet5 --batch 2)
     tests_flags=(--collect-only)
 else
     budget=${GPU_CHECK_SECONDS:-285}
-    bench_cap=120 compile_cap=55 profile_cap=30 tests_cap=70 case_reserve=25
+    bench_cap=110 compile_cap=50 tune_cap=45 profile_cap=25 tests_cap=60 case_reserve=20
     bench_flags=(--quick --rounds 15)
     profile_args=(vgg16_bn --batch 64 --reps 10)
     tests_flags=(-n 8 -rfE)
@@ -128,6 +132,8 @@ bench_stage "benchmarks eager+fastarch" "$scratch/bench_1_eager_fastarch.json" "
     eager,fastarch
 report
 bench_stage "benchmarks torch.compile" "$scratch/bench_2_compile.json" "$compile_cap" compile
+report
+bench_stage "autotune: tuned vs static" "$scratch/bench_3_tuned.json" "$tune_cap" tuned
 report
 run_stage profile "$(capped "$profile_cap")" "$out/profile.txt" \
     "$python" -m fastarch profile "${profile_args[@]}"

@@ -27,7 +27,7 @@ import torch
 from fastarch.kernels.tensor_cores import Operand
 from fastarch.roofline import Ceilings, ceilings_for
 
-CONTENDERS = ("fastarch", "eager", "compile")
+CONTENDERS = ("fastarch", "tuned", "eager", "compile")
 LAUNCH_BOUND = 0.8  # device time / wall time below this: the host's launches dominate
 ENVIRONMENT = ("gpu", "torch", "triton", "cudnn", "cuda", "dtype", "tf32", "subset")
 
@@ -53,6 +53,8 @@ def summarize(bench: dict) -> dict:
         for rival in ("eager", "compile"):
             row[f"speedup_vs_{rival}"] = (times[rival] / times["fastarch"]
                                           if "fastarch" in times and rival in times else None)
+        row["tuned_vs_static"] = (times["fastarch"] / times["tuned"]
+                                  if "fastarch" in times and "tuned" in times else None)
     commit = bench.get("commit_info", {}).get("id") or ""
     return {"datetime": bench.get("datetime", ""), "commit": commit[:10],
             "environment": environment, "rows": list(rows.values())}
@@ -103,9 +105,9 @@ def markdown(summary: dict) -> str:
     ceilings = ceilings_for(summary["environment"].get("gpu", ""))
     kind = operand(summary["environment"])
     lines = [header(summary), "",
-             "| case | mode | what | fastarch | eager (cuDNN) | torch.compile | "
-             "fastarch % of roof | vs eager | vs compile |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| case | mode | what | fastarch | fastarch autotuned | eager (cuDNN) | "
+             "torch.compile | fastarch % of roof | vs eager | vs compile | tuned vs static |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in summary["rows"]:
         metric = "TFLOP/s" if row["flops"] else "GB/s"
         cells = [_cell(row["contenders"].get(c), metric) for c in CONTENDERS]
@@ -113,7 +115,8 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {row['case']} | {row['mode']} | {row['describe']} | "
                      f"{' | '.join(cells)} | "
                      f"{'—' if fraction is None else f'{fraction:.0%}'} | "
-                     f"{_ratio(row['speedup_vs_eager'])} | {_ratio(row['speedup_vs_compile'])} |")
+                     f"{_ratio(row['speedup_vs_eager'])} | {_ratio(row['speedup_vs_compile'])} | "
+                     f"{_ratio(row['tuned_vs_static'])} |")
     return "\n".join(lines)
 
 
@@ -147,7 +150,8 @@ def roofline_png(summary: dict, path: Path) -> None:
     memory = [r for r in summary["rows"] if not r["flops"]]
     figure, (left, right) = plt.subplots(1, 2, figsize=(15, 6.5),
                                          gridspec_kw={"width_ratios": [1, 1.3]})
-    colours = {"fastarch": "tab:red", "eager": "tab:blue", "compile": "tab:green"}
+    colours = {"fastarch": "tab:red", "tuned": "tab:orange", "eager": "tab:blue",
+               "compile": "tab:green"}
     intensities = [r["flops"] / r["bytes"] for r in compute if r["bytes"]]
     if ceilings is not None and ceilings.matmul_tflops.get(kind) and intensities:
         peak, bandwidth = ceilings.matmul_tflops[kind], ceilings.copy_gbs / 1e3  # TB/s

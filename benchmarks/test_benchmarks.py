@@ -1,6 +1,7 @@
-"""Every case of ``cases.py`` in each of its modes, up to three contenders in one benchmark
-group: PyTorch eager (cuDNN / cuBLAS), torch.compile of the same torch module, and fastarch
-(``--contenders`` picks some: gpu_check.sh runs eager + fastarch first, compile later).
+"""Every case of ``cases.py`` in each of its modes, up to four contenders in one benchmark
+group: PyTorch eager (cuDNN / cuBLAS), torch.compile of the same torch module, fastarch on
+its static tables and, for layers and blocks, fastarch autotuned (``--contenders`` picks
+some: gpu_check.sh runs eager + fastarch first, then compile, then tuned).
 
 The torch contenders run ``fastarch.inventory.torch_twin`` of the fastarch module: the same
 weights on torch's own classes. Blocks and whole models run fastarch fused
@@ -35,7 +36,8 @@ def pytest_generate_tests(metafunc):
         chosen = contenders_of(metafunc.config)
         metafunc.parametrize("scenario", [
             pytest.param((case, mode, contender), id=f"{case.name}-{mode}-{contender}")
-            for case, mode in scenarios(subset_of(metafunc.config)) for contender in chosen])
+            for case, mode in scenarios(subset_of(metafunc.config)) for contender in chosen
+            if contender != "tuned" or case.kind != "model"])
 
 
 def contenders_of(config) -> tuple[str, ...]:
@@ -66,7 +68,7 @@ def case_module(case: Case, model: nn.Module) -> nn.Module:
 
 def contender_module(case: Case, contender: str, module: nn.Module,
                      compile_backend: str = "inductor") -> nn.Module:
-    if contender == "fastarch":
+    if contender in ("fastarch", "tuned"):
         return fusion.fuse(module) if case.kind in ("block", "model") else module
     twin = torch_twin(module)
     if contender == "compile":
@@ -139,8 +141,9 @@ def subset_of(config) -> str:
 
 
 def test_case(benchmark, scenario, bench_device, bench_dtype, tf32, smoke, tiny, medians,
-              request):
+              request, monkeypatch):
     case, mode, contender = scenario
+    monkeypatch.setenv("FASTARCH_AUTOTUNE", "on" if contender == "tuned" else "off")
     if smoke and contender == "compile":
         pytest.skip("torch.compile is not run in --smoke: inductor's first CPU compile takes "
                     "~25 s of C++ builds; the GPU run compiles every case")
@@ -151,7 +154,7 @@ def test_case(benchmark, scenario, bench_device, bench_dtype, tf32, smoke, tiny,
     fn, make, bytes_per_copy = workload(module, case, mode, tiny, bench_dtype, bench_device)
     next_args = rotating(make, bytes_per_copy, copies=1 if tiny else None)
     benchmark.group = f"{case.name} {mode}"
-    if contender == "fastarch" and mode in ("eval", "train"):
+    if contender in ("fastarch", "tuned") and mode in ("eval", "train"):
         check_against_torch(case, mode, fn, next_args(), source, tiny, bench_dtype,
                             bench_device, tf32)
     if smoke:  # --benchmark-disable: one untimed call
@@ -176,8 +179,9 @@ def rates(case: Case, mode: str, tiny: bool, dtype: torch.dtype, median: float,
     info = {"flops": cost.flops, "bytes": cost.bytes, cost.metric: cost.rate(median)}
     if contender == "compile":
         info["compile_mode"] = f"default ({compile_backend})"
-    if contender == "fastarch":
+    if contender in ("fastarch", "tuned"):
         info["fused"] = case.kind in ("block", "model") and fusion is not None
         info.update({f"speedup_vs_{rival}": timings[rival] / median
-                     for rival in ("eager", "compile") if rival in timings})
+                     for rival in ("eager", "compile", "fastarch")
+                     if rival in timings and rival != contender})
     return info
