@@ -147,6 +147,8 @@ def test_case(benchmark, scenario, bench_device, bench_dtype, tf32, smoke, tiny,
     if smoke and contender == "compile":
         pytest.skip("torch.compile is not run in --smoke: inductor's first CPU compile takes "
                     "~25 s of C++ builds; the GPU run compiles every case")
+    if smoke and contender == "tuned":
+        pytest.skip("nothing is tuned under the interpreter: 'tuned' would rerun 'fastarch'")
     dry_run = request.config.getoption("--dry-run")
     compile_backend = "aot_eager" if dry_run else "inductor"
     source = source_model(case.model, tiny, bench_device, bench_dtype)
