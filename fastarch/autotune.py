@@ -97,7 +97,8 @@ def device_profile(device: torch.device) -> DeviceProfile:
 def _cuda_profile(index: int) -> DeviceProfile:
     props = torch.cuda.get_device_properties(index)
     shared = getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024
-    return DeviceProfile(props.name, (props.major, props.minor), shared)
+    registers = getattr(props, "regs_per_multiprocessor", 0) or 65536
+    return DeviceProfile(props.name, (props.major, props.minor), shared, registers)
 
 
 # ----------------------------------------------------------------------------- pruning
