@@ -271,3 +271,22 @@ def test_tuned_linear_matches_torch(tuning_kernels, tmp_path):
     torch.testing.assert_close(linear.weight.grad, reference.weight.grad, rtol=1e-5, atol=1e-4)
     families = {key.split("[")[0] for key in json.loads(_cache_file(tmp_path).read_text())}
     assert "linear_gemm" in families
+
+
+def test_tuned_fused_conv_batch_norm_training_matches_torch(tuning_kernels, tmp_path):
+    """The conv writes Welford partials (only tiles of the static height are tried) and the
+    running statistics move once."""
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(fastarch.nn.Conv2d(32, 32, 3, padding=1),
+                               fastarch.nn.BatchNorm2d(32), fastarch.nn.ReLU())
+    theirs = torch.nn.Sequential(torch.nn.Conv2d(32, 32, 3, padding=1),
+                                 torch.nn.BatchNorm2d(32), torch.nn.ReLU())
+    theirs.load_state_dict(ours.state_dict())
+    fastarch.fusion.fuse(ours)
+    x = torch.randn(2, 32, 6, 6).to(memory_format=torch.channels_last)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-3, atol=1e-3)
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(ours[1], name), getattr(theirs[1], name),
+                                   rtol=1e-3, atol=1e-4)
+    keys = json.loads(_cache_file(tmp_path).read_text())
+    assert any(key.startswith("conv2d_forward[") and "+stats" in key for key in keys)
