@@ -105,9 +105,9 @@ def _cuda_profile(index: int) -> DeviceProfile:
 
 # A tensor-core tile's fp32 accumulator may hold at most this many registers a thread (the
 # rest of the 255 hold operand fragments and addresses); an elementwise tile at most this
-# many elements a thread.
+# many elements a thread (a 3x3 pool window at 32 spills).
 MAX_ACCUMULATOR_REGISTERS = 128
-MAX_ELEMENTS_PER_THREAD = 64
+MAX_ELEMENTS_PER_THREAD = 16
 
 
 def shared_bytes(tile: TileConfig, element_size: int) -> int:
@@ -345,12 +345,12 @@ def gemm_candidates(static: TileConfig, generation: Generation, m: int, n: int
 
 # The elementwise and NHWC tiles: elements a program (BLOCK_M x BLOCK_N) and warps.
 ELEMENTWISE_SHAPES: tuple[tuple[int, int], ...] = (
-    (4096, 8), (2048, 4), (8192, 8), (1024, 4), (2048, 8), (8192, 16), (16384, 16))
+    (4096, 8), (2048, 4), (8192, 16), (1024, 4), (2048, 8), (1024, 2), (512, 4))
 
 
 def elementwise_candidates(static: TileConfig) -> tuple[TileConfig, ...]:
     """``static`` and tiles of the same channel block (``block_n``) holding more or fewer
-    elements a program, with 4 to 16 warps."""
+    elements a program, with 2 to 16 warps."""
     tiles = [static]
     for elements, warps in ELEMENTWISE_SHAPES:
         block_m = max(1, elements // static.block_n)

@@ -15,10 +15,11 @@ import triton
 import triton.language as tl
 
 from .launch import Launch, TileConfig
-from .nhwc import (Normalization, address, batch_norm_vectors, normalization_mark,
-                   normalization_operands, normalize, pixel_channel_tile, pixel_tile,
-                   split_pixel, store_tile)
-from .pool_geometry import PoolGeometry, covering_window, window_launch, window_tap
+from .nhwc import (Normalization, batch_norm_vectors, load_tile, nhwc_offsets,
+                   normalization_mark, normalization_operands, normalize, pixel_channel_tile,
+                   store_tile)
+from .pool_geometry import (PoolGeometry, covering_window, window_launch, window_layout,
+                            window_tap)
 
 
 @triton.jit
@@ -52,9 +53,10 @@ def avg_pool2d_forward_kernel(
     PH: tl.constexpr, PW: tl.constexpr,
     COUNT_INCLUDE_PAD: tl.constexpr, HAS_DIVISOR_OVERRIDE: tl.constexpr,
     NORMALIZE: tl.constexpr, RELU: tl.constexpr,
+    DENSE_NHWC: tl.constexpr, EVEN_C: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    n, p, q, c, m_ok, c_ok = pixel_channel_tile(M, C, P, Q, BLOCK_M, BLOCK_C)
+    n0, n, p, q, c, m_ok, c_ok = pixel_channel_tile(M, C, P, Q, EVEN_C, BLOCK_M, BLOCK_C)
     acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
     if NORMALIZE:
         mean, scale, shift = batch_norm_vectors(mean_ptr, scale_ptr, shift_ptr, c, c_ok)
@@ -63,14 +65,16 @@ def avg_pool2d_forward_kernel(
         for kw in tl.static_range(KW):
             w, w_ok = window_tap(q, kw, SW, PW, 1, W)
             mask = (m_ok & h_ok & w_ok)[:, None] & c_ok[None, :]
-            v = tl.load(x_ptr + address(n, h, w, c, x_sn, x_sh, x_sw, x_sc),
-                        mask=mask, other=0.0).to(tl.float32)
+            v = load_tile(x_ptr, nhwc_offsets(n0, n, h, w, c, H, W, C, x_sn, x_sh, x_sw, x_sc,
+                                              DENSE_NHWC), mask)
             if NORMALIZE:
                 v = tl.where(mask, normalize(v, mean, scale, shift, RELU), 0.0)
             acc += v
     divisor = avg_pool_divisor(p, q, H, W, divisor_override, KH, KW, SH, SW, PH, PW,
                                COUNT_INCLUDE_PAD, HAS_DIVISOR_OVERRIDE)
-    store_tile(y_ptr, acc / divisor[:, None], n, p, q, c, y_sn, y_sh, y_sw, y_sc, m_ok, c_ok)
+    store_tile(y_ptr, acc / divisor[:, None],
+               nhwc_offsets(n0, n, p, q, c, P, Q, C, y_sn, y_sh, y_sw, y_sc, DENSE_NHWC),
+               m_ok[:, None] & c_ok[None, :])
 
 
 @triton.jit
@@ -80,21 +84,24 @@ def avg_pool2d_backward_kernel(
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr,
     COUNT_INCLUDE_PAD: tl.constexpr, HAS_DIVISOR_OVERRIDE: tl.constexpr,
+    DENSE_NHWC: tl.constexpr, EVEN_C: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    n, h, w, c, m_ok, c_ok = pixel_channel_tile(M, C, H, W, BLOCK_M, BLOCK_C)
+    n0, n, h, w, c, m_ok, c_ok = pixel_channel_tile(M, C, H, W, EVEN_C, BLOCK_M, BLOCK_C)
     acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
     for kh in tl.static_range(KH):
         p, p_ok = covering_window(h, kh, SH, PH, 1, P)
         for kw in tl.static_range(KW):
             q, q_ok = covering_window(w, kw, SW, PW, 1, Q)
             window_ok = m_ok & p_ok & q_ok
-            dy = tl.load(dy_ptr + address(n, p, q, c, dy_sn, dy_sh, dy_sw, dy_sc),
-                         mask=window_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+            dy = load_tile(dy_ptr, nhwc_offsets(n0, n, p, q, c, P, Q, C, dy_sn, dy_sh, dy_sw,
+                                                dy_sc, DENSE_NHWC),
+                           window_ok[:, None] & c_ok[None, :])
             divisor = avg_pool_divisor(p, q, H, W, divisor_override, KH, KW, SH, SW, PH, PW,
                                        COUNT_INCLUDE_PAD, HAS_DIVISOR_OVERRIDE)
             acc += dy / tl.where(window_ok, divisor, 1.0)[:, None]
-    store_tile(dx_ptr, acc, n, h, w, c, dx_sn, dx_sh, dx_sw, dx_sc, m_ok, c_ok)
+    store_tile(dx_ptr, acc, nhwc_offsets(n0, n, h, w, c, H, W, C, dx_sn, dx_sh, dx_sw, dx_sc,
+                                         DENSE_NHWC), m_ok[:, None] & c_ok[None, :])
 
 
 @triton.jit
@@ -106,10 +113,12 @@ def adaptive_window(i, size, out_size):
 @triton.jit
 def adaptive_tap(o, k, size, out_size):
     """Position ``k`` of adaptive window ``o`` (``size`` -> ``out_size``) and whether it lies
-    inside the window. With the sizes swapped, the windows that contain input position ``o``
-    are ``adaptive_tap(o, k, out_size, size)``: the inverse map."""
+    inside the window (a position past it is the window's start, masked: offsets stay inside
+    the tensor). With the sizes swapped, the windows that contain input position ``o`` are
+    ``adaptive_tap(o, k, out_size, size)``: the inverse map."""
     start, end = adaptive_window(o, size, out_size)
-    return start + k, start + k < end
+    inside = start + k < end
+    return tl.where(inside, start + k, start), inside
 
 
 @triton.jit
@@ -125,27 +134,27 @@ def adaptive_avg_pool2d_kernel(
     src_ptr, dst_ptr, M, C, H, W, P, Q,
     src_sn, src_sh, src_sw, src_sc, dst_sn, dst_sh, dst_sw, dst_sc,
     SPAN_H: tl.constexpr, SPAN_W: tl.constexpr, BACKWARD: tl.constexpr,
+    DENSE_NHWC: tl.constexpr, EVEN_C: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Forward (src x [N, C, H, W], dst y [N, C, P, Q]): y at (p, q) is the mean of x over
     adaptive window (p, q). Backward, its transpose (src dy, dst dx): dx at (h, w) sums
     dy / area over the windows that contain (h, w). SPAN_H x SPAN_W: the most taps of a
     window (forward) or windows over a position (backward)."""
-    m, c, m_ok, c_ok = pixel_tile(M, C, BLOCK_M, BLOCK_C)
     if BACKWARD:
-        n, i, j = split_pixel(m, H, W)
         rows, cols, src_rows, src_cols = H, W, P, Q
     else:
-        n, i, j = split_pixel(m, P, Q)
         rows, cols, src_rows, src_cols = P, Q, H, W
+    n0, n, i, j, c, m_ok, c_ok = pixel_channel_tile(M, C, rows, cols, EVEN_C, BLOCK_M, BLOCK_C)
     acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
     for k in tl.static_range(SPAN_H):
         a, a_ok = adaptive_tap(i, k, src_rows, rows)
         for l in tl.static_range(SPAN_W):
             b, b_ok = adaptive_tap(j, l, src_cols, cols)
             ok = m_ok & a_ok & b_ok
-            v = tl.load(src_ptr + address(n, a, b, c, src_sn, src_sh, src_sw, src_sc),
-                        mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+            v = load_tile(src_ptr, nhwc_offsets(n0, n, a, b, c, src_rows, src_cols, C, src_sn,
+                                                src_sh, src_sw, src_sc, DENSE_NHWC),
+                          ok[:, None] & c_ok[None, :])
             if BACKWARD:
                 v = v / tl.where(ok, adaptive_area(a, b, H, W, P, Q), 1.0)[:, None]
             acc += v
@@ -153,7 +162,8 @@ def adaptive_avg_pool2d_kernel(
         out = acc
     else:
         out = acc / adaptive_area(i, j, H, W, P, Q)[:, None]
-    store_tile(dst_ptr, out, n, i, j, c, dst_sn, dst_sh, dst_sw, dst_sc, m_ok, c_ok)
+    store_tile(dst_ptr, out, nhwc_offsets(n0, n, i, j, c, rows, cols, C, dst_sn, dst_sh, dst_sw,
+                                          dst_sc, DENSE_NHWC), m_ok[:, None] & c_ok[None, :])
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -175,8 +185,8 @@ def avg_forward_launch(x: torch.Tensor, y: torch.Tensor, geometry: PoolGeometry,
     vectors, vector_extents = normalization_operands(x.shape[1], normalization, y)
     return window_launch(
         avg_pool2d_forward_kernel, "avg_pool2d_forward", config, ("x", x), ("y", y),
-        gather=False, args={**vectors, "divisor_override": divisor_override or 0},
-        extents=vector_extents,
+        gather=False, layout=window_layout(config, x, y, gather=False),
+        args={**vectors, "divisor_override": divisor_override or 0}, extents=vector_extents,
         constexprs={**_avg_constexprs(geometry, count_include_pad, divisor_override),
                     "NORMALIZE": normalization is not None, "RELU": relu},
         mark=normalization_mark(normalization, relu))
@@ -188,7 +198,8 @@ def avg_backward_launch(dy: torch.Tensor, dx: torch.Tensor, geometry: PoolGeomet
     """dx of an average pool from dy."""
     return window_launch(
         avg_pool2d_backward_kernel, "avg_pool2d_backward", config, ("dx", dx), ("dy", dy),
-        gather=True, args={"divisor_override": divisor_override or 0}, extents={},
+        gather=True, layout=window_layout(config, dx, dy, gather=True),
+        args={"divisor_override": divisor_override or 0}, extents={},
         constexprs=_avg_constexprs(geometry, count_include_pad, divisor_override))
 
 
@@ -220,5 +231,6 @@ def _adaptive_launch(full: torch.Tensor, pooled: torch.Tensor, config: TileConfi
     return window_launch(
         adaptive_avg_pool2d_kernel,
         f"adaptive_avg_pool2d_{'backward' if backward else 'forward'}", config,
-        (full_role, full), (pooled_role, pooled), gather=backward, args={}, extents={},
+        (full_role, full), (pooled_role, pooled), gather=backward,
+        layout=window_layout(config, full, pooled, gather=backward), args={}, extents={},
         constexprs={"SPAN_H": spans[0], "SPAN_W": spans[1], "BACKWARD": backward})

@@ -1,7 +1,8 @@
 """BatchNorm2d for training and inference, forward and backward, on [pixels x channels] NHWC
-tiles (channels_last is the coalesced fast path; any strides work): the @triton.jit kernels
-and their launch builders. Every statistic is fp32 whatever the input dtype; offsets are
-int64; no atomics, every merge runs in a fixed order, so results are bitwise reproducible.
+tiles (dense channels_last is the vectorized fast path, any strides work: ``kernels.nhwc``):
+the @triton.jit kernels and their launch builders. Every statistic is fp32 whatever the
+input dtype; no atomics, every merge runs in a fixed order, so results are bitwise
+reproducible.
 
 Forward:
 1. ``welford_partials_kernel``: a program (a tile of pixels x a block of channels) keeps a
@@ -38,8 +39,9 @@ import triton
 import triton.language as tl
 
 from .launch import UNUSED, Extent, Launch, TileConfig, dense, vector
-from .nhwc import (address, batch_norm_vectors, channel_vector, grid, normalize,
-                   pixel_channel_tile, split_pixel, store_tile, strided_args, strided_extent)
+from .nhwc import (batch_norm_vectors, block_offsets, channel_block, channel_vector, grid,
+                   layout_constexprs, load_tile, normalize, pixel_block, store_tile,
+                   strided_args, strided_extent)
 from .reduction import sum_in_order
 from .welford import chan_merge, store_statistics
 
@@ -68,41 +70,28 @@ def _relu_grad(dy, x, mean, scale, shift):
 
 
 @triton.jit
-def _load(ptr, n, h, w, c, mask, s_n, s_h, s_w, s_c):
-    """A [pixels, channels] tile of an NHWC-addressed tensor as fp32 (masked elements 0)."""
-    return tl.load(ptr + address(n, h, w, c, s_n, s_h, s_w, s_c), mask=mask,
-                   other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _tile_block(tile, step, c_ok, M, H, W, TILE_STEPS, BLOCK_M: tl.constexpr):
-    """The pixels (n, h, w) of block ``step`` of reduction tile ``tile``, and the mask of its
-    valid rows and of its valid [rows, channels] elements."""
-    m = (tile.to(tl.int64) * TILE_STEPS + step) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = m < M
-    n, h, w = split_pixel(m, H, W)
-    return n, h, w, m_ok, m_ok[:, None] & c_ok[None, :]
-
-
-@triton.jit
 def welford_partials_kernel(
     x_ptr, partial_ptr, M, C, H, W, TILE_STEPS,
     x_sn, x_sh, x_sw, x_sc,
+    DENSE_NHWC: tl.constexpr, EVEN_C: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     tile = tl.program_id(0)
-    c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
+    c, c_ok = channel_block(C, EVEN_C, BLOCK_C)
+    first = tile.to(tl.int64) * TILE_STEPS * BLOCK_M
     # Every statistic is of x - pivot, the tile's first pixel (see kernels/welford.py).
-    n0, h0, w0 = split_pixel(tile.to(tl.int64) * TILE_STEPS * BLOCK_M, H, W)
-    pivot = tl.load(x_ptr + n0 * x_sn + h0 * x_sh + w0 * x_sw + c * x_sc, mask=c_ok,
-                    other=0.0).to(tl.float32)
+    pivot = tl.reshape(load_tile(x_ptr, block_offsets(first, c, H, W, C, x_sn, x_sh, x_sw,
+                                                      x_sc, DENSE_NHWC, 1), c_ok[None, :]),
+                       (BLOCK_C,))
     count = tl.zeros((BLOCK_M,), tl.float32)
     mean = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
     m2 = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
     for step in range(TILE_STEPS):
-        n, h, w, m_ok, ok = _tile_block(tile, step, c_ok, M, H, W, TILE_STEPS, BLOCK_M)
-        x = _load(x_ptr, n, h, w, c, ok, x_sn, x_sh, x_sw, x_sc) - pivot[None, :]
+        start = first + step * BLOCK_M
+        m_ok = pixel_block(start, M, BLOCK_M)
+        ok = m_ok[:, None] & c_ok[None, :]
+        x = load_tile(x_ptr, block_offsets(start, c, H, W, C, x_sn, x_sh, x_sw, x_sc,
+                                           DENSE_NHWC, BLOCK_M), ok) - pivot[None, :]
         count += m_ok.to(tl.float32)
         delta = tl.where(ok, x - mean, 0.0)
         mean += delta / tl.maximum(count, 1.0)[:, None]
@@ -185,13 +174,18 @@ def batch_norm_finalize_kernel(
 def batch_norm_apply_kernel(
     x_ptr, y_ptr, mean_ptr, scale_ptr, shift_ptr, M, C, H, W,
     x_sn, x_sh, x_sw, x_sc, y_sn, y_sh, y_sw, y_sc,
-    RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    RELU: tl.constexpr, DENSE_NHWC: tl.constexpr, EVEN_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    n, h, w, c, m_ok, c_ok = pixel_channel_tile(M, C, H, W, BLOCK_M, BLOCK_C)
-    x = _load(x_ptr, n, h, w, c, m_ok[:, None] & c_ok[None, :], x_sn, x_sh, x_sw, x_sc)
+    start = tl.program_id(0).to(tl.int64) * BLOCK_M
+    c, c_ok = channel_block(C, EVEN_C, BLOCK_C)
+    mask = pixel_block(start, M, BLOCK_M)[:, None] & c_ok[None, :]
+    x = load_tile(x_ptr, block_offsets(start, c, H, W, C, x_sn, x_sh, x_sw, x_sc, DENSE_NHWC,
+                                       BLOCK_M), mask)
     mean, scale, shift = batch_norm_vectors(mean_ptr, scale_ptr, shift_ptr, c, c_ok)
-    store_tile(y_ptr, normalize(x, mean, scale, shift, RELU), n, h, w, c,
-               y_sn, y_sh, y_sw, y_sc, m_ok, c_ok)
+    store_tile(y_ptr, normalize(x, mean, scale, shift, RELU),
+               block_offsets(start, c, H, W, C, y_sn, y_sh, y_sw, y_sc, DENSE_NHWC, BLOCK_M),
+               mask)
 
 
 @triton.jit
@@ -199,19 +193,23 @@ def batch_norm_backward_partials_kernel(
     x_ptr, dy_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, partial_ptr,
     M, C, H, W, TILE_STEPS,
     x_sn, x_sh, x_sw, x_sc, dy_sn, dy_sh, dy_sw, dy_sc,
-    RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    RELU: tl.constexpr, DENSE_NHWC: tl.constexpr, EVEN_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     tile = tl.program_id(0)
-    c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
+    c, c_ok = channel_block(C, EVEN_C, BLOCK_C)
     mean, scale, shift = batch_norm_vectors(mean_ptr, scale_ptr, shift_ptr, c, c_ok)
     invstd = channel_vector(invstd_ptr, c, c_ok)
     sum_dy = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
     sum_dy_xhat = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+    first = tile.to(tl.int64) * TILE_STEPS * BLOCK_M
     for step in range(TILE_STEPS):
-        n, h, w, _, ok = _tile_block(tile, step, c_ok, M, H, W, TILE_STEPS, BLOCK_M)
-        x = _load(x_ptr, n, h, w, c, ok, x_sn, x_sh, x_sw, x_sc)
-        dy = _load(dy_ptr, n, h, w, c, ok, dy_sn, dy_sh, dy_sw, dy_sc)
+        start = first + step * BLOCK_M
+        ok = pixel_block(start, M, BLOCK_M)[:, None] & c_ok[None, :]
+        x = load_tile(x_ptr, block_offsets(start, c, H, W, C, x_sn, x_sh, x_sw, x_sc,
+                                           DENSE_NHWC, BLOCK_M), ok)
+        dy = load_tile(dy_ptr, block_offsets(start, c, H, W, C, dy_sn, dy_sh, dy_sw, dy_sc,
+                                             DENSE_NHWC, BLOCK_M), ok)
         if RELU:
             dy = _relu_grad(dy, x, mean, scale, shift)
         sum_dy += dy
@@ -254,15 +252,19 @@ def batch_norm_backward_input_kernel(
     sum_dy_ptr, sum_dy_xhat_ptr, inv_count, M, C, H, W,
     x_sn, x_sh, x_sw, x_sc, dy_sn, dy_sh, dy_sw, dy_sc, dx_sn, dx_sh, dx_sw, dx_sc,
     TRAINING: tl.constexpr, RELU: tl.constexpr, READ_X: tl.constexpr,
+    DENSE_NHWC: tl.constexpr, EVEN_C: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    n, h, w, c, m_ok, c_ok = pixel_channel_tile(M, C, H, W, BLOCK_M, BLOCK_C)
-    mask = m_ok[:, None] & c_ok[None, :]
+    start = tl.program_id(0).to(tl.int64) * BLOCK_M
+    c, c_ok = channel_block(C, EVEN_C, BLOCK_C)
+    mask = pixel_block(start, M, BLOCK_M)[:, None] & c_ok[None, :]
     scale = channel_vector(scale_ptr, c, c_ok)
-    dy = _load(dy_ptr, n, h, w, c, mask, dy_sn, dy_sh, dy_sw, dy_sc)
+    dy = load_tile(dy_ptr, block_offsets(start, c, H, W, C, dy_sn, dy_sh, dy_sw, dy_sc,
+                                         DENSE_NHWC, BLOCK_M), mask)
     if READ_X:  # training or ReLU
         mean = channel_vector(mean_ptr, c, c_ok)
-        x = _load(x_ptr, n, h, w, c, mask, x_sn, x_sh, x_sw, x_sc)
+        x = load_tile(x_ptr, block_offsets(start, c, H, W, C, x_sn, x_sh, x_sw, x_sc,
+                                           DENSE_NHWC, BLOCK_M), mask)
         if RELU:
             dy = _relu_grad(dy, x, mean, scale, channel_vector(shift_ptr, c, c_ok))
     if TRAINING:
@@ -272,13 +274,14 @@ def batch_norm_backward_input_kernel(
         dx = scale[None, :] * (dy - mean_dy[None, :] - x_hat * mean_dy_xhat[None, :])
     else:
         dx = scale[None, :] * dy
-    store_tile(dx_ptr, dx, n, h, w, c, dx_sn, dx_sh, dx_sw, dx_sc, m_ok, c_ok)
+    store_tile(dx_ptr, dx, block_offsets(start, c, H, W, C, dx_sn, dx_sh, dx_sw, dx_sc,
+                                         DENSE_NHWC, BLOCK_M), mask)
 
 
 # ----------------------------------------------------------------------------- launches
 
 def _name(kernel: str, tile: TileConfig, x: torch.Tensor, **flags: bool) -> str:
-    """kernel[tile,dtype+flag...], the row name in ``python -m fastarch.sm90``."""
+    """kernel[tile,dtype+flag...], the row name in ``python -m fastarch compile-report``."""
     dtype = str(x.dtype).removeprefix("torch.").replace("bfloat", "bf").replace("float", "fp")
     return f"{kernel}[{tile.name},{dtype}{''.join(f'+{k}' for k, on in flags.items() if on)}]"
 
@@ -300,18 +303,32 @@ def _tile_constexprs(tile: TileConfig, **flags: bool) -> dict[str, int | bool]:
     return {**flags, "BLOCK_M": tile.block_m, "BLOCK_C": tile.block_n}
 
 
+def _pixel_operands(tile: TileConfig, **tensors: torch.Tensor
+                    ) -> tuple[dict[str, object], dict[str, Extent], dict[str, bool]]:
+    """A per-pixel kernel's [N, C, H, W] operands ``name=tensor``: their ``<name>_ptr`` and
+    stride arguments, their extents, and the layout constexprs (``nhwc.layout_constexprs``:
+    the int32 offsets of a block reach its ``tile.block_m`` pixels)."""
+    layout = layout_constexprs(tuple(tensors.values()), tile, tile.block_m)
+    args, extents = {}, {}
+    for name, t in tensors.items():
+        args.update({f"{name}_ptr": t, **strided_args(name, t)})
+        extents[f"{name}_ptr"] = strided_extent(name, tuple(t.shape),
+                                                dense_nhwc=layout["DENSE_NHWC"])
+    return args, extents, layout
+
+
 def partials_launch(x: torch.Tensor, partials: torch.Tensor, tile_steps: int,
                     tile: TileConfig) -> Launch:
     """Welford partials of x [N, C, H, W] into ``partials`` [3, tiles, C] fp32, a tile being
     ``tile_steps`` blocks of ``tile.block_m`` pixels."""
     N, C, H, W = x.shape
+    args, extents, layout = _pixel_operands(tile, x=x)
     return Launch(
         welford_partials_kernel, (partials.shape[1], triton.cdiv(C, tile.block_n)),
-        args={"x_ptr": x, "partial_ptr": partials, "M": N * H * W, "C": C, "H": H, "W": W,
-              "TILE_STEPS": tile_steps, **strided_args("x", x)},
-        extents={"x_ptr": strided_extent("x", (N, C, H, W)),
-                 "partial_ptr": dense(3, partials.shape[1], C, dtypes=FP32)},
-        constexprs=_tile_constexprs(tile),
+        args={**args, "partial_ptr": partials, "M": N * H * W, "C": C, "H": H, "W": W,
+              "TILE_STEPS": tile_steps},
+        extents={**extents, "partial_ptr": dense(3, partials.shape[1], C, dtypes=FP32)},
+        constexprs=_tile_constexprs(tile, **layout),
         num_warps=tile.num_warps, name=_name("batch_norm_welford_partials", tile, x))
 
 
@@ -360,14 +377,12 @@ def finalize_launch(partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | 
 def apply_launch(x: torch.Tensor, y: torch.Tensor, stats: BatchNormStatistics, relu: bool,
                  tile: TileConfig) -> Launch:
     N, C, H, W = x.shape
+    args, extents, layout = _pixel_operands(tile, x=x, y=y)
     return Launch(
         batch_norm_apply_kernel, grid(N * H * W, C, tile),
-        args={"x_ptr": x, "y_ptr": y, **_normalization_args(stats), "M": N * H * W, "C": C,
-              "H": H, "W": W, **strided_args("x", x), **strided_args("y", y)},
-        extents={"x_ptr": strided_extent("x", (N, C, H, W)),
-                 "y_ptr": strided_extent("y", (N, C, H, W)),
-                 **_statistics_extents(C, *_normalization_args(stats))},
-        constexprs=_tile_constexprs(tile, RELU=relu),
+        args={**args, **_normalization_args(stats), "M": N * H * W, "C": C, "H": H, "W": W},
+        extents={**extents, **_statistics_extents(C, *_normalization_args(stats))},
+        constexprs=_tile_constexprs(tile, RELU=relu, **layout),
         num_warps=tile.num_warps, name=_name("batch_norm_apply", tile, x, relu=relu))
 
 
@@ -377,16 +392,14 @@ def backward_partials_launch(x: torch.Tensor, dy: torch.Tensor, stats: BatchNorm
     """Per-tile sums of dy and dy * x_hat into ``partials`` [2, tiles, C] fp32 (a tile past
     the last pixel writes zeros)."""
     N, C, H, W = x.shape
+    args, extents, layout = _pixel_operands(tile, x=x, dy=dy)
     return Launch(
         batch_norm_backward_partials_kernel, (partials.shape[1], triton.cdiv(C, tile.block_n)),
-        args={"x_ptr": x, "dy_ptr": dy, **_all_statistics(stats), "partial_ptr": partials,
-              "M": N * H * W, "C": C, "H": H, "W": W, "TILE_STEPS": tile_steps,
-              **strided_args("x", x), **strided_args("dy", dy)},
-        extents={"x_ptr": strided_extent("x", (N, C, H, W)),
-                 "dy_ptr": strided_extent("dy", (N, C, H, W)),
-                 **_statistics_extents(C, *_all_statistics(stats)),
+        args={**args, **_all_statistics(stats), "partial_ptr": partials,
+              "M": N * H * W, "C": C, "H": H, "W": W, "TILE_STEPS": tile_steps},
+        extents={**extents, **_statistics_extents(C, *_all_statistics(stats)),
                  "partial_ptr": dense(2, partials.shape[1], C, dtypes=FP32)},
-        constexprs=_tile_constexprs(tile, RELU=relu),
+        constexprs=_tile_constexprs(tile, RELU=relu, **layout),
         num_warps=tile.num_warps,
         name=_name("batch_norm_backward_partials", tile, x, relu=relu))
 
@@ -424,19 +437,17 @@ def backward_input_launch(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor,
     """dx in training (``sums`` given) or eval mode (``sums`` None)."""
     N, C, H, W = x.shape
     training = sums is not None
+    args, extents, layout = _pixel_operands(tile, x=x, dy=dy, dx=dx)
     return Launch(
         batch_norm_backward_input_kernel, grid(N * H * W, C, tile),
-        args={"x_ptr": x, "dy_ptr": dy, "dx_ptr": dx, **_all_statistics(stats),
+        args={**args, **_all_statistics(stats),
               "sum_dy_ptr": sums.sum_dy if training else stats.mean,
               "sum_dy_xhat_ptr": sums.sum_dy_xhat if training else stats.mean,
-              "inv_count": 1.0 / max(N * H * W, 1), "M": N * H * W, "C": C, "H": H, "W": W,
-              **strided_args("x", x), **strided_args("dy", dy), **strided_args("dx", dx)},
-        extents={**{f"{name}_ptr": strided_extent(name, (N, C, H, W))
-                    for name in ("x", "dy", "dx")},
-                 **_statistics_extents(C, *_all_statistics(stats)),
+              "inv_count": 1.0 / max(N * H * W, 1), "M": N * H * W, "C": C, "H": H, "W": W},
+        extents={**extents, **_statistics_extents(C, *_all_statistics(stats)),
                  **(_statistics_extents(C, "sum_dy_ptr", "sum_dy_xhat_ptr") if training
                     else {"sum_dy_ptr": UNUSED, "sum_dy_xhat_ptr": UNUSED})},
         constexprs=_tile_constexprs(tile, TRAINING=training, RELU=relu,
-                                    READ_X=training or relu),
+                                    READ_X=training or relu, **layout),
         num_warps=tile.num_warps,
         name=_name("batch_norm_backward_input", tile, x, eval=not training, relu=relu))

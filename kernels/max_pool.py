@@ -22,10 +22,11 @@ import triton
 import triton.language as tl
 
 from .launch import UNUSED, Launch, TileConfig
-from .nhwc import (Normalization, address, batch_norm_vectors, normalization_mark,
-                   normalization_operands, normalize, pixel_channel_tile, store_tile,
-                   strided_args, strided_extent)
-from .pool_geometry import PoolGeometry, covering_window, window_launch, window_tap
+from .nhwc import (Normalization, batch_norm_vectors, load_tile, nhwc_offsets,
+                   normalization_mark, normalization_operands, normalize, pixel_channel_tile,
+                   store_tile, strided_args, strided_extent)
+from .pool_geometry import (PoolGeometry, covering_window, window_launch, window_layout,
+                            window_tap)
 
 WINDOW_OFFSET_DTYPES = (torch.int8, torch.int16, torch.int32)
 
@@ -39,9 +40,10 @@ def max_pool2d_forward_kernel(
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     WRITE_OFFSETS: tl.constexpr, WRITE_INDICES: tl.constexpr,
     NORMALIZE: tl.constexpr, RELU: tl.constexpr,
+    DENSE_NHWC: tl.constexpr, EVEN_C: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    n, p, q, c, m_ok, c_ok = pixel_channel_tile(M, C, P, Q, BLOCK_M, BLOCK_C)
+    n0, n, p, q, c, m_ok, c_ok = pixel_channel_tile(M, C, P, Q, EVEN_C, BLOCK_M, BLOCK_C)
     best = tl.full((BLOCK_M, BLOCK_C), float("-inf"), tl.float32)
     best_offset = tl.full((BLOCK_M, BLOCK_C), -1, tl.int32)
     if NORMALIZE:
@@ -51,8 +53,8 @@ def max_pool2d_forward_kernel(
         for kw in tl.static_range(KW):
             w, w_ok = window_tap(q, kw, SW, PW, DW, W)
             mask = (m_ok & h_ok & w_ok)[:, None] & c_ok[None, :]
-            x = tl.load(x_ptr + address(n, h, w, c, x_sn, x_sh, x_sw, x_sc), mask=mask,
-                        other=0.0).to(tl.float32)
+            x = load_tile(x_ptr, nhwc_offsets(n0, n, h, w, c, H, W, C, x_sn, x_sh, x_sw, x_sc,
+                                              DENSE_NHWC), mask)
             if NORMALIZE:
                 x = normalize(x, mean, scale, shift, RELU)
             x = tl.where(mask, x, float("-inf"))  # padding never wins
@@ -61,13 +63,16 @@ def max_pool2d_forward_kernel(
             take = mask & ((x > best) | (x != x) | (best_offset < 0))
             best = tl.where(take, x, best)
             best_offset = tl.where(take, kh * KW + kw, best_offset)
-    store_tile(y_ptr, best, n, p, q, c, y_sn, y_sh, y_sw, y_sc, m_ok, c_ok)
+    # Offsets and indices are stored at y's strides.
+    y_at = nhwc_offsets(n0, n, p, q, c, P, Q, C, y_sn, y_sh, y_sw, y_sc, DENSE_NHWC)
+    tile_ok = m_ok[:, None] & c_ok[None, :]
+    store_tile(y_ptr, best, y_at, tile_ok)
     if WRITE_OFFSETS:
-        store_tile(offset_ptr, best_offset, n, p, q, c, y_sn, y_sh, y_sw, y_sc, m_ok, c_ok)
+        store_tile(offset_ptr, best_offset, y_at, tile_ok)
     if WRITE_INDICES:
         h = (p * SH - PH)[:, None] + (best_offset // KW) * DH
         w = (q * SW - PW)[:, None] + (best_offset % KW) * DW
-        store_tile(index_ptr, h * W + w, n, p, q, c, y_sn, y_sh, y_sw, y_sc, m_ok, c_ok)
+        store_tile(index_ptr, h * W + w, y_at, tile_ok)
 
 
 @triton.jit
@@ -77,21 +82,26 @@ def max_pool2d_backward_kernel(
     dy_sn, dy_sh, dy_sw, dy_sc, o_sn, o_sh, o_sw, o_sc, dx_sn, dx_sh, dx_sw, dx_sc,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    DENSE_NHWC: tl.constexpr, EVEN_C: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    n, h, w, c, m_ok, c_ok = pixel_channel_tile(M, C, H, W, BLOCK_M, BLOCK_C)
+    n0, n, h, w, c, m_ok, c_ok = pixel_channel_tile(M, C, H, W, EVEN_C, BLOCK_M, BLOCK_C)
     acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
     for kh in tl.static_range(KH):
         p, p_ok = covering_window(h, kh, SH, PH, DH, P)
         for kw in tl.static_range(KW):
             q, q_ok = covering_window(w, kw, SW, PW, DW, Q)
+            # The window's whole channel vector is read and the hits picked after: a mask
+            # that varied along the channels would split the vector loads into scalar ones.
             mask = (m_ok & p_ok & q_ok)[:, None] & c_ok[None, :]
-            offset = tl.load(offset_ptr + address(n, p, q, c, o_sn, o_sh, o_sw, o_sc),
+            offset = tl.load(offset_ptr + nhwc_offsets(n0, n, p, q, c, P, Q, C, o_sn, o_sh,
+                                                       o_sw, o_sc, DENSE_NHWC),
                              mask=mask, other=-1)
-            hit = mask & (offset == kh * KW + kw)
-            acc += tl.load(dy_ptr + address(n, p, q, c, dy_sn, dy_sh, dy_sw, dy_sc),
-                           mask=hit, other=0.0).to(tl.float32)
-    store_tile(dx_ptr, acc, n, h, w, c, dx_sn, dx_sh, dx_sw, dx_sc, m_ok, c_ok)
+            dy = load_tile(dy_ptr, nhwc_offsets(n0, n, p, q, c, P, Q, C, dy_sn, dy_sh, dy_sw,
+                                                dy_sc, DENSE_NHWC), mask)
+            acc += tl.where(offset == kh * KW + kw, dy, 0.0)
+    store_tile(dx_ptr, acc, nhwc_offsets(n0, n, h, w, c, H, W, C, dx_sn, dx_sh, dx_sw, dx_sc,
+                                         DENSE_NHWC), m_ok[:, None] & c_ok[None, :])
 
 
 def window_offset_dtype(geometry: PoolGeometry) -> torch.dtype:
@@ -109,16 +119,18 @@ def forward_launch(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor | Non
     (then ReLU if ``relu``) before pooling."""
     N, C, P, Q = y.shape
     vectors, vector_extents = normalization_operands(C, normalization, y)
+    layout = window_layout(config, x, y, offsets, indices, gather=False)
+    dense = layout["DENSE_NHWC"]
     # Offsets and indices are stored at y's strides: they must share its layout.
     return window_launch(
         max_pool2d_forward_kernel, "max_pool2d_forward", config, ("x", x), ("y", y),
-        gather=False,
+        gather=False, layout=layout,
         args={"offset_ptr": y if offsets is None else offsets,
               "index_ptr": y if indices is None else indices, **vectors},
         extents={"offset_ptr": UNUSED if offsets is None
-                 else strided_extent("y", (N, C, P, Q), WINDOW_OFFSET_DTYPES),
+                 else strided_extent("y", (N, C, P, Q), WINDOW_OFFSET_DTYPES, dense_nhwc=dense),
                  "index_ptr": UNUSED if indices is None
-                 else strided_extent("y", (N, C, P, Q), (torch.int64,)),
+                 else strided_extent("y", (N, C, P, Q), (torch.int64,), dense_nhwc=dense),
                  **vector_extents},
         constexprs={**geometry.constexprs(), "WRITE_OFFSETS": offsets is not None,
                     "WRITE_INDICES": indices is not None,
@@ -129,8 +141,10 @@ def forward_launch(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor | Non
 def backward_launch(dy: torch.Tensor, offsets: torch.Tensor, dx: torch.Tensor,
                     geometry: PoolGeometry, config: TileConfig) -> Launch:
     """dx of a max pool from dy and the window offsets its forward kept."""
+    layout = window_layout(config, dx, dy, offsets, gather=True)
     return window_launch(
         max_pool2d_backward_kernel, "max_pool2d_backward", config, ("dx", dx), ("dy", dy),
-        gather=True, args={"offset_ptr": offsets, **strided_args("o", offsets)},
-        extents={"offset_ptr": strided_extent("o", dy.shape, WINDOW_OFFSET_DTYPES)},
+        gather=True, layout=layout, args={"offset_ptr": offsets, **strided_args("o", offsets)},
+        extents={"offset_ptr": strided_extent("o", dy.shape, WINDOW_OFFSET_DTYPES,
+                                              dense_nhwc=layout["DENSE_NHWC"])},
         constexprs=geometry.constexprs())

@@ -1,10 +1,20 @@
 """What the memory-bound NHWC kernels share (pools, BatchNorm; the convolutions use the
-strided addressing): the [pixels x channels] tile and its grid, NHWC addressing through
-explicit strides (so channels_last is the coalesced fast path and NCHW still works), and the
+strided addressing): the [pixels x channels] tile and its grid, and its addressing, and the
 on-the-fly BatchNorm (+ ReLU) a pool can apply to each tap.
 
-Every offset is int64: a pooled activation of 64x64x224x224 is fine in int32, but a batch
-of 1024 such images is not, and the extra integer ops are free in a memory-bound kernel.
+Addressing has two paths, one constexpr switch (``DENSE_NHWC``) chosen by the launcher
+(``layout_constexprs``):
+- dense channels_last (pixel stride C, channel stride 1), the fast path: a tile's elements
+  are one int64 offset (its first pixel's, or its first image's) plus int32 offsets inside
+  the tile, ``pixel * C + channel``, which the compiler sees contiguous along the channels,
+  so loads and stores are 16-byte vectors;
+- any other strides (NCHW, slices): int64 offsets through the strides.
+With ``EVEN_C`` (C a multiple of the channel block) every channel of a tile is valid, so a
+tile's mask is its pixels' alone, uniform along a channel vector.
+
+Offsets that can pass 2^31 are int64: a pooled activation of 64x64x224x224 is fine in int32,
+but a batch of 1024 such images is not. The int32 offsets inside a tile stay below 2^31 by
+the launcher's check (``layout_constexprs``).
 """
 from __future__ import annotations
 
@@ -19,14 +29,6 @@ Normalization = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @triton.jit
-def pixel_tile(M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's rows (flattened N*H*W pixels, int64) and channels, with their masks."""
-    m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    return m, c, m < M, c < C
-
-
-@triton.jit
 def split_pixel(m, H, W):
     """Flattened pixel index -> (n, h, w) on an [N, H, W] grid."""
     w = m % W
@@ -35,12 +37,78 @@ def split_pixel(m, H, W):
 
 
 @triton.jit
-def pixel_channel_tile(M, C, H, W, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's pixels as (n, h, w) on an [N, H, W] grid of M pixels, its channels,
-    and the masks of both."""
-    m, c, m_ok, c_ok = pixel_tile(M, C, BLOCK_M, BLOCK_C)
-    n, h, w = split_pixel(m, H, W)
-    return n, h, w, c, m_ok, c_ok
+def channel_block(C, EVEN_C: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's channels (int32) and their mask, every channel valid when EVEN_C (C a
+    multiple of BLOCK_C): then the compiler drops the mask."""
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if EVEN_C:
+        c_ok = tl.full((BLOCK_C,), 1, tl.int1)
+    else:
+        c_ok = c < C
+    return c, c_ok
+
+
+@triton.jit
+def pixel_block(start, M, BLOCK_M: tl.constexpr):
+    """Which of the pixels start .. start + BLOCK_M - 1 (``start`` int64) are among the M."""
+    return tl.arange(0, BLOCK_M) < M - start
+
+
+@triton.jit
+def tile_pixels(start, H, W, BLOCK_M: tl.constexpr):
+    """The pixels start .. start + BLOCK_M - 1 (flattened, ``start`` int64) of an [N, H, W]
+    grid as the image n0 of the first (int64) and each one's (n - n0, h, w) in int32: the
+    int64 division runs once, on the first."""
+    n0, h0, w0 = split_pixel(start, H, W)
+    w = w0.to(tl.int32) + tl.arange(0, BLOCK_M)
+    t = h0.to(tl.int32) + w // W
+    return n0, t // H, t % H, w % W
+
+
+@triton.jit
+def pixel_channel_tile(M, C, H, W, EVEN_C: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+    """This program's pixels of an [N, H, W] grid of M pixels (the image n0 of its first,
+    int64, and each one's (n - n0, h, w), int32: ``tile_pixels``), its channels, and the
+    masks of both (``pixel_block``, ``channel_block``)."""
+    start = tl.program_id(0).to(tl.int64) * BLOCK_M
+    n0, n, h, w = tile_pixels(start, H, W, BLOCK_M)
+    c, c_ok = channel_block(C, EVEN_C, BLOCK_C)
+    return n0, n, h, w, c, pixel_block(start, M, BLOCK_M), c_ok
+
+
+@triton.jit
+def address(n, h, w, c, stride_n, stride_h, stride_w, stride_c):
+    """[BLOCK_M, BLOCK_C] element offsets of pixels (n, h, w) and channels c."""
+    return (n * stride_n + h * stride_h + w * stride_w)[:, None] + (c * stride_c)[None, :]
+
+
+@triton.jit
+def nhwc_offsets(n0, n, h, w, c, H, W, C, s_n, s_h, s_w, s_c, DENSE_NHWC: tl.constexpr):
+    """[pixels, channels] element offsets in an [N, C, H, W] tensor of pixels (n0 + n, h, w)
+    (n0 int64, the int32 vectors n, h, w inside the tensor) and channels c: DENSE_NHWC,
+    image n0's int64 offset plus the int32 ((n * H + h) * W + w) * C + c, contiguous along c;
+    otherwise through the strides (s_n, s_h, s_w, s_c), int64."""
+    if DENSE_NHWC:
+        offsets = n0 * H * W * C + ((((n * H + h) * W + w) * C)[:, None] + c[None, :])
+    else:
+        offsets = n0 * s_n + address(n.to(tl.int64), h.to(tl.int64), w.to(tl.int64),
+                                     c.to(tl.int64), s_n, s_h, s_w, s_c)
+    return offsets
+
+
+@triton.jit
+def block_offsets(start, c, H, W, C, s_n, s_h, s_w, s_c, DENSE_NHWC: tl.constexpr,
+                  BLOCK_M: tl.constexpr):
+    """[BLOCK_M, channels] element offsets of the pixels start .. start + BLOCK_M - 1
+    (flattened N*H*W, ``start`` int64) and channels c of an [N, C, H, W] tensor: DENSE_NHWC,
+    one multiply-add, start * C plus the int32 pixel * C + c; otherwise ``nhwc_offsets``."""
+    if DENSE_NHWC:
+        offsets = start * C + (tl.arange(0, BLOCK_M)[:, None] * C + c[None, :])
+    else:
+        n0, n, h, w = tile_pixels(start, H, W, BLOCK_M)
+        offsets = nhwc_offsets(n0, n, h, w, c, H, W, C, s_n, s_h, s_w, s_c, False)
+    return offsets
 
 
 @triton.jit
@@ -67,16 +135,15 @@ def normalize(x, mean, scale, shift, RELU: tl.constexpr):
 
 
 @triton.jit
-def address(n, h, w, c, stride_n, stride_h, stride_w, stride_c):
-    """[BLOCK_M, BLOCK_C] element offsets of pixels (n, h, w) and channels c."""
-    return (n * stride_n + h * stride_h + w * stride_w)[:, None] + (c * stride_c)[None, :]
+def load_tile(ptr, offsets, mask):
+    """A [pixels, channels] tile as fp32 (masked elements 0)."""
+    return tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def store_tile(ptr, value, n, h, w, c, stride_n, stride_h, stride_w, stride_c, m_ok, c_ok):
-    """Write a [BLOCK_M, BLOCK_C] tile at pixels (n, h, w) and channels c, in ptr's dtype."""
-    tl.store(ptr + address(n, h, w, c, stride_n, stride_h, stride_w, stride_c),
-             value.to(ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+def store_tile(ptr, value, offsets, mask):
+    """Write a [pixels, channels] tile at ``offsets``, in ptr's dtype."""
+    tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=mask)
 
 
 def grid(pixels: int, channels: int, tile: TileConfig) -> tuple[int, int]:
@@ -97,11 +164,35 @@ def strided_args(prefix: str, t: torch.Tensor) -> dict[str, int]:
 
 
 def strided_extent(prefix: str, shape: tuple[int, int, int, int],
-                   dtypes: tuple[torch.dtype, ...] = FLOATING) -> Extent:
+                   dtypes: tuple[torch.dtype, ...] = FLOATING, *,
+                   dense_nhwc: bool = False) -> Extent:
     """The [N, C, H, W] ``shape`` a kernel indexes through the strides ``strided_args(prefix,
-    ...)`` passed it."""
+    ...)`` passed it or, ``dense_nhwc``, at the dense channels_last strides it assumes."""
+    if dense_nhwc:
+        N, C, H, W = shape
+        return Extent(tuple(shape), (H * W * C, 1, W * C, C), dtypes)
     return Extent(tuple(shape), (f"{prefix}_sn", f"{prefix}_sc", f"{prefix}_sh", f"{prefix}_sw"),
                   dtypes)
+
+
+def is_dense_nhwc(t: torch.Tensor) -> bool:
+    """Dense channels_last: element (n, c, h, w) at ((n * H + h) * W + w) * C + c (axes of
+    size 1 aside, as torch's channels_last contiguity)."""
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def layout_constexprs(tensors: tuple[torch.Tensor | None, ...], tile: TileConfig,
+                      span_pixels: int) -> dict[str, bool]:
+    """DENSE_NHWC and EVEN_C of a [pixels x channels] kernel over ``tensors`` (None: an
+    operand left out), C channels each: DENSE_NHWC when every one is dense channels_last and
+    the int32 offsets inside a tile, which reach ``span_pixels`` pixels of one tensor past
+    the tile's int64 origin (its first pixel, or its first image), stay below 2^31; EVEN_C
+    when the channel block divides C."""
+    present = [t for t in tensors if t is not None]
+    channels = present[0].shape[1]
+    in_int32 = span_pixels * channels + tile.block_n < 2**31
+    return {"DENSE_NHWC": in_int32 and all(is_dense_nhwc(t) for t in present),
+            "EVEN_C": channels % tile.block_n == 0}
 
 
 def normalization_operands(channels: int, normalization: Normalization | None,

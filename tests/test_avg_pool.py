@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import fastarch
 from fastarch import backend
 from fastarch.testing import assert_close, assert_same_outcome, random_input, reference_grads
+from layout_paths import PATH_CASES, assert_paths, path_input, recorded_launches
 from pool_cases import ADAPTIVE_CASES, AVG_POOL_CASES, DTYPE_IDS, DTYPES, LAYOUT_IDS, LAYOUTS
 
 
@@ -159,3 +160,21 @@ def test_adaptive_empty_batch_or_channels_gives_torchs_empty_result(shape, devic
     x = torch.randn(shape, device=device)
     assert fastarch.functional.adaptive_avg_pool2d(x, 2).shape == \
         F.adaptive_avg_pool2d(x.cpu(), 2).shape
+
+
+@pytest.mark.parametrize("channels, layout", PATH_CASES.values(), ids=PATH_CASES.keys())
+def test_dense_and_strided_paths_match_torch(channels, layout, device):
+    x = path_input((2, channels, 5, 6), layout, device, requires_grad=True)
+    with recorded_launches() as launches:
+        y = fastarch.functional.avg_pool2d(x, 3, 2, 1, count_include_pad=False)
+        z = fastarch.functional.adaptive_avg_pool2d(x, (2, 4))
+        dy, dz = path_input(y.shape, layout, device), path_input(z.shape, layout, device)
+        torch.autograd.backward([y, z], [dy, dz])
+    assert_paths(launches, channels, layout)
+    leaf = x.detach().cpu().double().requires_grad_(True)
+    y_ref = F.avg_pool2d(leaf, 3, 2, 1, count_include_pad=False)
+    z_ref = F.adaptive_avg_pool2d(leaf, (2, 4))
+    torch.autograd.backward([y_ref, z_ref], [dy.cpu().double(), dz.cpu().double()])
+    assert_close(y, y_ref, torch.float32, 9, name="avg output")
+    assert_close(z, z_ref, torch.float32, 12, name="adaptive output")
+    assert_close(x.grad, leaf.grad, torch.float32, 9, name="grad input")

@@ -11,6 +11,7 @@ from fastarch import backend
 from fastarch.kernels.batch_norm import BatchNormStatistics
 from fastarch.ops import batch_norm as bn_ops
 from fastarch.testing import assert_close, random_input
+from layout_paths import PATH_CASES, assert_paths, path_input, recorded_launches
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LAYOUTS = {"nchw": False, "nhwc": True}
@@ -435,3 +436,28 @@ def test_relu_inplace_on_a_leaf_that_requires_grad_raises(device):
     x = random_input((2, 3), torch.float32, device, requires_grad=True)
     with pytest.raises(RuntimeError, match="leaf Variable"):
         fastarch.functional.relu(x, inplace=True)
+
+
+@pytest.mark.parametrize("channels, layout", PATH_CASES.values(), ids=PATH_CASES.keys())
+def test_dense_and_strided_paths_match_torch(channels, layout, device):
+    """Statistics, BatchNorm + ReLU and BatchNorm fused into a max pool, forward and backward,
+    on each addressing path of their kernels."""
+    x = path_input((2, channels, 3, 4), layout, device, requires_grad=True)
+    weight = torch.randn(channels, device=device, requires_grad=True)
+    bias = torch.randn(channels, device=device, requires_grad=True)
+    with recorded_launches() as launches:
+        y = fastarch.functional.batch_norm_relu(x, None, None, weight, bias, training=True)
+        z = fastarch.functional.batch_norm_max_pool2d(x, None, None, weight, bias, training=True,
+                                                      kernel_size=2)
+        dy, dz = path_input(y.shape, layout, device), path_input(z.shape, layout, device)
+        torch.autograd.backward([y, z], [dy, dz])
+    assert_paths(launches, channels, layout)
+    leaves = [t.detach().cpu().double().requires_grad_(True) for t in (x, weight, bias)]
+    y_ref = F.relu(F.batch_norm(leaves[0], None, None, *leaves[1:], training=True))
+    z_ref = F.max_pool2d(y_ref, 2)
+    torch.autograd.backward([y_ref, z_ref], [dy.cpu().double(), dz.cpu().double()])
+    n = _pixels(x.shape)
+    assert_close(y, y_ref, torch.float32, n, name="output")
+    assert_close(z, z_ref, torch.float32, n, name="pooled output")
+    for name, ours, reference in zip(("input", "weight", "bias"), (x, weight, bias), leaves):
+        assert_close(ours.grad, reference.grad, torch.float32, n, name=f"grad {name}")

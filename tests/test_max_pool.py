@@ -5,7 +5,11 @@ import torch.nn.functional as F
 
 import fastarch
 from fastarch import backend
+from fastarch.kernels import max_pool
+from fastarch.kernels.launch import TileConfig
+from fastarch.kernels.pool_geometry import PoolGeometry
 from fastarch.testing import assert_close, assert_same_outcome, random_input
+from layout_paths import PATH_CASES, assert_paths, path_input, recorded_launches
 from pool_cases import DTYPE_IDS, DTYPES, LAYOUT_IDS, LAYOUTS, MAX_POOL_CASES
 
 
@@ -146,3 +150,34 @@ def test_integer_input_runs_torchs_pool_and_is_counted(dtype, device):
     assert_same_outcome(lambda: fastarch.functional.max_pool2d(x, 2, return_indices=True),
                         lambda: F.max_pool2d(x, 2, return_indices=True))  # bool: raises
     assert backend.fallback_counts["max_pool2d"] == before + 1
+
+
+@pytest.mark.parametrize("channels, layout", PATH_CASES.values(), ids=PATH_CASES.keys())
+def test_dense_and_strided_paths_match_torch(channels, layout, device):
+    kwargs = dict(kernel_size=3, stride=2, padding=1)
+    x = path_input((2, channels, 5, 6), layout, device, requires_grad=True)
+    with recorded_launches() as launches:
+        y, indices = fastarch.functional.max_pool2d(x, return_indices=True, **kwargs)
+        dy = path_input(y.shape, layout, device)
+        y.backward(dy)
+    assert_paths(launches, channels, layout)
+    y_ref, indices_ref, dx_ref = _reference(x, dy, kwargs)
+    assert torch.equal(y.cpu().double(), y_ref)
+    assert torch.equal(indices.cpu(), indices_ref)
+    assert_close(x.grad, dx_ref, torch.float32, _overlap(kwargs), name="grad input")
+
+
+def test_dense_path_needs_tile_offsets_in_int32():
+    """A tensor past 2^31 elements takes the dense path (a tile's origin is int64), one whose
+    tile reaches 2^31 elements past its origin (an image of 2^30, a tile over two) does not."""
+    tile = TileConfig("c64", block_m=64, block_n=64)
+
+    def dense(N, C, H, W):
+        x = torch.empty((N, C, H, W), device="meta", memory_format=torch.channels_last)
+        y = torch.empty((N, C, H // 2, W // 2), device="meta", memory_format=torch.channels_last)
+        launch = max_pool.forward_launch(x, y, None, None, PoolGeometry((2, 2), (2, 2), (0, 0)),
+                                         tile)
+        return launch.constexprs["DENSE_NHWC"]
+
+    assert dense(4096, 64, 128, 128)
+    assert not dense(2, 64, 4096, 4096)
