@@ -9,12 +9,19 @@ K step gathers its [BLOCK_M x BLOCK_K] slice of the input straight from the stri
 
 Two main loops, picked by a constexpr:
 * channels (C >= SMALL_C): one flat loop over (tap r, s) x (C in BLOCK_K chunks). The
-  per-pixel index math (n, p, q, the input base offset) is done once; a step adds a scalar
-  tap offset and compares the tap's row/column with the bounds. One flat loop (not nested)
-  so Triton pipelines across taps too.
+  per-pixel index math (n, p, q, the input base offset) is done once; the tap and channel
+  counters are carried from step to step, and a step adds their scalar offsets and compares
+  the tap's row/column with the bounds. One flat loop (not nested) so Triton pipelines
+  across taps too.
 * flattened K (C < SMALL_C: LeNet, AlexNet and VGG first layers): K runs over (r, s, c)
   together, so a 3-channel 3x3 layer has K = 27 in one 32-deep step instead of 9 steps of
   16-wide tiles that are 81 % padding.
+
+A pipelined main loop runs at least one step (``tl.maximum(steps, 1)``; where a reduction
+can be empty that step is fully masked): with a loop that may run no step, the
+accumulator's zeros reach the loop's exit on a path of their own, ptxas sees registers of an
+in-flight wgmma written between it and its wait, and serializes every wgmma of the loop
+(warning C7515). The dgrad and wgrad loops (``conv2d_backward``) do the same.
 
 The weight is read as [K_out, R*S*C] with (r, s, c) contiguous (for a channels_last weight
 that is the weight itself, viewed).
@@ -75,32 +82,48 @@ class ConvGeometry:
 
 
 @triton.jit
+def inside(coordinate, size):
+    """0 <= coordinate < size for an int32 coordinate, as one unsigned comparison (a
+    negative coordinate wraps past any size)."""
+    return coordinate.to(tl.uint32) < tl.cast(size, tl.uint32)
+
+
+@triton.jit
 def _channel_tile_loop(acc, x_ptr, w_ptr, pixel_base, h0, w0, m_ok, w_cols, k_out_ok,
                        C, C_TILES, H, W, x_sh, x_sw, x_sc,
                        S: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, R_TIMES_S,
                        EVEN_C: tl.constexpr, DOT_PRECISION: tl.constexpr,
                        UPCAST_OPERANDS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """K = (r, s) taps x C in BLOCK_K chunks (C_TILES of them), as one flat loop."""
+    """K = (r, s) taps x C in BLOCK_K chunks (C_TILES of them), as one flat loop. The tap (as
+    its offsets r * DH, s * DW and its first weight column) and the step's first channel are
+    carried from step to step: no division in the loop."""
     lanes = tl.arange(0, BLOCK_K)
-    for step in range(0, R_TIMES_S * C_TILES):
-        tap = step // C_TILES
-        c = (step - tap * C_TILES) * BLOCK_K + lanes
-        r = tap // S
-        s = tap - r * S
-        h = h0 + r * DH
-        w = w0 + s * DW
-        row_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        tap_offset = (r * DH).to(tl.int64) * x_sh + (s * DW).to(tl.int64) * x_sw
-        a_ptrs = x_ptr + (pixel_base + tap_offset)[:, None] + (c * x_sc)[None, :]
-        b_ptrs = w_ptr + (tap * C + c)[:, None] + w_cols[None, :]
+    a_tile = x_ptr + pixel_base[:, None] + (lanes * x_sc)[None, :]
+    b_tile = w_ptr + lanes[:, None] + w_cols[None, :]
+    tap_h = tl.cast(0, tl.int32)
+    tap_w = tl.cast(0, tl.int32)
+    c0 = tl.cast(0, tl.int32)
+    tap_column = tl.cast(0, tl.int32)  # the tap's first weight column, tap * C
+    # At least one step (the module docstring says why).
+    for _ in range(tl.maximum(R_TIMES_S * C_TILES, 1)):
+        row_ok = m_ok & inside(h0 + tap_h, H) & inside(w0 + tap_w, W)
+        a_ptrs = a_tile + (tap_h.to(tl.int64) * x_sh + tap_w.to(tl.int64) * x_sw + c0 * x_sc)
+        b_ptrs = b_tile + (tap_column + c0)
         if EVEN_C:
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
             b = tl.load(b_ptrs, mask=k_out_ok[None, :], other=0.0)
         else:
-            c_ok = c < C
+            c_ok = c0 + lanes < C
             a = tl.load(a_ptrs, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=c_ok[:, None] & k_out_ok[None, :], other=0.0)
         acc = dot(a, b, acc, DOT_PRECISION, UPCAST_OPERANDS)
+        c0 += BLOCK_K
+        next_tap = c0 >= C
+        next_row = next_tap & (tap_w == (S - 1) * DW)
+        c0 = tl.where(next_tap, 0, c0)
+        tap_column = tl.where(next_tap, tap_column + C, tap_column)
+        tap_w = tl.where(next_row, 0, tl.where(next_tap, tap_w + DW, tap_w))
+        tap_h = tl.where(next_row, tap_h + DH, tap_h)
     return acc
 
 

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .conv2d import ConvGeometry, gemm_constexprs
+from .conv2d import ConvGeometry, gemm_constexprs, inside
 from .launch import UNUSED, Extent, Launch, TileConfig, dense
 from .nhwc import strided_args, strided_extent
 from .reduction import sum_in_order
@@ -57,6 +57,25 @@ def split_pixels(start, count, H, W, BLOCK: tl.constexpr):
     hw = local % (H * W)
     n = image.to(tl.int32) + local // (H * W)
     return n, hw // W, hw % W, tl.arange(0, BLOCK) < count - start
+
+
+@triton.jit
+def add_digits(high, mid, low, d_high, d_mid, d_low, MID, LOW):
+    """(high, mid, low) + (d_high, d_mid, d_low) in the mixed radix whose lower digits run
+    below MID and LOW. Every mid and low digit is below its radix, so each carry is 0 or 1:
+    the main loops advance a decomposed index with this instead of dividing it."""
+    low = low + d_low
+    carry = (low >= LOW).to(tl.int32)
+    low -= carry * LOW
+    mid = mid + d_mid + carry
+    carry = (mid >= MID).to(tl.int32)
+    return high + d_high + carry, mid - carry * MID, low
+
+
+@triton.jit
+def split_digits(index, MID, LOW):
+    """index -> (high, mid, low) in the mixed radix whose lower digits run below MID, LOW."""
+    return index // (MID * LOW), (index // LOW) % MID, index % LOW
 
 
 @triton.jit
@@ -82,7 +101,7 @@ def conv2d_dgrad_kernel(
     R: tl.constexpr, S: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     STEP_R: tl.constexpr, STEP_S: tl.constexpr, DSTEP_R: tl.constexpr, DSTEP_S: tl.constexpr,
-    INVERSE_R: tl.constexpr, INVERSE_S: tl.constexpr,
+    INVERSE_R: tl.constexpr, INVERSE_S: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -109,27 +128,44 @@ def conv2d_dgrad_kernel(
     c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     c_ok = c < C
     k = tl.arange(0, BLOCK_K)
-    k_blocks = tl.cdiv(K_out, BLOCK_K)
     # Programs past their phase's pixel count (phases differ by a row or column) idle.
-    steps = taps_r * taps_s * k_blocks * (start < count).to(tl.int32)
+    steps = taps_r * taps_s * tl.cdiv(K_out, BLOCK_K) * (start < count).to(tl.int32)
+    # A program without a step (a phase without taps, an idle one) runs one fully masked.
+    rows_live = m_ok & (steps > 0)
+    columns_live = c_ok & (steps > 0)
+    b_tile = w_ptr + (r0 * w_sr + s0 * w_ss) + (k * w_sk)[:, None] + (c * w_sc)[None, :]
+    # The step's tap (j_r, j_s) with its offsets in dy (subtracted) and in the weight, and its
+    # first output channel k0, carried from step to step: no division in the loop.
+    j_r = tl.cast(0, tl.int32)
+    j_s = tl.cast(0, tl.int32)
+    k0 = tl.cast(0, tl.int32)
+    dy_tap = tl.cast(0, tl.int64)
+    w_tap = tl.cast(0, tl.int32)
+    dy_next_s = DSTEP_S * tl.cast(dy_sw, tl.int64)
+    dy_next_r = DSTEP_R * tl.cast(dy_sh, tl.int64) - (taps_s - 1) * dy_next_s
+    w_next_s = STEP_S * w_ss
+    w_next_r = STEP_R * w_sr - (taps_s - 1) * w_next_s
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for step in range(steps):
-        tap = step // k_blocks
-        kk = (step % k_blocks) * BLOCK_K + k
-        k_ok = kk < K_out
-        j_r = tap // taps_s
-        j_s = tap % taps_s
-        p = p0 - j_r * DSTEP_R
-        q = q0 - j_s * DSTEP_S
-        row_ok = m_ok & (p >= 0) & (p < P) & (q >= 0) & (q < Q)
-        tap_offset = (j_r * DSTEP_R).to(tl.int64) * dy_sh + (j_s * DSTEP_S).to(tl.int64) * dy_sw
-        a = tl.load(dy_ptr + (dy_rows - tap_offset)[:, None] + (kk * dy_sc)[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        r = r0 + j_r * STEP_R
-        s = s0 + j_s * STEP_S
-        b = tl.load(w_ptr + (r * w_sr + s * w_ss) + (kk * w_sk)[:, None] + (c * w_sc)[None, :],
-                    mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+    for _ in range(tl.maximum(steps, 1)):  # at least one step: see conv2d's docstring
+        row_ok = rows_live & inside(p0 - j_r * DSTEP_R, P) & inside(q0 - j_s * DSTEP_S, Q)
+        a_ptrs = dy_ptr + (dy_rows - dy_tap)[:, None] + ((k0 + k) * dy_sc)[None, :]
+        b_ptrs = b_tile + (w_tap + k0 * w_sk)
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=columns_live[None, :], other=0.0)
+        else:
+            k_ok = k0 + k < K_out
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & columns_live[None, :], other=0.0)
         acc = dot(a, b, acc, DOT_PRECISION, UPCAST_OPERANDS)
+        k0 += BLOCK_K
+        next_tap = k0 >= K_out
+        next_row = next_tap & (j_s == taps_s - 1)
+        k0 = tl.where(next_tap, 0, k0)
+        dy_tap += tl.where(next_row, dy_next_r, tl.where(next_tap, dy_next_s, 0))
+        w_tap += tl.where(next_row, w_next_r, tl.where(next_tap, w_next_s, 0))
+        j_s = tl.where(next_row, 0, tl.where(next_tap, j_s + 1, j_s))
+        j_r = tl.where(next_row, j_r + 1, j_r)
 
     h = phase_h + i_h * SH
     w = phase_w + i_w * SW
@@ -148,17 +184,25 @@ def wgrad_reduce(x_ptr, dy_ptr, x_cols, tap_h, tap_w, col_ok, k, k_ok, start, en
     """Sum of x_patch^T @ dy over pixels start .. end (and of dy itself, WITH_BIAS).
 
     ``tap_h``/``tap_w`` are the (r*DH, s*DW) tap offsets of the M columns: scalars when the
-    tile lies in one tap, [BLOCK_M, 1] columns otherwise; ``x_cols`` their address offsets."""
+    tile lies in one tap, [BLOCK_M, 1] columns otherwise; ``x_cols`` their address offsets.
+    A pixel's (n, p, q) is its step's first pixel's, carried from step to step, plus its
+    lane's, split once: no division in the loop."""
+    lanes = tl.arange(0, BLOCK_K)
+    lane_n, lane_p, lane_q = split_digits(lanes, P, Q)
+    step_n, step_p, step_q = split_digits(BLOCK_K, P, Q)
+    image = start // (P * Q)  # int64: the flat pixel index may pass 2^31, an image index not
+    first = (start - image * (P * Q)).to(tl.int32)
+    n0, p0, q0 = image.to(tl.int32), first // Q, first % Q
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     bias = tl.zeros((BLOCK_N,), tl.float32)
-    for step in range(steps):
-        n, p, q, pix_ok = split_pixels(start + step * BLOCK_K, end, P, Q, BLOCK_K)
+    for step in range(tl.maximum(steps, 1)):  # at least one step: see conv2d's docstring
+        n, p, q = add_digits(n0, p0, q0, lane_n, lane_p, lane_q, P, Q)
+        pix_ok = lanes < end - (start + step * BLOCK_K)
         h0 = p * SH - PH
         w0 = q * SW - PW
         x_rows = n.to(tl.int64) * x_sn + h0.to(tl.int64) * x_sh + w0.to(tl.int64) * x_sw
-        h = h0[None, :] + tap_h
-        w = w0[None, :] + tap_w
-        x_ok = pix_ok[None, :] & col_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        x_ok = (pix_ok[None, :] & col_ok & inside(h0[None, :] + tap_h, H)
+                & inside(w0[None, :] + tap_w, W))
         a = tl.load(x_ptr + x_cols + x_rows[None, :], mask=x_ok, other=0.0)
         dy_rows = n.to(tl.int64) * dy_sn + p.to(tl.int64) * dy_sh + q.to(tl.int64) * dy_sw
         b = tl.load(dy_ptr + dy_rows[:, None] + (k * dy_sc)[None, :],
@@ -166,6 +210,7 @@ def wgrad_reduce(x_ptr, dy_ptr, x_cols, tap_h, tap_w, col_ok, k, k_ok, start, en
         acc = dot(a, b, acc, DOT_PRECISION, UPCAST_OPERANDS)
         if WITH_BIAS:
             bias += tl.sum(b.to(tl.float32), axis=0)
+        n0, p0, q0 = add_digits(n0, p0, q0, step_n, step_p, step_q, P, Q)
     return acc, bias
 
 
@@ -282,6 +327,7 @@ def dgrad_launch(dy: torch.Tensor, weight_rsck: torch.Tensor, dx: torch.Tensor,
         constexprs={"R": R, "S": S, **geometry.constexprs(),
                     "STEP_R": step_r, "STEP_S": step_s, "DSTEP_R": dstep_r,
                     "DSTEP_S": dstep_s, "INVERSE_R": inverse_r, "INVERSE_S": inverse_s,
+                    "EVEN_K": K_out % config.block_k == 0,
                     **gemm_constexprs(operand, dy.dtype, config)},
         num_warps=config.num_warps, num_stages=config.num_stages,
         name=f"conv2d_dgrad[{config.name}]")

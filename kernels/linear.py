@@ -56,7 +56,7 @@ def linear_gemm_kernel(
     M, N, K, k_per_split,
     a_sm, a_sk, b_sk, b_sn, c_ss, c_sm, c_sn, bias_s,
     p, scale,
-    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -76,10 +76,17 @@ def linear_gemm_kernel(
     a_ptrs = a_ptr + (m * a_sm)[:, None] + ((k_start + k) * a_sk)[None, :]
     b_ptrs = b_ptr + ((k_start + k) * b_sk)[:, None] + (n * b_sn)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, k_count, BLOCK_K):
-        k_ok = k < k_count - k0
-        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+    # At least one step (an empty reduction's is all masked): with a loop that may run no
+    # step, ptxas sees the accumulator zeroed on the skipping path between the last wgmma and
+    # its wait, and serializes every wgmma of the loop (warning C7515).
+    for k0 in range(0, tl.maximum(k_count, 1), BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = k < k_count - k0
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = dot(a, b, acc, DOT_PRECISION, UPCAST_OPERANDS)
         a_ptrs += BLOCK_K * a_sk
         b_ptrs += BLOCK_K * b_sk
@@ -158,6 +165,13 @@ def _epilogue_suffix(bias: torch.Tensor | None, relu: bool, p: float) -> str:
     return "".join(f"+{flag}" for flag in flags)
 
 
+def _whole_steps(K: int, splits: int, k_per_split: int, block_k: int) -> bool:
+    """Whether every split's reduction is whole BLOCK_K steps of A and B, none empty: the
+    kernel's K loop then needs no mask."""
+    return (K > 0 and K % block_k == 0 and k_per_split % block_k == 0
+            and (splits - 1) * k_per_split < K)
+
+
 def gemm_launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None,
                 seed: torch.Tensor | None, relu: bool, p: float, operand: Operand,
                 config: TileConfig, splits: int, k_per_split: int,
@@ -183,7 +197,9 @@ def gemm_launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.T
                  "c_ptr": Extent((splits, M, N), ("c_ss", "c_sm", "c_sn")),
                  "bias_ptr": vector(None if split else bias, N, "bias_s"),
                  "seed_ptr": seed_extent(None if split or p == 0 else seed)},
-        constexprs={"SPLIT_K": split, "HAS_BIAS": bias is not None and not split,
+        constexprs={"SPLIT_K": split,
+                    "EVEN_K": _whole_steps(K, splits, k_per_split, config.block_k),
+                    "HAS_BIAS": bias is not None and not split,
                     "RELU": relu and not split, "DROPOUT": p > 0 and not split,
                     "DOT_PRECISION": operand.dot_precision,
                     "UPCAST_OPERANDS": upcast_operands(a.dtype),

@@ -50,7 +50,7 @@ def _table(prefix: str, *sixteen_bit: TileConfig) -> dict[str, TileConfig]:
 # cp.async, so no software pipeline: one stage), 32 deep, and need 8 warps to stay under 128
 # registers. 128x256 (the prototype's tile) is left out: at 8 warps it reaches 255 registers
 # with the bias epilogue and spills with stats or scale/shift + ReLU (checked with
-# ``python -m fastarch.sm90``).
+# ``python -m fastarch compile-report``).
 CONV_FORWARD = _table("",
     TileConfig("flat_n16_16bit", 128, 16, 32, num_warps=8, num_stages=1),
     TileConfig("flat_n64_16bit", 128, 64, 32, num_warps=8, num_stages=1),
@@ -72,12 +72,16 @@ CONV_DGRAD = _table("dgrad_",
 # (C = 1, 3, 6, ...) it spans taps so a 3-channel layer fills its tile with 27 or 363 real
 # (r, s, c) columns instead of padding each tap to 16. Keyed on the tile (m128 only when
 # C % 128 == 0 and K_out > 64), output channels (n16: K_out <= 16, n64: <= 64, else n128) and
-# operand.
+# operand. A tile spanning taps gathers x element by element, every thread holding each
+# pixel of its warp's columns: it steps FLAT_WGRAD_DEPTH pixels (64 reach 255 registers in
+# 16-bit and spill at n16; ``python -m fastarch compile-report``).
 CONV_WGRAD = _table("wgrad_",
     TileConfig("wgrad_m64_n16_16bit", 64, 16, 64, num_warps=4, num_stages=4),
     TileConfig("wgrad_m64_n64_16bit", 64, 64, 64, num_warps=4, num_stages=4),
     TileConfig("wgrad_m64_n128_16bit", 64, 128, 64, num_warps=4, num_stages=4),
     TileConfig("wgrad_m128_n128_16bit", 128, 128, 64, num_warps=8, num_stages=4))
+
+FLAT_WGRAD_DEPTH = 32
 
 # The merge of wgrad's split partials: an elementwise pass, 1024 elements a program.
 WGRAD_MERGE = TileConfig("merge", block_m=1024)
@@ -137,7 +141,8 @@ def wgrad_tile(channels: int, out_channels: int, operand: Operand, taps: int, pi
         return CONV_WGRAD["wgrad_fp32_ieee"]
     width = "n16" if out_channels <= 16 else "n64" if out_channels <= 64 else "n128"
     height = "m128" if width == "n128" and channels % 128 == 0 else "m64"
-    return CONV_WGRAD[f"wgrad_{height}_{width}_{operand.value}"]
+    tile = CONV_WGRAD[f"wgrad_{height}_{width}_{operand.value}"]
+    return tile if channels % tile.block_m == 0 else _shallow(tile, FLAT_WGRAD_DEPTH)
 
 
 def wgrad_splits(tiles: int, pixels: int, block_k: int, sms: int,
