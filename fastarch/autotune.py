@@ -163,28 +163,32 @@ def launch_key(family: str, shape: dict[str, Any], dtype: torch.dtype, layout: s
 def choose(family: str, shape: dict[str, Any], dtype: torch.dtype, layout: str,
            device: torch.device, static: TileConfig, candidates: Candidates,
            trial: Trial) -> TileConfig:
-    """The tile for one launch of ``family``: ``static`` when tuning is off, else the cached
-    winner for its key, else (where timing is allowed) the fastest of the device
-    generation's ``candidates`` that fit the device, timed now and cached; ``static`` where
-    nothing is known."""
+    """The tile for one launch of ``family``: the static one when tuning is off, else the
+    cached winner for its key, else (where timing is allowed) the fastest of the device
+    generation's ``candidates`` that fit the device, timed now and cached; the static one
+    where nothing is known. The static tile is ``static``, or where the device cannot hold
+    it (Ada's 99 KiB of shared memory) the first candidate that fits."""
     tune = mode()
-    if tune == "off" or not runs_kernels(device):
+    if not runs_kernels(device):
         return static
     profile = device_profile(device)
-    key = launch_key(family, shape, dtype, layout)
     by_name = {tile.name: tile for tile in (static, *candidates(profile.generation))}
+    element_size = torch.empty((), dtype=dtype).element_size()
+    pool = [tile for tile in by_name.values() if fits(tile, element_size, profile)]
+    seed = pool[0] if pool else static
+    if tune == "off":
+        return seed
+    key = launch_key(family, shape, dtype, layout)
     cache = _cache_for(profile)
     cached = by_name.get(cache.winner(key))
     if cached is not None:
         return cached
     if tuning_blocked():
-        return static
-    element_size = torch.empty((), dtype=dtype).element_size()
-    pool = [tile for tile in by_name.values() if fits(tile, element_size, profile)]
+        return seed
     if tune == "on":
         pool = pool[:ON_CANDIDATES]
     if len(pool) < 2:
-        return pool[0] if pool else static
+        return seed
     times = {tile.name: _time(trial, tile) for tile in pool}
     winner = min(pool, key=lambda tile: times[tile.name])
     cache.store(key, winner, times)

@@ -290,3 +290,16 @@ def test_tuned_fused_conv_batch_norm_training_matches_torch(tuning_kernels, tmp_
                                    rtol=1e-3, atol=1e-4)
     keys = json.loads(_cache_file(tmp_path).read_text())
     assert any(key.startswith("conv2d_forward[") and "+stats" in key for key in keys)
+
+
+def test_a_static_tile_the_device_cannot_hold_gives_way_to_one_it_can(tuning, monkeypatch):
+    """Off, or while capturing, on an Ada-sized profile: the first candidate that fits."""
+    monkeypatch.setattr(autotune, "device_profile", lambda device: ARCH_PROFILES["sm_89"])
+    static = autotune.choose("family", {"C": 8}, torch.bfloat16, "channels_last",
+                             torch.device("cpu"), HUGE, lambda generation: (FAST, SLOW),
+                             tuning.trial)
+    assert static == FAST  # timed: fast beats slow
+    monkeypatch.setenv("FASTARCH_AUTOTUNE", "off")
+    assert autotune.choose("family", {"C": 9}, torch.bfloat16, "channels_last",
+                           torch.device("cpu"), HUGE, lambda generation: (SLOW, FAST),
+                           tuning.trial) == SLOW
