@@ -1,4 +1,5 @@
-"""Command line: ``python -m fastarch demo`` (the main job), ``layers``, ``profile``, ``sm90``.
+"""Command line: ``python -m fastarch demo`` (the main job), ``layers``, ``profile``,
+``compile-report``.
 
 ``demo`` trains LeNet-5 on scikit-learn's handwritten digits with fastarch's Triton kernels and
 reports test accuracy and training throughput. With a GPU it runs the full training (20
@@ -209,10 +210,10 @@ def layers() -> int:
     return command.main(sys.argv[2:])
 
 
-def sm90() -> int:
+def compile_report() -> int:
     _restart_with_interpreter(False)
-    from fastarch import sm90 as report
-    return report.main(sys.argv[2:])
+    from fastarch.compile_report import cli
+    return cli.main(sys.argv[2:])
 
 
 def profile() -> int:
@@ -233,7 +234,8 @@ def main() -> int:
     commands.add_parser("layers", help="every distinct layer of the three models through the "
                         "Triton kernels, checked against float64 torch (layers -h)",
                         add_help=False)
-    commands.add_parser("sm90", help="compile every kernel config for Hopper and report",
+    commands.add_parser("compile-report", help="compile every kernel config for sm_80, sm_89 "
+                        "or sm_90a without a GPU and check it (compile-report -h)",
                         add_help=False)
     commands.add_parser("profile", help="per-layer times, rates and kernels of a model, and a "
                         "chrome trace (profile MODEL -h)", add_help=False)
@@ -244,7 +246,7 @@ def main() -> int:
         return layers()
     if args.command == "profile":
         return profile()
-    return sm90()
+    return compile_report()
 
 
 if __name__ == "__main__":

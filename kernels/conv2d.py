@@ -191,11 +191,26 @@ def conv2d_forward_kernel(
                                  k_out_ok, C, C_TILES, H, W, x_sh, x_sw, x_sc, S, DH, DW,
                                  R * S, EVEN_C, DOT_PRECISION, UPCAST_OPERANDS, BLOCK_K)
 
+    forward_epilogue(acc, bias_ptr, scale_ptr, shift_ptr, y_ptr, stats_ptr, n, p, q, m_ok,
+                     M - tile_m.to(tl.int64) * BLOCK_M, k_out, K_OUT, tile_m, NUM_M_TILES,
+                     bias_s, scale_s, shift_s, y_sn, y_sh, y_sw, y_sc,
+                     HAS_BIAS, STATS, HAS_SCALE_SHIFT, RELU, BLOCK_M)
+
+
+@triton.jit
+def forward_epilogue(acc, bias_ptr, scale_ptr, shift_ptr, y_ptr, stats_ptr, n, p, q, m_ok,
+                     rows_left, k_out, K_OUT, tile_m, NUM_M_TILES, bias_s, scale_s, shift_s,
+                     y_sn, y_sh, y_sw, y_sc, HAS_BIAS: tl.constexpr, STATS: tl.constexpr,
+                     HAS_SCALE_SHIFT: tl.constexpr, RELU: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The forward's epilogue (the module docstring's flags) on the [BLOCK_M, BLOCK_N] fp32
+    ``acc`` of M tile ``tile_m``, whose rows are output pixels (n, p, q) (int64; scalars
+    broadcast), the valid ones (``m_ok``) the first ``rows_left``."""
+    k_out_ok = k_out < K_OUT
     if HAS_BIAS:
         acc += tl.load(bias_ptr + k_out * bias_s, mask=k_out_ok,
                        other=0.0).to(tl.float32)[None, :]
     if STATS:  # count, mean and M2 of this tile's valid rows, per channel
-        count = tl.minimum(M - tile_m.to(tl.int64) * BLOCK_M, BLOCK_M).to(tl.float32)
+        count = tl.minimum(rows_left, BLOCK_M).to(tl.float32)
         mean, m2 = tile_statistics(acc, m_ok, BLOCK_M)
         store_statistics(stats_ptr, NUM_M_TILES.to(tl.int64) * K_OUT,
                          tile_m.to(tl.int64) * K_OUT + k_out, count, mean, m2, k_out_ok)

@@ -1,5 +1,6 @@
-"""A kernel launch as data: the launchers build one, run it, and the Hopper compile check
-(``fastarch.sm90``) compiles the very same record for every config a launcher can choose.
+"""A kernel launch as data: the launchers build one, run it, and the compile report
+(``fastarch.compile_report``) compiles the very same record for every config a launcher can
+choose.
 
 Every launch declares, for each tensor argument, the ``Extent`` its kernel indexes through
 it, and is checked against it before it runs (``Launch.check``): the tensor must be exactly
@@ -189,13 +190,15 @@ class Launch:
 class TileConfig:
     """How a kernel is launched: a [BLOCK_M x BLOCK_N] tile stepping BLOCK_K along its
     reduction (1 along an axis the kernel does not have: an elementwise kernel's block is
-    ``block_m``), with its warps and software-pipeline stages."""
+    ``block_m``), with its warps and software-pipeline stages. ``tma``: a tile of a family's
+    TMA kernel (Hopper tensor descriptors), where the family has one."""
     name: str
     block_m: int
     block_n: int = 1
     block_k: int = 1
     num_warps: int = 4
     num_stages: int = 1
+    tma: bool = False
 
 
 def interpreter_tile(m: int | None, n: int | None = None, k: int | None = None, *,

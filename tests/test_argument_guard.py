@@ -16,7 +16,8 @@ import triton
 
 import fastarch
 import fastarch.functional as FF
-from fastarch import fusion, sm90
+from fastarch import fusion
+from fastarch.compile_report import all_launches
 from fastarch.kernels import avg_pool, conv2d, conv2d_backward
 from fastarch.kernels import batch_norm as bn
 from fastarch.kernels import dropout as dropout_kernels
@@ -264,7 +265,7 @@ def test_negative_pool_padding_gets_torchs_message(ours, theirs, padding, device
 def test_every_gpu_launch_fits_its_declared_extents():
     """The guard on every config of every family, on the compile check's meta tensors:
     what each launch declares is what its own launcher passes."""
-    launches = sm90.all_launches()
+    launches = all_launches()
     for launch in launches:
         launch.check()
     assert len(launches) > 100

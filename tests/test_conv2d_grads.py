@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastarch import sm90
+from fastarch.compile_report import all_launches
 from fastarch.kernels.conv2d import ConvGeometry
 from fastarch.kernels.tensor_cores import Operand
 from fastarch.ops import conv2d as conv_ops
@@ -271,8 +271,8 @@ def config_names(launches, kernel: str) -> set[str]:
             for launch in launches if launch.name.startswith(f"{kernel}[")}
 
 
-def test_sm90_check_covers_every_config() -> None:
-    launches = sm90.conv2d_launches()
+def test_compile_report_covers_every_config() -> None:
+    launches = all_launches(["conv2d"])
     assert config_names(launches, "conv2d_forward") == set(conv_ops.CONV_FORWARD)
     assert config_names(launches, "conv2d_dgrad") == set(conv_ops.CONV_DGRAD)
     assert config_names(launches, "conv2d_wgrad") == set(conv_ops.CONV_WGRAD)

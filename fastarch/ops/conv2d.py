@@ -6,6 +6,8 @@ tables and their choice, the wgrad split policy, and the TF32 decision (``backen
 ``conv_operand``, read once per op, forward and backward alike)."""
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Optional
 
@@ -17,6 +19,8 @@ from torch import Tensor
 from fastarch import arguments, backend, profiling
 from fastarch.autotune import Generation, gemm_candidates
 from fastarch.kernels.conv2d import SMALL_C, ConvGeometry, forward_launch
+from fastarch.kernels.conv2d_tma import (tma_block_k, tma_forward_launch, tma_m_tiles,
+                                         tma_supported)
 from fastarch.kernels.conv2d_backward import (dgrad_launch, merge_launch, phase_pixels,
                                               wgrad_launch)
 from fastarch.kernels.launch import Launch, TileConfig, interpreter_tile
@@ -56,6 +60,25 @@ CONV_FORWARD = _table("",
     TileConfig("flat_n64_16bit", 128, 64, 32, num_warps=8, num_stages=1),
     TileConfig("chan_n64_16bit", 128, 64, 64, num_warps=4, num_stages=4),
     TileConfig("chan_n128_16bit", 128, 128, 64, num_warps=8, num_stages=4))
+
+# The TMA forward's tiles (Hopper, ``kernels.conv2d_tma``): BLOCK_M output pixels of one
+# output row x BLOCK_N channels; one warpgroup (4 warps) for 64-pixel tiles, two for 128.
+# Their depth is set per layer (``tma_tile``): a channel row of at most 128 bytes that
+# divides C. The STATS epilogue's per-channel reductions spill beside an accumulator of 128
+# registers a thread (64x256 and 128x256; 128x128 on 4 warps in tf32), so with STATS a tile
+# holds at most TMA_STATS_ACCUMULATOR registers of it a thread.
+TMA_FORWARD = {tile.name: tile for tile in (
+    TileConfig("tma_m128_n256", 128, 256, 64, num_warps=8, num_stages=3, tma=True),
+    TileConfig("tma_m128_n128", 128, 128, 64, num_warps=8, num_stages=3, tma=True),
+    TileConfig("tma_m64_n256", 64, 256, 64, num_warps=4, num_stages=4, tma=True),
+    TileConfig("tma_m64_n128", 64, 128, 64, num_warps=4, num_stages=4, tma=True),
+    TileConfig("tma_m128_n64", 128, 64, 64, num_warps=4, num_stages=4, tma=True))}
+TMA_STATS_ACCUMULATOR = 64
+
+# FASTARCH_CONV_ALGO, read per call: ``pointer`` the pointer kernel, ``tma`` the TMA kernel
+# wherever ``tma_supported``, ``auto`` both as candidates of the Hopper autotuner (the
+# pointer kernel elsewhere, and as the static choice).
+CONV_ALGOS = ("auto", "tma", "pointer")
 
 # dgrad is a GEMM over input pixels (M) x input channels (N), stepping BLOCK_K output channels
 # of one tap at a time. Keyed on the input channels (n16: C <= 16, n64: C <= 64, else n128)
@@ -112,6 +135,48 @@ def forward_tile(channels: int, out_channels: int, reduction: int, operand: Oper
         width = "n64" if out_channels <= 64 else "n128"
     path = "flat" if flat else "chan"
     return _shallow(CONV_FORWARD[f"{path}_{width}_{operand.value}"], depth)
+
+
+def conv_algo() -> str:
+    """``FASTARCH_CONV_ALGO`` (``auto`` when unset)."""
+    value = os.environ.get("FASTARCH_CONV_ALGO", "auto").strip().lower()
+    if value not in CONV_ALGOS:
+        raise ValueError(f"FASTARCH_CONV_ALGO must be one of {', '.join(CONV_ALGOS)}, "
+                         f"got {value!r}")
+    return value
+
+
+def tma_tile(base: TileConfig, channels: int, operand: Operand) -> TileConfig:
+    """``base`` as deep as a 128-byte channel row (64 16-bit or 32 fp32 elements), at most
+    the largest power of two dividing ``channels``."""
+    depth = tma_block_k(channels, 64 if operand is Operand.SIXTEEN_BIT else 32)
+    name = base.name if depth == base.block_k else f"{base.name}_k{depth}"
+    return replace(base, name=name, block_k=depth)
+
+
+def tma_forward_tile(channels: int, out_channels: int, out_width: int, operand: Operand,
+                     stats: bool, interpreter: bool = INTERPRETER) -> TileConfig:
+    """The static TMA tile (``FASTARCH_CONV_ALGO=tma``): 128 pixels of a row where rows are
+    wider than 64, else 64; 256 channels where there are as many (without ``stats``), 64
+    beside 128 pixels where there are at most 64, else 128."""
+    if interpreter:
+        return replace(interpreter_tile(out_width, out_channels), name="interpreter_tma",
+                       block_k=tma_block_k(channels, 128), tma=True)
+    width = 128 if out_width > 64 else 64
+    if out_channels >= 256 and not stats:
+        height = 256
+    elif out_channels <= 64 and width == 128:
+        height = 64
+    else:
+        height = 128
+    return tma_tile(TMA_FORWARD[f"tma_m{width}_n{height}"], channels, operand)
+
+
+def forward_m_tiles(tile: TileConfig, batch: int, out_height: int, out_width: int) -> int:
+    """The M tiles of a forward on ``tile``: the STATS partials' rows."""
+    if tile.tma:
+        return tma_m_tiles(batch, out_height, out_width, tile.block_m)
+    return triton.cdiv(batch * out_height * out_width, tile.block_m)
 
 
 def dgrad_tile(channels: int, out_channels: int, operand: Operand, pixels: int,
@@ -184,10 +249,12 @@ def dgrad_weight(weight: Tensor) -> Tensor:
     return weight.permute(2, 3, 1, 0).contiguous()
 
 
-def _forward_tile(x: Tensor, weight: Tensor, geometry: ConvGeometry,
-                  operand: Operand) -> TileConfig:
+def _forward_tile(x: Tensor, weight: Tensor, geometry: ConvGeometry, operand: Operand,
+                  algo: str, stats: bool) -> TileConfig:
     N, C, H, W = x.shape
     P, Q = geometry.output_size(H, W)
+    if algo == "tma" and tma_supported(x, weight, geometry, operand):
+        return tma_forward_tile(C, weight.shape[0], Q, operand, stats)
     return forward_tile(C, weight.shape[0], C * weight.shape[2] * weight.shape[3], operand,
                         N * P * Q)
 
@@ -199,6 +266,24 @@ def forward_candidates(static: TileConfig, out_channels: int, pixels: int, stats
     the kernel runs (``stats_tiles``)."""
     tiles = gemm_candidates(static, generation, pixels, out_channels)
     return tuple(tile for tile in tiles if not stats or tile.block_m == static.block_m)
+
+
+def tma_candidates(static: TileConfig, channels: int, out_channels: int, out_width: int,
+                   out_m_tiles: Callable[[TileConfig], int], stats: bool, operand: Operand
+                   ) -> tuple[TileConfig, ...]:
+    """The TMA tiles tried beside ``static``: 128 pixels wide only on rows wider than 64, no
+    wider than the next power of two of ``out_channels`` (at least 64); with ``stats`` only
+    those of static's M-tile count, ``out_m_tiles(tile)``, that ``tma_takes_stats``."""
+    max_n = max(64, triton.next_power_of_2(out_channels))
+    tiles = (tma_tile(base, channels, operand) for base in TMA_FORWARD.values()
+             if (base.block_m == 64 or out_width > 64) and base.block_n <= max_n)
+    return tuple(tile for tile in tiles if tile.name != static.name and (
+        not stats or (out_m_tiles(tile) == out_m_tiles(static) and tma_takes_stats(tile))))
+
+
+def tma_takes_stats(tile: TileConfig) -> bool:
+    """Whether the TMA ``tile`` may run the STATS epilogue (TMA_STATS_ACCUMULATOR)."""
+    return tile.block_m * tile.block_n // (32 * tile.num_warps) <= TMA_STATS_ACCUMULATOR
 
 
 def dgrad_candidates(static: TileConfig, channels: int, pixels: int,
@@ -218,8 +303,9 @@ def stats_tiles(x: Tensor, weight: Tensor, geometry: ConvGeometry) -> int:
     [3, tiles, K_out]): what a shape function needs to know without running it."""
     N, _, H, W = x.shape
     P, Q = geometry.output_size(H, W)
-    tile = _forward_tile(x, weight, geometry, backend.conv_operand(x.dtype))
-    return triton.cdiv(N * P * Q, tile.block_m)
+    tile = _forward_tile(x, weight, geometry, backend.conv_operand(x.dtype), conv_algo(),
+                         stats=True)
+    return forward_m_tiles(tile, N, P, Q)
 
 
 def conv2d_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: ConvGeometry,
@@ -235,22 +321,35 @@ def conv2d_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: 
     operand = backend.conv_operand(x.dtype)
     weight_rsc = weight_matrix(weight)
 
-    def launch(tile: TileConfig) -> tuple[Launch, Optional[Tensor]]:
-        partials = (empty((3, triton.cdiv(N * P * Q, tile.block_m), K_out), torch.float32,
-                          x.device) if stats else None)
-        return forward_launch(x, weight_rsc, bias, scale, shift, relu, y, partials, geometry,
-                              operand, tile), partials
+    def m_tiles(tile: TileConfig) -> int:
+        return forward_m_tiles(tile, N, P, Q)
 
-    static = _forward_tile(x, weight, geometry, operand)
+    def launch(tile: TileConfig) -> tuple[Launch, Optional[Tensor]]:
+        partials = empty((3, m_tiles(tile), K_out), torch.float32, x.device) if stats else None
+        build = tma_forward_launch if tile.tma else forward_launch
+        return build(x, weight_rsc, bias, scale, shift, relu, y, partials, geometry, operand,
+                     tile), partials
+
+    def candidates(generation: Generation) -> tuple[TileConfig, ...]:
+        tma = tma_candidates(static, x.shape[1], K_out, Q, m_tiles, stats, operand)
+        if static.tma:
+            return (static, *tma)
+        pointer = forward_candidates(static, K_out, N * P * Q, stats, generation)
+        if algo == "auto" and generation is Generation.HOPPER and \
+                tma_supported(x, weight, geometry, operand):
+            return (static, *tma, *pointer[1:])  # TMA first: inside the "on" mode's share
+        return pointer
+
+    algo = conv_algo()
+    static = _forward_tile(x, weight, geometry, operand, algo, stats)
     epilogue = "".join(flag for flag, on in (("+bias", bias is not None), ("+stats", stats),
                                               ("+scale", scale is not None), ("+relu", relu))
                        if on)
     shape = {"C": x.shape[1], "K": K_out, "RS": f"{weight.shape[2]}x{weight.shape[3]}",
              "stride": geometry.stride, "pixels": triton.next_power_of_2(N * P * Q),
-             "operand": operand.value, "epilogue": epilogue}
-    tile = tuned_tile("conv2d_forward", shape, x, static,
-                      lambda generation: forward_candidates(static, K_out, N * P * Q, stats,
-                                                            generation),
+             "operand": operand.value, "epilogue": epilogue,
+             **({} if algo == "auto" else {"algo": algo})}  # auto keeps the keys it had
+    tile = tuned_tile("conv2d_forward", shape, x, static, candidates,
                       lambda tile: [launch(tile)[0]], (y,))
     main, partials = launch(tile)
     main()

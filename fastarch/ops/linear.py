@@ -31,7 +31,7 @@ from fastarch.ops.dropout import new_seed
 #   thread of an n128 tile holds needs 255 registers, so dropout takes an n64 tile.
 # 16-bit tiles are 64 deep, tf32 ones 32 deep (the same 128 bytes a row per stage); the
 # unaligned tiles 32 deep; fp32 without TF32 has no tensor cores and gets one FMA tile.
-# Register counts: python -m fastarch.sm90.
+# Register counts: python -m fastarch compile-report.
 def _tensor_core_tiles(operand: Operand, depth: int) -> tuple[TileConfig, ...]:
     kind = operand.value
     return (TileConfig(f"m64_n64_{kind}", 64, 64, depth, num_warps=4, num_stages=4),

@@ -1,0 +1,3 @@
+from fastarch.compile_report.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,159 @@
+"""The convolution family's report cases: every forward tile with its epilogues, every dgrad
+and wgrad tile (with wgrad's split-K merge), each on a layer of LeNet-5, AlexNet or VGG that
+picks it."""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Optional
+
+import torch
+
+from fastarch.compile_report.cases import Case, TileChoice, matrix, meta_tensor
+from fastarch.kernels import conv2d, conv2d_backward, conv2d_tma
+from fastarch.kernels.conv2d import ConvGeometry
+from fastarch.kernels.tensor_cores import Operand
+from fastarch.ops import conv2d as conv_ops
+
+# The layer each forward tile is meant for (batch 64): C, K_out, size, kernel, pad.
+FORWARD_LAYERS = {
+    "flat_n16": (1, 6, 32, 5, 0),         # LeNet conv1
+    "flat_n64": (3, 64, 224, 3, 1),       # VGG conv1_1
+    "chan_n64": (64, 64, 224, 3, 1),      # VGG conv1_2
+    "chan_n128": (256, 256, 56, 3, 1),    # VGG conv3_3
+    "fp32": (256, 256, 56, 3, 1),         # fp32 without TF32: VGG conv3_3
+}
+OPERANDS = ((Operand.SIXTEEN_BIT, torch.bfloat16), (Operand.TF32, torch.float32),
+            (Operand.IEEE, torch.float32))
+
+# The layers dgrad's tiles are picked on, (N, C, H, W, K_out, geometry): AlexNet conv1 for a
+# 16-phase stride-4 grid.
+DGRAD_LAYERS = (
+    (1024, 6, 14, 14, 16, ConvGeometry((5, 5))),                        # LeNet conv2
+    (64, 64, 224, 224, 64, ConvGeometry((3, 3), padding=(1, 1))),       # VGG conv1_2
+    (64, 256, 56, 56, 256, ConvGeometry((3, 3), padding=(1, 1))),       # VGG conv3_3
+    (128, 3, 227, 227, 64, ConvGeometry((11, 11), (4, 4), (2, 2))),     # AlexNet conv1
+)
+
+# The layers wgrad's tiles are picked on: both paths (tap-aligned and flat), and split-K.
+WGRAD_LAYERS = (
+    (1024, 1, 32, 32, 6, ConvGeometry((5, 5))),                         # LeNet conv1
+    (64, 3, 224, 224, 64, ConvGeometry((3, 3), padding=(1, 1))),        # VGG conv1_1
+    (128, 3, 227, 227, 64, ConvGeometry((11, 11), (4, 4), (2, 2))),     # AlexNet conv1
+    (64, 64, 224, 224, 64, ConvGeometry((3, 3), padding=(1, 1))),       # VGG conv1_2
+    (128, 64, 27, 27, 192, ConvGeometry((5, 5), padding=(2, 2))),       # AlexNet conv2
+    (64, 256, 56, 56, 256, ConvGeometry((3, 3), padding=(1, 1))),       # VGG conv3_3
+)
+
+
+def conv2d_cases(choice: TileChoice) -> list[Case]:
+    """Every forward tile on its layer (on Hopper also the TMA forward's), then dgrad and
+    wgrad."""
+    tma = _tma_forward_cases() if choice.hopper else []
+    return _forward_cases(choice) + tma + _dgrad_cases(choice) + _wgrad_cases(choice)
+
+
+def _forward_cases(choice: TileChoice) -> list[Case]:
+    """Every forward tile on its layer with its epilogues (``_forward_epilogues``), and one
+    fp16 launch (bf16's twin)."""
+    found = []
+    for name, static in conv_ops.CONV_FORWARD.items():
+        layer, operand = name.rsplit("_", 1)
+        operand = Operand(operand)
+        dtypes = [torch.float32] if operand is not Operand.SIXTEEN_BIT else (
+            [torch.bfloat16, torch.float16] if name == "chan_n128_16bit" else [torch.bfloat16])
+        C, K_out, size, k, pad = FORWARD_LAYERS[layer]
+        geometry = ConvGeometry((k, k), padding=(pad, pad))
+        P, Q = geometry.output_size(size, size)
+        for dtype in dtypes:
+            x, y = meta_tensor((64, C, size, size), dtype), meta_tensor((64, K_out, P, Q), dtype)
+            weight_rsc, bias = matrix(K_out, k, k, C, dtype=dtype), matrix(K_out, dtype=dtype)
+            for stats, scale, relu in _forward_epilogues(dtype, K_out):
+                candidates = partial(conv_ops.forward_candidates, static, K_out, 64 * P * Q,
+                                     stats)
+                for tile in choice.tiles(static, dtype, candidates):
+                    partials = (matrix(3, conv_ops.forward_m_tiles(tile, 64, P, Q), K_out,
+                                       dtype=torch.float32) if stats else None)
+                    found.append(Case(conv2d.forward_launch(
+                        x, weight_rsc, bias, scale, scale, relu, y, partials, geometry, operand,
+                        tile), dtype, tile is not static))
+    return found
+
+
+Epilogue = tuple[bool, Optional[torch.Tensor], bool]  # stats, scale (and shift), ReLU
+
+
+def _forward_epilogues(dtype: torch.dtype, K_out: int) -> list[Epilogue]:
+    """The forward's epilogues compiled (beside the bias): none; in bf16, where
+    register pressure is highest, also training (bias + stats) and eval (bias + scale/shift
+    + ReLU)."""
+    per_channel = matrix(K_out, dtype=torch.float32)
+    if dtype != torch.bfloat16:
+        return [(False, None, False)]
+    return [(False, None, False), (True, None, False), (False, per_channel, True)]
+
+
+def _tma_forward_cases() -> list[Case]:
+    """Every tile of the TMA forward (Hopper: ``FASTARCH_CONV_ALGO=tma``'s static tiles and
+    the autotuner's candidates) at its depth on VGG conv3_3, whose C every depth divides."""
+    C, K_out, size, k, pad = FORWARD_LAYERS["chan_n128"]
+    geometry = ConvGeometry((k, k), padding=(pad, pad))
+    P, Q = geometry.output_size(size, size)
+    found = []
+    for operand, dtype in OPERANDS[:2]:  # tensor-core operands only
+        x, y = meta_tensor((64, C, size, size), dtype), meta_tensor((64, K_out, P, Q), dtype)
+        weight_rsc, bias = matrix(K_out, k, k, C, dtype=dtype), matrix(K_out, dtype=dtype)
+        for base in conv_ops.TMA_FORWARD.values():
+            tile = conv_ops.tma_tile(base, C, operand)
+            for stats, scale, relu in _forward_epilogues(dtype, K_out):
+                if stats and not conv_ops.tma_takes_stats(tile):
+                    continue  # never chosen with STATS
+                partials = (matrix(3, conv_ops.forward_m_tiles(tile, 64, P, Q), K_out,
+                                   dtype=torch.float32) if stats else None)
+                found.append(Case(conv2d_tma.tma_forward_launch(
+                    x, weight_rsc, bias, scale, scale, relu, y, partials, geometry, operand,
+                    tile), dtype))
+    return found
+
+
+def _dgrad_cases(choice: TileChoice) -> list[Case]:
+    """Every dgrad tile, each on a layer that picks it; one launch per (tile, stride)."""
+    found: dict[str, Case] = {}
+    for operand, dtype in OPERANDS:
+        for N, C, H, W, K_out, geometry in DGRAD_LAYERS:
+            pixels = conv2d_backward.phase_pixels(N, H, W, geometry)
+            static = conv_ops.dgrad_tile(C, K_out, operand, pixels, interpreter=False)
+            dy = meta_tensor((N, K_out, *geometry.output_size(H, W)), dtype)
+            weight = conv_ops.dgrad_weight(meta_tensor((K_out, C, *geometry.kernel), dtype))
+            dx = meta_tensor((N, C, H, W), dtype)
+            candidates = partial(conv_ops.dgrad_candidates, static, C, pixels)
+            for tile in choice.tiles(static, dtype, candidates):
+                launch = conv2d_backward.dgrad_launch(dy, weight, dx, geometry, operand, tile)
+                name = f"{launch.name[:-1]},s{geometry.stride[0]}]"
+                found.setdefault(name, Case(dataclasses.replace(launch, name=name), dtype,
+                                            tile is not static))
+    return list(found.values())
+
+
+def _wgrad_cases(choice: TileChoice) -> list[Case]:
+    """Every wgrad tile, each on a layer that picks it, with its path (tap-aligned or flat)
+    and the split-K merge it brings."""
+    found: dict[str, Case] = {}
+    for operand, dtype in OPERANDS:
+        for N, C, H, W, K_out, geometry in WGRAD_LAYERS:
+            x = meta_tensor((N, C, H, W), dtype)
+            dy = meta_tensor((N, K_out, *geometry.output_size(H, W)), dtype)
+            weight_shape = torch.Size((K_out, C, *geometry.kernel))
+            taps, pixels = geometry.kernel[0] * geometry.kernel[1], dy.numel() // K_out
+            static = conv_ops.wgrad_tile(C, K_out, operand, taps, pixels, interpreter=False)
+            candidates = partial(conv_ops.wgrad_candidates, static, C, K_out, taps)
+            for tile in choice.tiles(static, dtype, candidates):
+                main, *merges = conv_ops._wgrad_launches(x, dy, weight_shape, True, geometry,
+                                                         operand, tile, interpreter=False)[0]
+                path = "tap" if main.constexprs["TAP_ALIGNED"] else "flat"
+                name = f"{main.name[:-1]},{path}]"
+                found.setdefault(name, Case(dataclasses.replace(main, name=name), dtype,
+                                            tile is not static))
+                for merge in merges:
+                    found.setdefault(f"{merge.name}:{dtype}", Case(merge, dtype))
+    return list(found.values())
