@@ -124,6 +124,11 @@ def conv2d_dgrad_kernel(
     p0 = i_h + base_p
     q0 = i_w + base_q
     dy_rows = n.to(tl.int64) * dy_sn + p0.to(tl.int64) * dy_sh + q0.to(tl.int64) * dy_sw
+    # dx's rows before the loop too: after it, their index math (redone in the store's
+    # layout) sat beside the accumulator, and ptxas spilled it for sm_80.
+    h = phase_h + i_h * SH
+    w = phase_w + i_w * SW
+    dx_rows = n.to(tl.int64) * dx_sn + h.to(tl.int64) * dx_sh + w.to(tl.int64) * dx_sw
 
     c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     c_ok = c < C
@@ -167,9 +172,6 @@ def conv2d_dgrad_kernel(
         j_s = tl.where(next_row, 0, tl.where(next_tap, j_s + 1, j_s))
         j_r = tl.where(next_row, j_r + 1, j_r)
 
-    h = phase_h + i_h * SH
-    w = phase_w + i_w * SW
-    dx_rows = n.to(tl.int64) * dx_sn + h.to(tl.int64) * dx_sh + w.to(tl.int64) * dx_sw
     tl.store(dx_ptr + dx_rows[:, None] + (c.to(tl.int64) * dx_sc)[None, :],
              acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
@@ -193,11 +195,14 @@ def wgrad_reduce(x_ptr, dy_ptr, x_cols, tap_h, tap_w, col_ok, k, k_ok, start, en
     image = start // (P * Q)  # int64: the flat pixel index may pass 2^31, an image index not
     first = (start - image * (P * Q)).to(tl.int32)
     n0, p0, q0 = image.to(tl.int32), first // Q, first % Q
+    # Every step but the last is full: the last one's pixel count (none without a step).
+    last = tl.maximum(steps, 1) - 1
+    tail = tl.maximum(end - start - last.to(tl.int64) * BLOCK_K, 0).to(tl.int32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     bias = tl.zeros((BLOCK_N,), tl.float32)
-    for step in range(tl.maximum(steps, 1)):  # at least one step: see conv2d's docstring
+    for step in range(last + 1):  # at least one step: see conv2d's docstring
         n, p, q = add_digits(n0, p0, q0, lane_n, lane_p, lane_q, P, Q)
-        pix_ok = lanes < end - (start + step * BLOCK_K)
+        pix_ok = lanes < tl.where(step == last, tail, BLOCK_K)
         h0 = p * SH - PH
         w0 = q * SW - PW
         x_rows = n.to(tl.int64) * x_sn + h0.to(tl.int64) * x_sh + w0.to(tl.int64) * x_sw
