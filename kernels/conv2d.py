@@ -35,7 +35,7 @@ fp32 buffer and merged on the host with Chan's formula, no atomics), HAS_SCALE_S
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -117,14 +117,24 @@ def _channel_tile_loop(acc, x_ptr, w_ptr, pixel_base, h0, w0, m_ok, w_cols, k_ou
             a = tl.load(a_ptrs, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=c_ok[:, None] & k_out_ok[None, :], other=0.0)
         acc = dot(a, b, acc, DOT_PRECISION, UPCAST_OPERANDS)
-        c0 += BLOCK_K
-        next_tap = c0 >= C
-        next_row = next_tap & (tap_w == (S - 1) * DW)
-        c0 = tl.where(next_tap, 0, c0)
-        tap_column = tl.where(next_tap, tap_column + C, tap_column)
-        tap_w = tl.where(next_row, 0, tl.where(next_tap, tap_w + DW, tap_w))
-        tap_h = tl.where(next_row, tap_h + DH, tap_h)
+        c0, tap_column, tap_w, tap_h = next_channel_step(c0, tap_column, tap_w, tap_h, C, S,
+                                                         DW, DH, BLOCK_K)
     return acc
+
+
+@triton.jit
+def next_channel_step(c0, tap_column, tap_w, tap_h, C, S, DW, DH, BLOCK_K: tl.constexpr):
+    """The K step after channels [c0, c0 + BLOCK_K) of the tap at (tap_h, tap_w) (dilated
+    offsets; its weight columns start at tap_column): the next channels of the tap, else the
+    first of the next tap in (r, s) order. Carried, so the loop divides nothing."""
+    c0 += BLOCK_K
+    next_tap = c0 >= C
+    next_row = next_tap & (tap_w == (S - 1) * DW)
+    c0 = tl.where(next_tap, 0, c0)
+    tap_column = tl.where(next_tap, tap_column + C, tap_column)
+    tap_w = tl.where(next_row, 0, tl.where(next_tap, tap_w + DW, tap_w))
+    tap_h = tl.where(next_row, tap_h + DH, tap_h)
+    return c0, tap_column, tap_w, tap_h
 
 
 @triton.jit
@@ -239,32 +249,56 @@ def forward_launch(x: torch.Tensor, weight_rsc: torch.Tensor, bias: torch.Tensor
     P, Q = y.shape[2:]
     M = N * P * Q
     m_tiles = triton.cdiv(M, config.block_m)
-    vectors = {"bias": bias, "scale": scale, "shift": shift}
+    epilogue = epilogue_operands(y, bias, scale, shift, relu, stats, m_tiles)
     return Launch(
         conv2d_forward_kernel, (m_tiles * triton.cdiv(K_out, config.block_n),),
-        args={"x_ptr": x, "w_ptr": weight_rsc, "y_ptr": y,
-              **{f"{name}_ptr": y if t is None else t for name, t in vectors.items()},
-              "stats_ptr": stats if stats is not None else y,
+        args={"x_ptr": x, "w_ptr": weight_rsc, "y_ptr": y, **epilogue.args,
               "M": M, "C": C, "C_TILES": triton.cdiv(C, config.block_k), "H": H, "W": W,
               "P": P, "Q": Q, "K_OUT": K_out, "K_TOTAL": R * S * C, "NUM_M_TILES": m_tiles,
-              **strided_args("x", x), "w_sk": weight_rsc.stride(0), **strided_args("y", y),
-              **{f"{name}_s": 0 if t is None else t.stride(0) for name, t in vectors.items()}},
+              **strided_args("x", x), "w_sk": weight_rsc.stride(0), **strided_args("y", y)},
         extents={"x_ptr": strided_extent("x", (N, C, H, W)),
                  "w_ptr": Extent((K_out, R * S * C), ("w_sk", 1)),
-                 "y_ptr": strided_extent("y", (N, K_out, P, Q)),
-                 "bias_ptr": vector(bias, K_out, "bias_s"),
-                 "scale_ptr": vector(scale, K_out, "scale_s", (torch.float32,)),
-                 "shift_ptr": vector(shift, K_out, "shift_s", (torch.float32,)),
-                 "stats_ptr": UNUSED if stats is None
-                 else dense(3, m_tiles, K_out, dtypes=(torch.float32,))},
+                 "y_ptr": strided_extent("y", (N, K_out, P, Q)), **epilogue.extents},
         constexprs={"R": R, "S": S, **geometry.constexprs(),
                     "FLAT_K": C < SMALL_C, "EVEN_C": C % config.block_k == 0,
-                    "HAS_BIAS": bias is not None, "STATS": stats is not None,
-                    "HAS_SCALE_SHIFT": scale is not None, "RELU": relu,
-                    **gemm_constexprs(operand, x.dtype, config)},
+                    **epilogue.constexprs, **gemm_constexprs(operand, x.dtype, config)},
         num_warps=config.num_warps, num_stages=config.num_stages,
-        name=f"conv2d_forward[{config.name},{_DTYPE_NAMES[x.dtype]}"
-             f"{_epilogue_suffix(bias is not None, stats is not None, scale is not None, relu)}]")
+        name=f"conv2d_forward[{config.name},{epilogue.name_suffix(x.dtype)}]")
+
+
+class EpilogueOperands(NamedTuple):
+    """What a forward kernel's fused epilogue adds to its launch: the bias, scale and shift
+    vectors (an absent one passes y, never read) and the STATS partials, as arguments,
+    extents and constexpr flags."""
+    args: dict[str, Any]
+    extents: dict[str, Extent]
+    constexprs: dict[str, bool]
+
+    def name_suffix(self, dtype: torch.dtype) -> str:
+        flags = (("bias", "HAS_BIAS"), ("stats", "STATS"), ("scale_shift", "HAS_SCALE_SHIFT"),
+                 ("relu", "RELU"))
+        return _DTYPE_NAMES[dtype] + "".join(f"+{flag}" for flag, constexpr in flags
+                                             if self.constexprs[constexpr])
+
+
+def epilogue_operands(y: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None,
+                      shift: torch.Tensor | None, relu: bool, stats: torch.Tensor | None,
+                      m_tiles: int) -> EpilogueOperands:
+    """The epilogue's share of a forward launch writing y [N, K_out, P, Q] in ``m_tiles``
+    M tiles (the STATS partials are [3, m_tiles, K_out] fp32)."""
+    K_out = y.shape[1]
+    vectors = {"bias": bias, "scale": scale, "shift": shift}
+    args = {**{f"{name}_ptr": y if t is None else t for name, t in vectors.items()},
+            "stats_ptr": stats if stats is not None else y,
+            **{f"{name}_s": 0 if t is None else t.stride(0) for name, t in vectors.items()}}
+    extents = {"bias_ptr": vector(bias, K_out, "bias_s"),
+               "scale_ptr": vector(scale, K_out, "scale_s", (torch.float32,)),
+               "shift_ptr": vector(shift, K_out, "shift_s", (torch.float32,)),
+               "stats_ptr": UNUSED if stats is None
+               else dense(3, m_tiles, K_out, dtypes=(torch.float32,))}
+    constexprs = {"HAS_BIAS": bias is not None, "STATS": stats is not None,
+                  "HAS_SCALE_SHIFT": scale is not None, "RELU": relu}
+    return EpilogueOperands(args, extents, constexprs)
 
 
 def gemm_constexprs(operand: Operand, dtype: torch.dtype, config: TileConfig) -> dict[str, Any]:
@@ -276,7 +310,3 @@ def gemm_constexprs(operand: Operand, dtype: torch.dtype, config: TileConfig) ->
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
-
-def _epilogue_suffix(bias: bool, stats: bool, scale_shift: bool, relu: bool) -> str:
-    flags = (("bias", bias), ("stats", stats), ("scale_shift", scale_shift), ("relu", relu))
-    return "".join(f"+{flag}" for flag, on in flags if on)

@@ -24,9 +24,9 @@ import triton
 import triton.language as tl
 from triton.runtime import _allocation  # Triton's allocator has no public getter
 
-from .conv2d import ConvGeometry, forward_epilogue, gemm_constexprs, _DTYPE_NAMES, \
-    _epilogue_suffix
-from .launch import UNUSED, Launch, TileConfig, dense, vector
+from .conv2d import (ConvGeometry, epilogue_operands, forward_epilogue, gemm_constexprs,
+                     next_channel_step)
+from .launch import Launch, TileConfig, dense
 from .nhwc import strided_args, strided_extent
 from .runtime import INTERPRETER
 from .tensor_cores import Operand, dot
@@ -75,13 +75,8 @@ def conv2d_forward_tma_kernel(
         a = x_desc.load([n, h0 + tap_h, w0 + tap_w, c0]).reshape(BLOCK_M, BLOCK_K)
         b = w_desc.load([k_out0, tap_column + c0])
         acc = dot(a, b.T, acc, DOT_PRECISION, UPCAST_OPERANDS)
-        c0 += BLOCK_K
-        next_tap = c0 >= C
-        next_row = next_tap & (tap_w == (S - 1) * DW)
-        c0 = tl.where(next_tap, 0, c0)
-        tap_column = tl.where(next_tap, tap_column + C, tap_column)
-        tap_w = tl.where(next_row, 0, tl.where(next_tap, tap_w + DW, tap_w))
-        tap_h = tl.where(next_row, tap_h + DH, tap_h)
+        c0, tap_column, tap_w, tap_h = next_channel_step(c0, tap_column, tap_w, tap_h, C, S,
+                                                         DW, DH, BLOCK_K)
 
     q = q0 + tl.arange(0, BLOCK_M)
     k_out = k_out0 + tl.arange(0, BLOCK_N)
@@ -146,29 +141,17 @@ def tma_forward_launch(x: torch.Tensor, weight_rsc: torch.Tensor, bias: torch.Te
     m_tiles = N * P * q_tiles
     if x.is_cuda and not INTERPRETER:
         _set_scratch_allocator()
-    vectors = {"bias": bias, "scale": scale, "shift": shift}
+    epilogue = epilogue_operands(y, bias, scale, shift, relu, stats, m_tiles)
     return Launch(
         conv2d_forward_tma_kernel, (m_tiles * triton.cdiv(K_out, config.block_n),),
-        args={"x_ptr": x, "w_ptr": weight_rsc, "y_ptr": y,
-              **{f"{name}_ptr": y if t is None else t for name, t in vectors.items()},
-              "stats_ptr": stats if stats is not None else y,
+        args={"x_ptr": x, "w_ptr": weight_rsc, "y_ptr": y, **epilogue.args,
               "N": N, "C": C, "C_TILES": C // config.block_k, "H": H, "W": W, "P": P,
               "Q": Q, "Q_TILES": q_tiles, "K_OUT": K_out, "K_TOTAL": R * S * C,
-              "NUM_M_TILES": m_tiles,
-              **{f"{name}_s": 0 if t is None else t.stride(0) for name, t in vectors.items()},
-              **strided_args("y", y)},
+              "NUM_M_TILES": m_tiles, **strided_args("y", y)},
         extents={"x_ptr": strided_extent("x", (N, C, H, W), dense_nhwc=True),
                  "w_ptr": dense(K_out, R * S * C),
-                 "y_ptr": strided_extent("y", (N, K_out, P, Q)),
-                 "bias_ptr": vector(bias, K_out, "bias_s"),
-                 "scale_ptr": vector(scale, K_out, "scale_s", (torch.float32,)),
-                 "shift_ptr": vector(shift, K_out, "shift_s", (torch.float32,)),
-                 "stats_ptr": UNUSED if stats is None
-                 else dense(3, m_tiles, K_out, dtypes=(torch.float32,))},
-        constexprs={"R": R, "S": S, **geometry.constexprs(),
-                    "HAS_BIAS": bias is not None, "STATS": stats is not None,
-                    "HAS_SCALE_SHIFT": scale is not None, "RELU": relu,
+                 "y_ptr": strided_extent("y", (N, K_out, P, Q)), **epilogue.extents},
+        constexprs={"R": R, "S": S, **geometry.constexprs(), **epilogue.constexprs,
                     **gemm_constexprs(operand, x.dtype, config)},
         num_warps=config.num_warps, num_stages=config.num_stages,
-        name=f"conv2d_forward_tma[{config.name},{_DTYPE_NAMES[x.dtype]}"
-             f"{_epilogue_suffix(bias is not None, stats is not None, scale is not None, relu)}]")
+        name=f"conv2d_forward_tma[{config.name},{epilogue.name_suffix(x.dtype)}]")
