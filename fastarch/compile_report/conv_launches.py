@@ -148,7 +148,7 @@ def _wgrad_cases(choice: TileChoice) -> list[Case]:
             static = conv_ops.wgrad_tile(C, K_out, operand, taps, pixels, interpreter=False)
             candidates = partial(conv_ops.wgrad_candidates, static, C, K_out, taps)
             for tile in choice.tiles(static, dtype, candidates):
-                main, *merges = conv_ops._wgrad_launches(x, dy, weight_shape, True, geometry,
+                main, *merges = conv_ops.wgrad_launches(x, dy, weight_shape, True, geometry,
                                                          operand, tile, interpreter=False)[0]
                 path = "tap" if main.constexprs["TAP_ALIGNED"] else "flat"
                 name = f"{main.name[:-1]},{path}]"

@@ -51,7 +51,7 @@ def gemm_cases(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: Optional
     static = linear_ops.gemm_tile(M, N, K, operand, linear_ops.aligned(a, b, c), p > 0)
     candidates = partial(linear_ops.gemm_candidates, static, M, N, p > 0)
     return [case for tile in choice.tiles(static, dtype, candidates)
-            for case in cases(dtype, linear_ops._gemm_launches(a, b, c, bias, seed, relu, p,
+            for case in cases(dtype, linear_ops.gemm_launches(a, b, c, bias, seed, relu, p,
                                                                 operand, product, tile),
                               tile is not static)]
 

@@ -389,13 +389,13 @@ def wgrad_plan(x: Tensor, dy: Tensor, weight_shape: torch.Size, need_bias_grad: 
              "pixels": triton.next_power_of_2(N * P * Q), "operand": operand.value}
     tile = tuned_tile("conv2d_wgrad", shape, x, static,
                       lambda generation: wgrad_candidates(static, C, K_out, R * S, generation),
-                      lambda tile: _wgrad_launches(x, dy, weight_shape, need_bias_grad,
+                      lambda tile: wgrad_launches(x, dy, weight_shape, need_bias_grad,
                                                    geometry, operand, tile, interpreter)[0], ())
-    return _wgrad_launches(x, dy, weight_shape, need_bias_grad, geometry, operand, tile,
+    return wgrad_launches(x, dy, weight_shape, need_bias_grad, geometry, operand, tile,
                            interpreter)
 
 
-def _wgrad_launches(x: Tensor, dy: Tensor, weight_shape: torch.Size, need_bias_grad: bool,
+def wgrad_launches(x: Tensor, dy: Tensor, weight_shape: torch.Size, need_bias_grad: bool,
                     geometry: ConvGeometry, operand: Operand, tile: TileConfig,
                     interpreter: bool) -> tuple[list[Launch], Tensor, Optional[Tensor]]:
     """``wgrad_plan`` on a given tile (its split-K policy, dW, db and partials allocated)."""

@@ -113,9 +113,9 @@ def gemm_plan(a: Tensor, b: Tensor, c: Tensor, bias: Optional[Tensor], seed: Opt
              "aligned": is_aligned, "operand": operand.value, "epilogue": epilogue}
     tile = tuned_tile("linear_gemm", shape, a, static,
                       lambda generation: gemm_candidates(static, M, N, dropout, generation),
-                      lambda tile: _gemm_launches(a, b, c, bias, seed, relu, p, operand,
+                      lambda tile: gemm_launches(a, b, c, bias, seed, relu, p, operand,
                                                   product, tile), (c,))
-    return _gemm_launches(a, b, c, bias, seed, relu, p, operand, product, tile)
+    return gemm_launches(a, b, c, bias, seed, relu, p, operand, product, tile)
 
 
 def gemm_candidates(static: TileConfig, M: int, N: int, dropout: bool,
@@ -126,7 +126,7 @@ def gemm_candidates(static: TileConfig, M: int, N: int, dropout: bool,
     return tuple(tile for tile in tiles if not dropout or tile.block_n <= 64)
 
 
-def _gemm_launches(a: Tensor, b: Tensor, c: Tensor, bias: Optional[Tensor],
+def gemm_launches(a: Tensor, b: Tensor, c: Tensor, bias: Optional[Tensor],
                    seed: Optional[Tensor], relu: bool, p: float, operand: Operand,
                    product: str, tile: TileConfig) -> list[Launch]:
     """``gemm_plan`` on a given tile (its split-K policy and partial allocated)."""
