@@ -172,26 +172,35 @@ def choose(family: str, shape: dict[str, Any], dtype: torch.dtype, layout: str,
     if not runs_kernels(device):
         return static
     profile = device_profile(device)
+    key = launch_key(family, shape, dtype, layout)
+    decision = (cache_dir(), profile.slug, tune, static.name, key)
+    if decision in _DECIDED:  # every launch after a layer's first: no list, no file
+        return _DECIDED[decision]
     by_name = {tile.name: tile for tile in (static, *candidates(profile.generation))}
-    element_size = torch.empty((), dtype=dtype).element_size()
-    pool = [tile for tile in by_name.values() if fits(tile, element_size, profile)]
+    pool = [tile for tile in by_name.values() if fits(tile, dtype.itemsize, profile)]
     seed = pool[0] if pool else static
     if tune == "off":
+        _DECIDED[decision] = seed
         return seed
-    key = launch_key(family, shape, dtype, layout)
-    cache = _cache_for(profile)
-    cached = by_name.get(cache.winner(key))
+    cached = by_name.get(_cache_for(profile).winner(key))
     if cached is not None:
+        _DECIDED[decision] = cached
         return cached
-    if tuning_blocked():
+    if tuning_blocked():  # not remembered: the first call outside tunes
         return seed
     if tune == "on":
         pool = pool[:ON_CANDIDATES]
-    if len(pool) < 2:
-        return seed
+    winner = seed if len(pool) < 2 else _fastest(trial, pool, key, profile)
+    _DECIDED[decision] = winner
+    return winner
+
+
+def _fastest(trial: Trial, pool: Sequence[TileConfig], key: str,
+             profile: DeviceProfile) -> TileConfig:
+    """Time every tile of ``pool`` and store the winner under ``key`` in the device's cache."""
     times = {tile.name: _time(trial, tile) for tile in pool}
     winner = min(pool, key=lambda tile: times[tile.name])
-    cache.store(key, winner, times)
+    _cache_for(profile).store(key, winner, times)
     return winner
 
 
@@ -258,6 +267,8 @@ class TuningCache:
 
 
 _CACHES: dict[Path, TuningCache] = {}
+# The tile each (cache directory, device, mode, static tile, key) got in this process.
+_DECIDED: dict[tuple, TileConfig] = {}
 
 
 def _cache_for(profile: DeviceProfile) -> TuningCache:
@@ -268,8 +279,10 @@ def _cache_for(profile: DeviceProfile) -> TuningCache:
 
 
 def forget_loaded_caches() -> None:
-    """Drop the caches read into memory, so the next choice rereads the files."""
+    """Drop the caches read into memory and the choices made, so the next choice rereads
+    the files."""
     _CACHES.clear()
+    _DECIDED.clear()
 
 
 def _read(path: Path) -> dict[str, Any]:
