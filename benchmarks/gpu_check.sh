@@ -7,7 +7,8 @@
 #                                                # interpreter, tiny shapes, <= 3 minutes)
 #
 # Stages, each under a wall-clock cap and stopped with SIGINT (an interrupted pytest session
-# still writes its benchmark JSON), the report rewritten after each:
+# still writes its benchmark JSON), the report rewritten after each benchmark stage (the dry
+# run's, the same code each time, after its last one or a cut only):
 #   1. install (editable; a copy on PYTHONPATH if pip fails)
 #   2. benchmarks, PyTorch eager (cuDNN) vs fastarch: VGG16-BN inference first, then the other
 #      models, then the layers (benchmarks/cases.py QUICK)
@@ -51,7 +52,7 @@ else
 fi
 report_reserve=8   # seconds kept back, after every stage, for the report
 deadline=$((SECONDS + budget))
-interrupted=0 stage_pid="" results=()
+interrupted=0 stage_pid="" results=() unreported=0
 
 on_signal() {
     interrupted=1
@@ -90,19 +91,25 @@ run_stage() {
     results+=("$name=$rc")
 }
 
+# versions: where fastarch is imported from outside the checkout (from /), and the versions;
+# fails if it cannot be imported. One interpreter start: each costs seconds.
+versions() {
+    (cd / && "$python" -c "import torch, triton, numpy, fastarch.kernels
+print('fastarch is importable:', fastarch.__file__)
+print('torch', torch.__version__, '| triton', triton.__version__, '| numpy', numpy.__version__,
+      '| cuda', torch.version.cuda, '| cudnn', torch.backends.cudnn.version())")
+}
+
 install() {
-    if (cd / && "$python" -c "import fastarch.kernels" 2>/dev/null); then
-        echo "fastarch is importable: $(cd / && "$python" -c "import fastarch; print(fastarch.__file__)")"
-    elif ! "$python" -m pip install -q --no-deps --no-build-isolation -e . >"$scratch/pip.log" 2>&1; then
+    if versions 2>/dev/null; then return; fi
+    if ! "$python" -m pip install -q --no-deps --no-build-isolation -e . >"$scratch/pip.log" 2>&1; then
         cat "$scratch/pip.log"
         echo "pip failed: running fastarch from a copy on PYTHONPATH"
         mkdir -p "$scratch/site"
         cp -r fastarch "$scratch/site/fastarch" && cp -r kernels "$scratch/site/fastarch/kernels"
         export PYTHONPATH="$scratch/site${PYTHONPATH:+:$PYTHONPATH}"
     fi
-    "$python" -c "import torch, triton, numpy, fastarch.kernels
-print('torch', torch.__version__, '| triton', triton.__version__, '| numpy', numpy.__version__,
-      '| cuda', torch.version.cuda, '| cudnn', torch.backends.cudnn.version())"
+    versions
 }
 
 # bench_stage NAME STAGE_JSON CAP CONTENDERS: one benchmark stage; its --time-budget starts no
@@ -114,9 +121,15 @@ bench_stage() {
         "${bench_flags[@]}" --contenders "$4" --time-budget $((cap > case_reserve ? cap - case_reserve : 1)) \
         -v -p no:cacheprovider -p no:xdist --benchmark-json="$2" \
         --benchmark-columns=median,iqr,rounds,iterations
+    if [[ ${results[-1]} != *=skipped ]]; then unreported=1; fi
 }
 
+# report [last]: the report of the benchmark stages so far, if one ran since the last report;
+# the dry run's only at its last stage or after a cut.
 report() {
+    if [ $unreported = 0 ]; then return; fi
+    if [ $dry_run = 1 ] && [ $interrupted = 0 ] && [ "${1:-}" != last ]; then return; fi
+    unreported=0
     echo "== report"
     "$python" benchmarks/report.py "$scratch"/bench_*.json --merged "$out/bench.json" \
         --markdown "$out/table.md" --results "$out/RESULTS.md" --png "$out/roofline.png"
@@ -134,7 +147,7 @@ report
 bench_stage "benchmarks torch.compile" "$scratch/bench_2_compile.json" "$compile_cap" compile
 report
 bench_stage "autotune: tuned vs static" "$scratch/bench_3_tuned.json" "$tune_cap" tuned
-report
+report last
 run_stage profile "$(capped "$profile_cap")" "$out/profile.txt" \
     "$python" -m fastarch profile "${profile_args[@]}"
 run_stage tests "$(capped "$tests_cap")" "$out/tests.log" \

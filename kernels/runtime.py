@@ -17,8 +17,9 @@ POISON_OUTPUTS: bool = os.environ.get("FASTARCH_POISON_OUTPUTS", "0") == "1"
 # The elements an interpreted tile may hold (``launch.interpreter_tile``). Large, because the
 # interpreter's cost is per program and loop iteration; the tests set a small one, so that
 # their tiny shapes still run every multi-program path (partial merges, split reductions).
+DEFAULT_INTERPRETER_TILE_ELEMENTS = 1 << 18
 INTERPRETER_TILE_ELEMENTS: int = int(os.environ.get("FASTARCH_INTERPRETER_TILE_ELEMENTS",
-                                                    1 << 18))
+                                                    DEFAULT_INTERPRETER_TILE_ELEMENTS))
 
 # Hopper's SM count (H100/H200 SXM): what split reductions size their grids for where no
 # device can be asked (the interpreter, the compile check's meta tensors).

@@ -7,6 +7,9 @@ import tempfile
 # Inductor's on-disk graph cache does not key on a custom operator's shape function, so a
 # cache left by an earlier checkout could replay a graph built from other shapes.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fastarch-inductor-"))
+# Inductor compiles in a pool of worker processes, each of which imports torch (seconds of
+# CPU per test process); the tests' few small graphs compile faster in process.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import torch  # noqa: E402
 
@@ -25,11 +28,21 @@ import pytest  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from fastarch import backend  # noqa: E402
+from fastarch.kernels import launch, runtime  # noqa: E402
 
 
 @pytest.fixture
 def device() -> str:
     return DEVICE
+
+
+@pytest.fixture
+def shipped_interpreter_tiles(monkeypatch) -> None:
+    """Interpreted tiles of the shipped size (the demo's) instead of the tests' 8192, for the
+    end-to-end training runs: they check training, not the multi-program paths (the kernel
+    tests do that), and run at a fraction of the cost."""
+    monkeypatch.setattr(launch, "INTERPRETER_TILE_ELEMENTS",
+                        runtime.DEFAULT_INTERPRETER_TILE_ELEMENTS)
 
 
 @pytest.fixture
@@ -69,6 +82,17 @@ def pytest_addoption(parser):
     parser.addoption("--gpu-check", action="store_true",
                      help="only the tests marked gpu_check, each in the first parametrization "
                           "of every dtype and layout (benchmarks/gpu_check.sh)")
+
+
+def pytest_ignore_collect(collection_path, config):
+    """--gpu-check: a test file that never names the gpu_check mark has nothing to select, so
+    it is not even imported (test_opinfo's import of torch's OpInfo database alone takes
+    seconds)."""
+    if (config.getoption("--gpu-check") and collection_path.suffix == ".py"
+            and collection_path.name.startswith("test_")
+            and "gpu_check" not in collection_path.read_text()):
+        return True
+    return None
 
 
 def _variant_of(item) -> tuple[str, ...]:

@@ -1,4 +1,5 @@
 """Named pooling cases shared by the pooling tests (and the benchmarks' smoke mode)."""
+import pytest
 import torch
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -46,3 +47,14 @@ ADAPTIVE_CASES = {
     "upsample_3_to_5": ((1, 3, 3, 4), (5, 7)),
     "keep_width_none": ((1, 3, 10, 6), (4, None)),
 }
+
+
+def layout_variants(cases: dict) -> list:
+    """pytest params (case, dtype, channels_last), with ids ``case-dtype-layout``: every case
+    in both layouts (dense channels_last and strided take different paths in the kernels),
+    the dtype rotating through DTYPES over the cases and layouts, so that each dtype meets
+    both layouts; the kernels only load and store it (their sums are fp32)."""
+    return [pytest.param(case, DTYPES[k % len(DTYPES)], channels_last,
+                         id=f"{name}-{DTYPE_IDS[k % len(DTYPES)]}-{LAYOUT_IDS[j]}")
+            for i, (name, case) in enumerate(cases.items())
+            for j, channels_last in enumerate(LAYOUTS) for k in [2 * i + j]]

@@ -9,7 +9,7 @@ import fastarch
 from fastarch import backend
 from fastarch.testing import assert_close, assert_same_outcome, random_input, reference_grads
 from layout_paths import PATH_CASES, assert_paths, path_input, recorded_launches
-from pool_cases import ADAPTIVE_CASES, AVG_POOL_CASES, DTYPE_IDS, DTYPES, LAYOUT_IDS, LAYOUTS
+from pool_cases import ADAPTIVE_CASES, AVG_POOL_CASES, layout_variants
 
 
 def _window_taps(kwargs: dict) -> int:
@@ -18,9 +18,7 @@ def _window_taps(kwargs: dict) -> int:
 
 
 @pytest.mark.gpu_check
-@pytest.mark.parametrize("channels_last", LAYOUTS, ids=LAYOUT_IDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("case", AVG_POOL_CASES.values(), ids=AVG_POOL_CASES.keys())
+@pytest.mark.parametrize("case, dtype, channels_last", layout_variants(AVG_POOL_CASES))
 def test_avg_pool2d_matches_torch(case, dtype, channels_last, device):
     shape, kwargs = case
     x = random_input(shape, dtype, device, channels_last, requires_grad=True)
@@ -37,9 +35,7 @@ def test_avg_pool2d_matches_torch(case, dtype, channels_last, device):
 
 
 @pytest.mark.gpu_check
-@pytest.mark.parametrize("channels_last", LAYOUTS, ids=LAYOUT_IDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("case", ADAPTIVE_CASES.values(), ids=ADAPTIVE_CASES.keys())
+@pytest.mark.parametrize("case, dtype, channels_last", layout_variants(ADAPTIVE_CASES))
 def test_adaptive_avg_pool2d_matches_torch(case, dtype, channels_last, device):
     shape, output_size = case
     x = random_input(shape, dtype, device, channels_last, requires_grad=True)

@@ -3,9 +3,7 @@ the results report (table, RESULTS.md section, roofline PNG) on synthetic pytest
 JSON, the op ranges, and ``python -m fastarch profile`` on the CPU."""
 import importlib
 import json
-import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
@@ -14,6 +12,7 @@ from torch import nn
 
 import fastarch.functional as FF
 from fastarch import models
+from fastarch import profile as profiler
 from fastarch.inventory import run_cost, torch_twin, trace_leaves
 from fastarch.kernels.tensor_cores import Operand
 from fastarch.roofline import Cost, backward_cost, ceilings_for, forward_cost
@@ -251,14 +250,12 @@ def test_fastarch_ops_run_inside_named_ranges(device):
 
 
 @pytest.mark.gpu_check
-def test_profile_command_prints_its_table_and_writes_a_trace(tmp_path):
+def test_profile_command_prints_its_table_and_writes_a_trace(tmp_path, capsys):
+    """In this process (``python -m fastarch profile``, which restarts itself under the
+    interpreter, runs in the GPU check's dry run, tests/test_gpu_check.py)."""
     trace = tmp_path / "trace.json"
-    env = {k: v for k, v in os.environ.items() if k != "FASTARCH_POISON_OUTPUTS"}
-    run = subprocess.run([sys.executable, "-m", "fastarch", "profile", "lenet5", "--batch", "2",
-                          "--trace", str(trace)], capture_output=True, text=True, env=env,
-                         timeout=300, cwd=ROOT)
-    assert run.returncode == 0, run.stderr
-    lines = run.stdout.splitlines()
+    assert profiler.main(["lenet5", "--batch", "2", "--trace", str(trace)]) == 0
+    lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("fastarch profile: lenet5, batch 2, bf16")
     assert "4 fused runs" in lines[0]
     rules = [index for index, line in enumerate(lines) if line.startswith("---")]

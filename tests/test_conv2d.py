@@ -15,6 +15,7 @@ from fastarch.kernels.welford import merge_welford_partials
 from fastarch.ops import conv2d as conv_ops
 from fastarch.testing import (assert_close, assert_same_outcome, cudnn_tf32, random_input,
                               reference_grads)
+from variants import alternating
 
 # torch's own reference warns that padding='same' with an even kernel pads a copy.
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
@@ -84,9 +85,8 @@ def _expect_channels_last(t: torch.Tensor, channels_last: bool, in_channels: int
 # ----------------------------------------------------------------------------- forward
 
 @pytest.mark.gpu_check
-@pytest.mark.parametrize("layout", LAYOUTS.keys())
-@pytest.mark.parametrize("dtype_id", DTYPES.keys())
-@pytest.mark.parametrize("case_id", CONV_CASES.keys())
+@pytest.mark.parametrize("case_id, dtype_id, layout",
+                         alternating(CONV_CASES, DTYPES, list(LAYOUTS)))
 def test_conv2d_forward_matches_torch(case_id, dtype_id, layout, device):
     case = CONV_CASES[case_id]
     dtype, tf32, tolerance = DTYPES[dtype_id]
@@ -197,10 +197,11 @@ def _merged_stats_match(partials, conv_ref: torch.Tensor, reduction: int) -> Non
                  tolerance, reduction, name="batch var")
 
 
+# Every case with every epilogue, the dtype alternating (the epilogue runs on the fp32
+# accumulator: the dtype changes the main loop and the store, the same for every flag).
 @pytest.mark.gpu_check
-@pytest.mark.parametrize("dtype_id", ["fp32", "bf16"])
-@pytest.mark.parametrize("epilogue_id", EPILOGUES.keys())
-@pytest.mark.parametrize("case_id", EPILOGUE_CASES)
+@pytest.mark.parametrize("case_id, epilogue_id, dtype_id",
+                         alternating(EPILOGUE_CASES, EPILOGUES, ["fp32", "bf16"]))
 def test_epilogue_flags(case_id, epilogue_id, dtype_id, device):
     case, flags = CONV_CASES[case_id], EPILOGUES[epilogue_id]
     dtype, tf32, tolerance = DTYPES[dtype_id]
@@ -294,9 +295,8 @@ def _module_like(case, dtype, device, bias: bool = True):
 
 
 @pytest.mark.gpu_check
-@pytest.mark.parametrize("layout", LAYOUTS.keys())
-@pytest.mark.parametrize("dtype_id", ["fp32", "bf16"])
-@pytest.mark.parametrize("case_id", GRAD_CASES)
+@pytest.mark.parametrize("case_id, dtype_id, layout",
+                         alternating(GRAD_CASES, ["fp32", "bf16"], list(LAYOUTS)))
 def test_module_autograd_matches_torch(case_id, dtype_id, layout, device):
     case = CONV_CASES[case_id]
     dtype, tf32, tolerance = DTYPES[dtype_id]

@@ -11,12 +11,18 @@ import torch
 from fastarch import digits, models
 from model_cases import NotesLeNet5, assert_as_accurate_as_torch, ieee_fp32
 
-pytest.importorskip("sklearn", reason="scikit-learn (a dependency of fastarch: the digits) is "
-                    "not installed here, e.g. after benchmarks/gpu_check.sh's --no-deps install")
+# The demo's interpreter recipe (AdamW, lr held then decayed) for four steps (the last one
+# decayed), on batches of 8 to keep the interpreter's share of CI small.
+FIRST_STEPS = dataclasses.replace(digits.INTERPRETER_RUN, steps=4, batch_size=8)
 
-# The demo's interpreter recipe (AdamW, lr held then decayed) for six steps, on batches of 8
-# to keep the interpreter's share of CI small.
-FIRST_STEPS = dataclasses.replace(digits.INTERPRETER_RUN, steps=6, batch_size=8)
+
+@pytest.fixture
+def data() -> digits.Digits:
+    """The digits, imported when a test needs them (scikit-learn's import takes seconds)."""
+    pytest.importorskip("sklearn", reason="scikit-learn (a dependency of fastarch: the digits) "
+                        "is not installed here, e.g. after benchmarks/gpu_check.sh's --no-deps "
+                        "install")
+    return digits.load_digits_32x32()
 
 
 def _float64(data: digits.Digits) -> digits.Digits:
@@ -26,8 +32,8 @@ def _float64(data: digits.Digits) -> digits.Digits:
 
 @pytest.mark.slow
 @pytest.mark.gpu_check
-def test_first_steps_match_torch_loss_by_loss(device):
-    data = digits.load_digits_32x32()
+@pytest.mark.usefixtures("shipped_interpreter_tiles")  # the demo's tiles
+def test_first_steps_match_torch_loss_by_loss(device, data):
     ours = models.lenet5()
     reference = NotesLeNet5()
     reference.load_state_dict(ours.state_dict())
@@ -53,8 +59,8 @@ def test_first_steps_match_torch_loss_by_loss(device):
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs a GPU: the full run is 440 steps, hours under the interpreter")
 @pytest.mark.gpu_check
-def test_full_run_reaches_the_target_accuracy():
-    data = digits.load_digits_32x32().to("cuda")
+def test_full_run_reaches_the_target_accuracy(data):
+    data = data.to("cuda")
     model = models.lenet5().to("cuda")
     digits.train(model, data, digits.FULL_RUN, seed=0)
     accuracy = digits.accuracy(model, data.test_images, data.test_labels)

@@ -16,6 +16,7 @@ from model_cases import ieee_fp32
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("shipped_interpreter_tiles")  # as the demo runs
 def test_a_short_demo_matches_torch_nn(monkeypatch, capsys):
     """Two training steps of the demo's recipe, then 48 held-out images in two batches: the
     report's losses and accuracy are torch.nn's, trained from the same weights on the same

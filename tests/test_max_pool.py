@@ -10,7 +10,7 @@ from fastarch.kernels.launch import TileConfig
 from fastarch.kernels.pool_geometry import PoolGeometry
 from fastarch.testing import assert_close, assert_same_outcome, random_input
 from layout_paths import PATH_CASES, assert_paths, path_input, recorded_launches
-from pool_cases import DTYPE_IDS, DTYPES, LAYOUT_IDS, LAYOUTS, MAX_POOL_CASES
+from pool_cases import MAX_POOL_CASES, layout_variants
 
 
 def _reference(x: torch.Tensor, dy: torch.Tensor, kwargs: dict):
@@ -29,9 +29,7 @@ def _overlap(kwargs: dict) -> int:
 
 
 @pytest.mark.gpu_check
-@pytest.mark.parametrize("channels_last", LAYOUTS, ids=LAYOUT_IDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("case", MAX_POOL_CASES.values(), ids=MAX_POOL_CASES.keys())
+@pytest.mark.parametrize("case, dtype, channels_last", layout_variants(MAX_POOL_CASES))
 def test_max_pool2d_matches_torch(case, dtype, channels_last, device):
     shape, kwargs = case
     x = random_input(shape, dtype, device, channels_last, requires_grad=True)

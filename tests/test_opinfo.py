@@ -10,14 +10,14 @@ results exactly), or raises the exception type torch raises, and it takes torch'
 and every dtype we do not accelerate (int64 here). Never a different answer.
 
 Samples run in float32 and int64 for every op, bfloat16 for the ops in ``BF16_OPS``;
-gradients (float64 reference, a random output gradient) for the float32 samples. Every
-sample runs, except max_pool2d's: OpInfo enumerates 1440 (10 input shapes and layouts x 144
-argument combinations) and the interpreter takes ~60 ms for each forward, ~200 ms with its
-backward, so we take every ``STEP["max_pool2d"]``-th in OpInfo's order (39 of them), the step
-coprime to the sizes of OpInfo's argument grid (2 and 3), so that every value of every
-argument and every input shape and layout still occur (a test checks it). The file takes
-about a minute of one core. ``error_inputs`` run where OpInfo has them (conv2d and the
-pools): the same exception type as torch.
+gradients (float64 reference, a random output gradient) for the float32 samples, in the
+same test as their outputs. Every sample runs, except max_pool2d's: OpInfo enumerates 1440
+(10 input shapes and layouts x 144 argument combinations) and the interpreter takes ~60 ms
+for each forward, ~200 ms with its backward, so we take every ``STEP["max_pool2d"]``-th in
+OpInfo's order (19 of them), the step coprime to the sizes of OpInfo's argument grid (2 and
+3), so that every value of every argument and every input shape and layout still occur (a
+test checks it). The file takes about half a minute of one core. ``error_inputs`` run where
+OpInfo has them (conv2d and the pools): the same exception type as torch.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ OPINFOS = {op.name.removeprefix("nn.functional."): op
            for op in _import_op_db()
            if op.name.removeprefix("nn.functional.") in NAMES and op.variant_test_name == ""}
 BF16_OPS = ("conv2d", "max_pool2d", "batch_norm", "linear")
-STEP = {"max_pool2d": 37}
+STEP = {"max_pool2d": 77}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int64": torch.int64}
 
 pytestmark = pytest.mark.torch_fallback  # each test asserts its own expected route
@@ -180,9 +180,19 @@ def _run(name: str, sample: Any, dtype: torch.dtype, args: list, kwargs: dict) -
     return ours
 
 
+def _assert_same_outputs(name: str, sample: Any, dtype: torch.dtype, ours: Any, args: list,
+                         reference: Any, ref_args: list) -> None:
+    """The outputs, and for BatchNorm the running statistics the call updated."""
+    length = _reduction_length(name, sample)
+    _assert_same(ours, reference, dtype, length, "output")
+    if name == "batch_norm" and args[1] is not None:
+        _assert_same((args[1], args[2]), (ref_args[1], ref_args[2]), dtype, length,
+                     "running statistics")
+
+
+# float32 samples run in test_float32_sample_and_its_gradients_match_torch.
 @pytest.mark.parametrize("name, dtype_id, index",
-                         _params("float32", NAMES) + _params("bfloat16", BF16_OPS)
-                         + _params("int64", NAMES))
+                         _params("bfloat16", BF16_OPS) + _params("int64", NAMES))
 def test_sample_matches_torch(name, dtype_id, index, device):
     dtype = DTYPES[dtype_id]
     sample = _samples(name, dtype, False, device)[index]
@@ -196,11 +206,7 @@ def test_sample_matches_torch(name, dtype_id, index, device):
         else:
             ref_args, ref_kwargs = _arguments(name, sample)
         reference = OPINFOS[name].op(*ref_args, **ref_kwargs)
-    length = _reduction_length(name, sample)
-    _assert_same(ours, reference, dtype, length, "output")
-    if name == "batch_norm" and args[1] is not None:  # the running statistics it updated
-        _assert_same((args[1], args[2]), (ref_args[1], ref_args[2]), dtype, length,
-                     "running statistics")
+    _assert_same_outputs(name, sample, dtype, ours, args, reference, ref_args)
 
 
 def _grad_leaves(args: list, kwargs: dict) -> list[torch.Tensor]:
@@ -209,7 +215,9 @@ def _grad_leaves(args: list, kwargs: dict) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("name, dtype_id, index", _params("float32", NAMES))
-def test_sample_gradients_match_torch(name, dtype_id, index, device):
+def test_float32_sample_and_its_gradients_match_torch(name, dtype_id, index, device):
+    """The outputs as in test_sample_matches_torch, then the gradients: one call serves
+    both."""
     sample = _samples(name, torch.float32, True, device)[index]
     args, kwargs = _arguments(name, sample)
     with cudnn_tf32(False):  # full-precision fp32, as the reference
@@ -217,8 +225,9 @@ def test_sample_gradients_match_torch(name, dtype_id, index, device):
         if ours is None:
             return
         ref_args, ref_kwargs = _arguments(name, sample, _float64)
-        reference = _outputs(OPINFOS[name].op(*ref_args, **ref_kwargs))[0]
-        ours = _outputs(ours)[0]
+        reference = OPINFOS[name].op(*ref_args, **ref_kwargs)
+        _assert_same_outputs(name, sample, torch.float32, ours, args, reference, ref_args)
+        reference, ours = _outputs(reference)[0], _outputs(ours)[0]
         dy = torch.randn_like(ours)
         grads = torch.autograd.grad(ours, _grad_leaves(args, kwargs), dy, allow_unused=True)
         ref_grads = torch.autograd.grad(reference, _grad_leaves(ref_args, ref_kwargs),
