@@ -50,9 +50,11 @@ LAYER_MODELS = ("lenet5", "alexnet", "vgg16_bn")
 LAYER_KINDS = ((nn.Conv2d, "conv"), (nn.BatchNorm2d, "bn"), ((nn.MaxPool2d, nn.AvgPool2d), "pool"),
                (nn.Linear, "fc"))
 # fastarch runs its static tables (FASTARCH_AUTOTUNE=off); "tuned" is fastarch autotuned
-# (=on: its first, warm-up call times the candidates), on layers and blocks only. The
-# fastarch contenders come last: their speedups need the others.
-CONTENDERS = ("eager", "compile", "fastarch", "tuned")
+# (=on: its first, warm-up call times the candidates), on layers and blocks only; "tma" is
+# fastarch's static tables with FASTARCH_CONV_ALGO=tma (the Hopper TMA convolution wherever
+# it applies), on conv layers and blocks only. The fastarch contenders come last: their
+# speedups need the others.
+CONTENDERS = ("eager", "compile", "fastarch", "tuned", "tma")
 LAYER_MODES = ("eval", "train", "fwd_bwd")
 MODEL_MODES = ("eval", "train_step")
 
@@ -87,6 +89,10 @@ DRY_RUN = (
     ("vgg16_bn.bn5", "train"),
     ("alexnet.fc2", "eval"),
 )
+# The --convs subset (gpu_check.sh's conv stage): every conv layer in eval, VGG first (the
+# issue's 3x3 targets), then AlexNet and LeNet-5; with --dry-run only these, at smoke shapes.
+CONV_MODELS = ("vgg16_bn", "alexnet", "lenet5")
+CONVS_DRY_RUN = (("vgg16_bn.conv11", "eval"), ("lenet5.conv1", "eval"))
 # The --smoke subset (CI, interpreter): every kind in every mode on its smallest case, every
 # model in eval but VGG16-BN (CI's dry run, tests/test_gpu_check.py, times its eval at the
 # same shapes), one training step (the interpreter takes seconds per large conv backward).
@@ -240,9 +246,14 @@ def all_cases() -> tuple[Case, ...]:
 
 def scenarios(subset: str = "full") -> list[tuple[Case, str]]:
     """(case, mode) pairs in run order: every case, whole models first ("full"), the "quick"
-    or "dry-run" subset in its priority order, or the "smoke" subset."""
-    if subset in ("quick", "dry-run"):
-        by_name = {case.name: case for case in all_cases()}
-        return [(by_name[name], mode) for name, mode in (QUICK if subset == "quick" else DRY_RUN)]
+    or "dry-run" subset in its priority order, every conv layer in eval ("convs", or its
+    "convs-dry-run" share), or the "smoke" subset."""
+    by_name = {case.name: case for case in all_cases()}
+    named = {"quick": QUICK, "dry-run": DRY_RUN, "convs-dry-run": CONVS_DRY_RUN}
+    if subset in named:
+        return [(by_name[name], mode) for name, mode in named[subset]]
+    if subset == "convs":
+        return [(case, "eval") for model in CONV_MODELS for case in all_cases()
+                if case.kind == "conv" and case.model == model]
     return [(case, mode) for case in all_cases() for mode in case.modes
             if subset == "full" or mode in SMOKE.get(case.name, ())]

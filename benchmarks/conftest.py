@@ -11,9 +11,10 @@ Modes:
   would take minutes);
 * otherwise, without a GPU, nothing is collected and the header says why.
 
-Options: ``--dtype`` (bf16 default), ``--no-tf32``, ``--quick``, ``--contenders`` (which of
-eager, compile, fastarch, tuned to run), ``--rounds``, ``--time-budget`` (skip what is left after
-that many seconds, so that a bounded run ends by itself and writes its JSON).
+Options: ``--dtype`` (bf16 default), ``--no-tf32``, ``--quick``, ``--convs`` (every conv
+layer in eval), ``--contenders`` (which of eager, compile, fastarch, tuned, tma to run),
+``--rounds``, ``--time-budget`` (skip what is left after that many seconds, so that a
+bounded run ends by itself and writes its JSON).
 """
 import os
 import signal
@@ -50,8 +51,12 @@ def pytest_addoption(parser):
                          "JSON like a GPU run (gpu_check.sh --dry-run)")
     group.addoption("--quick", action="store_true",
                     help="only the cases in benchmarks/cases.py QUICK (gpu_check.sh)")
+    group.addoption("--convs", action="store_true",
+                    help="every conv layer in eval (gpu_check.sh's TMA vs pointer vs cuDNN "
+                         "stage; with --dry-run, CONVS_DRY_RUN at tiny shapes)")
     group.addoption("--contenders", default=",".join(CONTENDERS),
-                    help="comma-separated subset of eager,compile,fastarch,tuned (default: all)")
+                    help="comma-separated subset of eager,compile,fastarch,tuned,tma "
+                         "(default: all)")
     group.addoption("--dtype", default="bf16", choices=sorted(DTYPES),
                     help="activations and weights of every contender (default bf16)")
     group.addoption("--no-tf32", action="store_true",

@@ -12,7 +12,10 @@
 #   1. install (editable; a copy on PYTHONPATH if pip fails)
 #   2. benchmarks, PyTorch eager (cuDNN) vs fastarch: VGG16-BN inference first, then the other
 #      models, then the layers (benchmarks/cases.py QUICK)
-#   3. the same cases under torch.compile
+#   2b. every conv layer of VGG16-BN, AlexNet and LeNet-5 in eval: cuDNN, fastarch's pointer
+#      kernels and fastarch forced onto the Hopper TMA convolution (FASTARCH_CONV_ALGO=tma),
+#      timed side by side (benchmarks/cases.py --convs; the dry run: CONVS_DRY_RUN)
+#   3. the same cases as 2 under torch.compile
 #   3b. autotuning: the same layers and blocks with fastarch autotuned (each one's first call
 #      times its candidates) against the static tables of stage 2; the winners are kept in
 #      OUT/autotune/ (every other stage runs the static tables: FASTARCH_AUTOTUNE=off)
@@ -39,13 +42,13 @@ exec > >(tee -i "$out/check.log") 2>&1   # -i: a Ctrl-C to the group must not en
 
 if [ $dry_run = 1 ]; then
     budget=${GPU_CHECK_SECONDS:-175}
-    bench_cap=60 compile_cap=35 tune_cap=20 profile_cap=30 tests_cap=25 case_reserve=8
+    bench_cap=55 convs_cap=20 compile_cap=35 tune_cap=20 profile_cap=25 tests_cap=25 case_reserve=8
     bench_flags=(--dry-run --rounds 1)
     profile_args=(lenet5 --batch 2)
     tests_flags=(--collect-only)
 else
     budget=${GPU_CHECK_SECONDS:-285}
-    bench_cap=110 compile_cap=50 tune_cap=45 profile_cap=25 tests_cap=60 case_reserve=20
+    bench_cap=100 convs_cap=45 compile_cap=45 tune_cap=35 profile_cap=20 tests_cap=50 case_reserve=20
     bench_flags=(--quick --rounds 15)
     profile_args=(vgg16_bn --batch 64 --reps 10)
     tests_flags=(-n 8 -rfE)
@@ -112,13 +115,14 @@ install() {
     versions
 }
 
-# bench_stage NAME STAGE_JSON CAP CONTENDERS: one benchmark stage; its --time-budget starts no
-# case in the last case_reserve seconds, so that the session mostly ends by itself.
+# bench_stage NAME STAGE_JSON CAP CONTENDERS [FLAG...]: one benchmark stage (FLAGs after the
+# common ones); its --time-budget starts no case in the last case_reserve seconds, so that
+# the session mostly ends by itself.
 bench_stage() {
     local cap
     cap=$(capped "$3")
     run_stage "$1" "$cap" - "$python" -m pytest benchmarks/test_benchmarks.py --benchmark-only \
-        "${bench_flags[@]}" --contenders "$4" --time-budget $((cap > case_reserve ? cap - case_reserve : 1)) \
+        "${bench_flags[@]}" "${@:5}" --contenders "$4" --time-budget $((cap > case_reserve ? cap - case_reserve : 1)) \
         -v -p no:cacheprovider -p no:xdist --benchmark-json="$2" \
         --benchmark-columns=median,iqr,rounds,iterations
     if [[ ${results[-1]} != *=skipped ]]; then unreported=1; fi
@@ -144,9 +148,12 @@ install
 bench_stage "benchmarks eager+fastarch" "$scratch/bench_1_eager_fastarch.json" "$bench_cap" \
     eager,fastarch
 report
-bench_stage "benchmarks torch.compile" "$scratch/bench_2_compile.json" "$compile_cap" compile
+bench_stage "conv layers: TMA vs pointer vs cuDNN" "$scratch/bench_2_convs.json" "$convs_cap" \
+    eager,fastarch,tma --convs
 report
-bench_stage "autotune: tuned vs static" "$scratch/bench_3_tuned.json" "$tune_cap" tuned
+bench_stage "benchmarks torch.compile" "$scratch/bench_3_compile.json" "$compile_cap" compile
+report
+bench_stage "autotune: tuned vs static" "$scratch/bench_4_tuned.json" "$tune_cap" tuned
 report last
 run_stage profile "$(capped "$profile_cap")" "$out/profile.txt" \
     "$python" -m fastarch profile "${profile_args[@]}"

@@ -1,12 +1,14 @@
-"""Turn pytest-benchmark JSON into the results: a markdown table (fastarch / eager / compile
-side by side, printed), a section of benchmarks/RESULTS.md, and a roofline-style PNG.
+"""Turn pytest-benchmark JSON into the results: a markdown table (fastarch static, autotuned
+and TMA, eager and compile side by side, printed), a section of benchmarks/RESULTS.md, and a
+roofline-style PNG.
 
     python benchmarks/report.py STAGE.json [STAGE.json ...] [--merged bench.json]
                                 [--markdown table.md] [--results RESULTS.md] [--png roofline.png]
 
-Several JSON files (gpu_check.sh's stages: eager + fastarch, then torch.compile) merge into one
-run; files a stage never wrote (it was cut before its session ended) are passed over. A wall
-time whose kernels took under ``LAUNCH_BOUND`` of it shows the device time beside it.
+Several JSON files (gpu_check.sh's stages) merge into one run, a contender timed again in a
+later stage keeping its last time; files a stage never wrote (it was cut before its session
+ended) are passed over. A wall time whose kernels took under ``LAUNCH_BOUND`` of it shows the
+device time beside it.
 
 A RESULTS.md section is keyed by card, dtype and subset: a new run of the same replaces it,
 other sections stay. The PNG plots every case's achieved rate against the card's ceilings
@@ -27,7 +29,7 @@ import torch
 from fastarch.kernels.tensor_cores import Operand
 from fastarch.roofline import Ceilings, ceilings_for
 
-CONTENDERS = ("fastarch", "tuned", "eager", "compile")
+CONTENDERS = ("fastarch", "tuned", "tma", "eager", "compile")
 LAUNCH_BOUND = 0.8  # device time / wall time below this: the host's launches dominate
 ENVIRONMENT = ("gpu", "torch", "triton", "cudnn", "cuda", "dtype", "tf32", "subset")
 
@@ -55,6 +57,8 @@ def summarize(bench: dict) -> dict:
                                           if "fastarch" in times and rival in times else None)
         row["tuned_vs_static"] = (times["fastarch"] / times["tuned"]
                                   if "fastarch" in times and "tuned" in times else None)
+        row["tma_vs_eager"] = (times["eager"] / times["tma"]
+                               if "tma" in times and "eager" in times else None)
     commit = bench.get("commit_info", {}).get("id") or ""
     return {"datetime": bench.get("datetime", ""), "commit": commit[:10],
             "environment": environment, "rows": list(rows.values())}
@@ -105,9 +109,10 @@ def markdown(summary: dict) -> str:
     ceilings = ceilings_for(summary["environment"].get("gpu", ""))
     kind = operand(summary["environment"])
     lines = [header(summary), "",
-             "| case | mode | what | fastarch | fastarch autotuned | eager (cuDNN) | "
-             "torch.compile | fastarch % of roof | vs eager | vs compile | tuned vs static |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| case | mode | what | fastarch | fastarch autotuned | fastarch TMA | "
+             "eager (cuDNN) | torch.compile | fastarch % of roof | vs eager | vs compile | "
+             "tuned vs static | TMA vs eager |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in summary["rows"]:
         metric = "TFLOP/s" if row["flops"] else "GB/s"
         cells = [_cell(row["contenders"].get(c), metric) for c in CONTENDERS]
@@ -116,7 +121,7 @@ def markdown(summary: dict) -> str:
                      f"{' | '.join(cells)} | "
                      f"{'—' if fraction is None else f'{fraction:.0%}'} | "
                      f"{_ratio(row['speedup_vs_eager'])} | {_ratio(row['speedup_vs_compile'])} | "
-                     f"{_ratio(row['tuned_vs_static'])} |")
+                     f"{_ratio(row['tuned_vs_static'])} | {_ratio(row['tma_vs_eager'])} |")
     return "\n".join(lines)
 
 
@@ -150,8 +155,8 @@ def roofline_png(summary: dict, path: Path) -> None:
     memory = [r for r in summary["rows"] if not r["flops"]]
     figure, (left, right) = plt.subplots(1, 2, figsize=(15, 6.5),
                                          gridspec_kw={"width_ratios": [1, 1.3]})
-    colours = {"fastarch": "tab:red", "tuned": "tab:orange", "eager": "tab:blue",
-               "compile": "tab:green"}
+    colours = {"fastarch": "tab:red", "tuned": "tab:orange", "tma": "tab:purple",
+               "eager": "tab:blue", "compile": "tab:green"}
     intensities = [r["flops"] / r["bytes"] for r in compute if r["bytes"]]
     if ceilings is not None and ceilings.matmul_tflops.get(kind) and intensities:
         peak, bandwidth = ceilings.matmul_tflops[kind], ceilings.copy_gbs / 1e3  # TB/s

@@ -1,7 +1,9 @@
 """Every case of ``cases.py`` in each of its modes, up to four contenders in one benchmark
 group: PyTorch eager (cuDNN / cuBLAS), torch.compile of the same torch module, fastarch on
-its static tables and, for layers and blocks, fastarch autotuned (``--contenders`` picks
-some: gpu_check.sh runs eager + fastarch first, then compile, then tuned).
+its static tables, for layers and blocks fastarch autotuned, and for conv layers and blocks
+fastarch forced onto the TMA convolution (``--contenders`` picks some: gpu_check.sh runs
+eager + fastarch first, then eager + fastarch + tma on every conv layer, then compile, then
+tuned).
 
 The torch contenders run ``fastarch.inventory.torch_twin`` of the fastarch module: the same
 weights on torch's own classes. Blocks and whole models run fastarch fused
@@ -27,6 +29,7 @@ from torch import nn
 from fastarch.inventory import torch_twin
 from fastarch.kernels.tensor_cores import Operand
 
+FASTARCH = ("fastarch", "tuned", "tma")
 # Relative L2 error allowed between fastarch and torch, by operand kind; models ×2.5.
 CHECK_TOLERANCE = {Operand.SIXTEEN_BIT: 2e-2, Operand.TF32: 5e-3, Operand.IEEE: 1e-4}
 
@@ -37,7 +40,17 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("scenario", [
             pytest.param((case, mode, contender), id=f"{case.name}-{mode}-{contender}")
             for case, mode in scenarios(subset_of(metafunc.config)) for contender in chosen
-            if contender != "tuned" or case.kind != "model"])
+            if runs_on(contender, case)])
+
+
+def runs_on(contender: str, case: Case) -> bool:
+    """Whether ``contender`` has anything of its own to time on ``case``: tuning on layers
+    and blocks, the TMA convolution where a conv runs alone or in a block."""
+    if contender == "tuned":
+        return case.kind != "model"
+    if contender == "tma":
+        return case.kind in ("conv", "block")
+    return True
 
 
 def contenders_of(config) -> tuple[str, ...]:
@@ -68,7 +81,7 @@ def case_module(case: Case, model: nn.Module) -> nn.Module:
 
 def contender_module(case: Case, contender: str, module: nn.Module,
                      compile_backend: str = "inductor") -> nn.Module:
-    if contender in ("fastarch", "tuned"):
+    if contender in FASTARCH:
         return fusion.fuse(module) if case.kind in ("block", "model") else module
     twin = torch_twin(module)
     if contender == "compile":
@@ -134,6 +147,8 @@ def check_against_torch(case: Case, mode: str, fn, args: tuple, source: nn.Modul
 
 
 def subset_of(config) -> str:
+    if config.getoption("convs"):
+        return "convs-dry-run" if config.getoption("dry_run") else "convs"
     for subset in ("smoke", "dry-run", "quick"):
         if config.getoption(subset.replace("-", "_")):
             return subset
@@ -144,6 +159,7 @@ def test_case(benchmark, scenario, bench_device, bench_dtype, tf32, smoke, tiny,
               request, monkeypatch):
     case, mode, contender = scenario
     monkeypatch.setenv("FASTARCH_AUTOTUNE", "on" if contender == "tuned" else "off")
+    monkeypatch.setenv("FASTARCH_CONV_ALGO", "tma" if contender == "tma" else "auto")
     if smoke and contender == "compile":
         pytest.skip("torch.compile is not run in --smoke: inductor's first CPU compile takes "
                     "~25 s of C++ builds; the GPU run compiles every case")
@@ -156,7 +172,7 @@ def test_case(benchmark, scenario, bench_device, bench_dtype, tf32, smoke, tiny,
     fn, make, bytes_per_copy = workload(module, case, mode, tiny, bench_dtype, bench_device)
     next_args = rotating(make, bytes_per_copy, copies=1 if tiny else None)
     benchmark.group = f"{case.name} {mode}"
-    if contender in ("fastarch", "tuned") and mode in ("eval", "train"):
+    if contender in FASTARCH and mode in ("eval", "train"):
         check_against_torch(case, mode, fn, next_args(), source, tiny, bench_dtype,
                             bench_device, tf32)
     if smoke:  # --benchmark-disable: one untimed call
@@ -181,7 +197,7 @@ def rates(case: Case, mode: str, tiny: bool, dtype: torch.dtype, median: float,
     info = {"flops": cost.flops, "bytes": cost.bytes, cost.metric: cost.rate(median)}
     if contender == "compile":
         info["compile_mode"] = f"default ({compile_backend})"
-    if contender in ("fastarch", "tuned"):
+    if contender in FASTARCH:
         info["fused"] = case.kind in ("block", "model") and fusion is not None
         info.update({f"speedup_vs_{rival}": timings[rival] / median
                      for rival in ("eager", "compile", "fastarch")

@@ -13,9 +13,16 @@ Two main loops, picked by a constexpr:
   counters are carried from step to step, and a step adds their scalar offsets and compares
   the tap's row/column with the bounds. One flat loop (not nested) so Triton pipelines
   across taps too.
-* flattened K (C < SMALL_C: LeNet, AlexNet and VGG first layers): K runs over (r, s, c)
-  together, so a 3-channel 3x3 layer has K = 27 in one 32-deep step instead of 9 steps of
-  16-wide tiles that are 81 % padding.
+* row runs (C < SMALL_C: LeNet, AlexNet and VGG first layers), over a padded copy of x
+  (``nhwc.padded_copy_kernel``, host side in ``fastarch.ops.conv2d``): dense
+  [N, H + padding, W + padding, CP], CP = ``run_channels`` (8 16-bit or 4 fp32 channels,
+  the zeros past C included), the convolution's padding written into its border. For one
+  output pixel and kernel row r, the S taps' CP channels are then one contiguous run of
+  S*CP elements (runs of CP, DW pixels apart, when dilated); a K step loads BLOCK_K lanes of
+  it, lane k being (s, c) = (k // CP, k % CP), a shift. No bounds check is left (rows past M
+  repeat a valid pixel), so the loads are 16-byte vectors (cp.async, pipelined); the weight,
+  padded alike to [K_out, R, S, CP], is read the same way. A 3-channel 3x3 layer steps 3
+  rows of 24 lanes in 32-deep tiles.
 
 A pipelined main loop runs at least one step (``tl.maximum(steps, 1)``; where a reduction
 can be empty that step is fully masked): with a loop that may run no step, the
@@ -23,8 +30,8 @@ accumulator's zeros reach the loop's exit on a path of their own, ptxas sees reg
 in-flight wgmma written between it and its wait, and serializes every wgmma of the loop
 (warning C7515). The dgrad and wgrad loops (``conv2d_backward``) do the same.
 
-The weight is read as [K_out, R*S*C] with (r, s, c) contiguous (for a channels_last weight
-that is the weight itself, viewed).
+The channel loop reads the weight as [K_out, R*S*C] with (r, s, c) contiguous (for a
+channels_last weight that is the weight itself, viewed).
 
 Epilogue, constexpr flags applied in this order on the fp32 accumulator:
 HAS_BIAS (+ bias[k], any stride), STATS (Welford partials of this tile: count, mean, M2 per
@@ -46,8 +53,9 @@ from .nhwc import split_pixel, strided_args, strided_extent
 from .tensor_cores import Operand, dot, upcast_operands
 from .welford import store_statistics, tile_statistics
 
-# Inputs with fewer channels than this take the flattened-K loop (the reduction runs over
-# (r, s, c) together), so a 3-channel first layer does not pad every tap to a 16-wide K tile.
+# Inputs with fewer channels than this take the row-run loop over a padded copy (a K step
+# covers a kernel row's taps together), so a 3-channel first layer does not pad every tap
+# to a 16-wide K tile; the wgrad's first-layer path too.
 SMALL_C = 16
 
 
@@ -138,40 +146,58 @@ def next_channel_step(c0, tap_column, tap_w, tap_h, C, S, DW, DH, BLOCK_K: tl.co
 
 
 @triton.jit
-def _flat_k_loop(acc, x_ptr, w_ptr, pixel_base, h0, w0, m_ok, w_cols, k_out_ok,
-                 C, H, W, x_sh, x_sw, x_sc, K_TOTAL,
-                 S: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-    """K = (r, s, c) flattened, c fastest: no padding per tap for small C."""
+def run_offsets(lanes, DW: tl.constexpr, CP: tl.constexpr):
+    """Offsets of the (s, c) = (lane // CP, lane % CP) elements of a kernel row in the
+    padded copy: the lanes themselves without dilation (one contiguous run), else runs of CP
+    channels DW pixels apart (shifts, CP a power of two)."""
+    if DW == 1:
+        offsets = lanes
+    else:
+        offsets = (lanes // CP) * (DW * CP) + lanes % CP
+        offsets = tl.max_contiguous(tl.multiple_of(offsets, CP), CP)
+    return offsets
+
+
+@triton.jit
+def _row_run_loop(acc, x_ptr, w_ptr, run_base, w_rows, WP,
+                  R: tl.constexpr, S: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                  CP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  UPCAST_OPERANDS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """K = kernel rows r, each the S*CP elements (s, c) of the padded copy (``run_base``:
+    each pixel's window origin, the border and channels padded so no lane needs a bounds
+    check; rows past M repeat a valid one) and of the weight, dense [K_out, R, S, CP]
+    (``w_rows``: each output channel's first element), in CHUNKS static steps of BLOCK_K
+    lanes: no division, 16-byte vectors."""
+    RUN: tl.constexpr = S * CP
+    CHUNKS: tl.constexpr = (RUN + BLOCK_K - 1) // BLOCK_K
     lanes = tl.arange(0, BLOCK_K)
-    for k0 in range(0, K_TOTAL, BLOCK_K):
-        k = k0 + lanes
-        k_ok = k < K_TOTAL
-        tap = k // C
-        c = k - tap * C
-        r = tap // S
-        s = tap - r * S
-        h = h0[:, None] + (r * DH)[None, :]
-        w = w0[:, None] + (s * DW)[None, :]
-        a_mask = (m_ok[:, None] & k_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W))
-        column_offset = (r * DH).to(tl.int64) * x_sh + (s * DW).to(tl.int64) * x_sw + c * x_sc
-        a = tl.load(x_ptr + pixel_base[:, None] + column_offset[None, :], mask=a_mask,
-                    other=0.0)
-        b = tl.load(w_ptr + k[:, None] + w_cols[None, :],
-                    mask=k_ok[:, None] & k_out_ok[None, :], other=0.0)
-        acc = dot(a, b, acc, DOT_PRECISION, UPCAST_OPERANDS)
+    a_tile = x_ptr + run_base[:, None] + run_offsets(lanes, DW, CP)[None, :]
+    b_tile = w_ptr + lanes[:, None] + w_rows[None, :]
+    row_step = WP * (DH * CP)
+    for r in range(R):
+        for chunk in tl.static_range(CHUNKS):
+            # A chunk starts at a multiple of CP: its offsets are the lanes' shifted.
+            a_ptrs = a_tile + (r * row_step + chunk * BLOCK_K // CP * DW * CP)
+            b_ptrs = b_tile + (r * RUN + chunk * BLOCK_K)
+            if (chunk + 1) * BLOCK_K <= RUN:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                lane_ok = chunk * BLOCK_K + lanes < RUN
+                a = tl.load(a_ptrs, mask=lane_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=lane_ok[:, None], other=0.0)
+            acc = dot(a, b, acc, DOT_PRECISION, UPCAST_OPERANDS)
     return acc
 
 
 @triton.jit
 def conv2d_forward_kernel(
     x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, y_ptr, stats_ptr,
-    M, C, C_TILES, H, W, P, Q, K_OUT, K_TOTAL, NUM_M_TILES,
+    M, C, C_TILES, H, W, P, Q, K_OUT, NUM_M_TILES,
     x_sn, x_sh, x_sw, x_sc, w_sk, bias_s, scale_s, shift_s, y_sn, y_sh, y_sw, y_sc,
     R: tl.constexpr, S: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    FLAT_K: tl.constexpr, EVEN_C: tl.constexpr,
+    ROW_RUN: tl.constexpr, CP: tl.constexpr, EVEN_C: tl.constexpr,
     HAS_BIAS: tl.constexpr, STATS: tl.constexpr, HAS_SCALE_SHIFT: tl.constexpr,
     RELU: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -185,18 +211,23 @@ def conv2d_forward_kernel(
     k_out = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = m < M
     k_out_ok = k_out < K_OUT
-    n, p, q = split_pixel(m, P, Q)
-    h0 = (p * SH - PH).to(tl.int32)
-    w0 = (q * SW - PW).to(tl.int32)
-    pixel_base = n * x_sn + h0.to(tl.int64) * x_sh + w0.to(tl.int64) * x_sw
-    w_cols = k_out * w_sk
-
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    if FLAT_K:
-        acc = _flat_k_loop(acc, x_ptr, w_ptr, pixel_base, h0, w0, m_ok, w_cols, k_out_ok,
-                           C, H, W, x_sh, x_sw, x_sc, K_TOTAL, S, DH, DW,
-                           DOT_PRECISION, UPCAST_OPERANDS, BLOCK_K)
+    if ROW_RUN:
+        # Rows past M are pixel M - 1 (the epilogue stores only the valid ones): every
+        # load stays unmasked along M.
+        n, p, q = split_pixel(tl.minimum(m, M - 1), P, Q)
+        run_base = ((n * H + p * SH) * W + q * SW) * CP
+        # Likewise channels past K_OUT read channel K_OUT - 1's weight row (a multiple of
+        # R*S*CP, so its runs are aligned 16-byte vectors too).
+        w_rows = tl.minimum(k_out, K_OUT - 1) * (R * S * CP)
+        acc = _row_run_loop(acc, x_ptr, w_ptr, run_base, w_rows, W, R, S, DH, DW, CP,
+                            DOT_PRECISION, UPCAST_OPERANDS, BLOCK_K)
     else:
+        n, p, q = split_pixel(m, P, Q)
+        h0 = (p * SH - PH).to(tl.int32)
+        w0 = (q * SW - PW).to(tl.int32)
+        pixel_base = n * x_sn + h0.to(tl.int64) * x_sh + w0.to(tl.int64) * x_sw
+        w_cols = k_out * w_sk
         acc = _channel_tile_loop(acc, x_ptr, w_ptr, pixel_base, h0, w0, m_ok, w_cols,
                                  k_out_ok, C, C_TILES, H, W, x_sh, x_sw, x_sc, S, DH, DW,
                                  R * S, EVEN_C, DOT_PRECISION, UPCAST_OPERANDS, BLOCK_K)
@@ -241,29 +272,78 @@ def forward_launch(x: torch.Tensor, weight_rsc: torch.Tensor, bias: torch.Tensor
                    scale: torch.Tensor | None, shift: torch.Tensor | None, relu: bool,
                    y: torch.Tensor, stats: torch.Tensor | None, geometry: ConvGeometry,
                    operand: Operand, config: TileConfig) -> Launch:
-    """The launch for x [N, C, H, W] (any strides), ``weight_rsc`` [K_out, R, S, C] with
-    (r, s, c) contiguous, [K_out] bias, scale and shift (any stride), y [N, K_out, P, Q] (any
-    strides) and, for the STATS epilogue, a dense [3, M tiles, K_out] fp32 ``stats``."""
+    """The channel-loop launch for x [N, C, H, W] (any strides), ``weight_rsc`` [K_out, R, S,
+    C] with (r, s, c) contiguous, [K_out] bias, scale and shift (any stride), y [N, K_out, P,
+    Q] (any strides) and, for the STATS epilogue, a dense [3, M tiles, K_out] fp32
+    ``stats``. Right for any C; a first layer (C < SMALL_C) takes ``row_run_forward_launch``."""
     N, C, H, W = x.shape
     K_out, R, S, _ = weight_rsc.shape
-    P, Q = y.shape[2:]
+    return _forward_launch(
+        y, bias, scale, shift, relu, stats, geometry, operand, config, x.dtype,
+        args={"x_ptr": x, "w_ptr": weight_rsc, "C": C, "C_TILES": triton.cdiv(C, config.block_k),
+              "H": H, "W": W, **strided_args("x", x), "w_sk": weight_rsc.stride(0)},
+        extents={"x_ptr": strided_extent("x", (N, C, H, W)),
+                 "w_ptr": Extent((K_out, R * S * C), ("w_sk", 1))},
+        constexprs={"R": R, "S": S, **geometry.constexprs(), "ROW_RUN": False, "CP": 1,
+                    "EVEN_C": C % config.block_k == 0})
+
+
+def row_run_forward_launch(x_run: torch.Tensor, weight_run: torch.Tensor,
+                           bias: torch.Tensor | None, scale: torch.Tensor | None,
+                           shift: torch.Tensor | None, relu: bool, y: torch.Tensor,
+                           stats: torch.Tensor | None, geometry: ConvGeometry,
+                           operand: Operand, config: TileConfig) -> Launch:
+    """The first-layer launch: ``x_run`` is the padded copy of x, dense [N, H', W', CP]
+    (``run_copy_shape``), ``weight_run`` the weight as dense [K_out, R, S, CP], both with
+    channels C .. CP - 1 zero; the rest as ``forward_launch``."""
+    N, HP, WP, CP = x_run.shape
+    K_out, R, S, _ = weight_run.shape
+    return _forward_launch(
+        y, bias, scale, shift, relu, stats, geometry, operand, config, x_run.dtype,
+        args={"x_ptr": x_run, "w_ptr": weight_run, "C": CP, "C_TILES": 1, "H": HP, "W": WP,
+              "x_sn": 0, "x_sh": 0, "x_sw": 0, "x_sc": 0, "w_sk": 0},
+        extents={"x_ptr": dense(N, HP, WP, CP), "w_ptr": dense(K_out, R * S * CP)},
+        constexprs={"R": R, "S": S, **geometry.constexprs(), "PH": 0, "PW": 0,
+                    "ROW_RUN": True, "CP": CP, "EVEN_C": True})
+
+
+def _forward_launch(y: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None,
+                    shift: torch.Tensor | None, relu: bool, stats: torch.Tensor | None,
+                    geometry: ConvGeometry, operand: Operand, config: TileConfig,
+                    dtype: torch.dtype, args: dict[str, Any], extents: dict[str, Extent],
+                    constexprs: dict[str, Any]) -> Launch:
+    """A forward launch: the input's and weight's ``args``, ``extents`` and ``constexprs``
+    (those of one main loop) joined with y's and the epilogue's."""
+    N, K_out, P, Q = y.shape
     M = N * P * Q
     m_tiles = triton.cdiv(M, config.block_m)
     epilogue = epilogue_operands(y, bias, scale, shift, relu, stats, m_tiles)
     return Launch(
         conv2d_forward_kernel, (m_tiles * triton.cdiv(K_out, config.block_n),),
-        args={"x_ptr": x, "w_ptr": weight_rsc, "y_ptr": y, **epilogue.args,
-              "M": M, "C": C, "C_TILES": triton.cdiv(C, config.block_k), "H": H, "W": W,
-              "P": P, "Q": Q, "K_OUT": K_out, "K_TOTAL": R * S * C, "NUM_M_TILES": m_tiles,
-              **strided_args("x", x), "w_sk": weight_rsc.stride(0), **strided_args("y", y)},
-        extents={"x_ptr": strided_extent("x", (N, C, H, W)),
-                 "w_ptr": Extent((K_out, R * S * C), ("w_sk", 1)),
-                 "y_ptr": strided_extent("y", (N, K_out, P, Q)), **epilogue.extents},
-        constexprs={"R": R, "S": S, **geometry.constexprs(),
-                    "FLAT_K": C < SMALL_C, "EVEN_C": C % config.block_k == 0,
-                    **epilogue.constexprs, **gemm_constexprs(operand, x.dtype, config)},
+        args={**args, "y_ptr": y, **epilogue.args, "M": M, "P": P, "Q": Q, "K_OUT": K_out,
+              "NUM_M_TILES": m_tiles, **strided_args("y", y)},
+        extents={**extents, "y_ptr": strided_extent("y", (N, K_out, P, Q)),
+                 **epilogue.extents},
+        constexprs={**constexprs, **epilogue.constexprs,
+                    **gemm_constexprs(operand, dtype, config)},
         num_warps=config.num_warps, num_stages=config.num_stages,
-        name=f"conv2d_forward[{config.name},{epilogue.name_suffix(x.dtype)}]")
+        name=f"conv2d_forward[{config.name},{epilogue.name_suffix(dtype)}]")
+
+
+def run_channels(channels: int, dtype: torch.dtype) -> int:
+    """CP, the channels of a first layer's padded copy: a power of two of at least 16 bytes
+    (8 16-bit or 4 fp32 elements), so a pixel's channels are one vector and lane // CP a
+    shift."""
+    return max(16 // dtype.itemsize, triton.next_power_of_2(channels))
+
+
+def run_copy_shape(x_shape: tuple[int, ...], geometry: ConvGeometry, dtype: torch.dtype
+                   ) -> tuple[int, int, int, int]:
+    """The [N, H', W', CP] padded copy of an [N, C, H, W] input a first layer reads: its
+    border holds the convolution's padding (top/left and bottom/right)."""
+    N, C, H, W = x_shape
+    (top, left), (bottom, right) = geometry.padding, geometry.end_padding()
+    return N, H + top + bottom, W + left + right, run_channels(C, dtype)
 
 
 class EpilogueOperands(NamedTuple):

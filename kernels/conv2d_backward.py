@@ -17,10 +17,14 @@ on zeros: 3/4 at stride 2, 15/16 for AlexNet's stride-4 conv1. Rows that no wind
 windows) get an empty or fully masked reduction and are stored as zeros.
 
 wgrad. dW[k, c, r, s] = sum over pixels (n, p, q) of dy[n, p, q, k] * x[n, p*SH - PH + r*DH,
-q*SW - PW + s*DW, c]: GEMM M = (r, s, c) flattened, N = K_out, K = N*P*Q. Flattening
-(r, s, c) into M lets a first layer (C = 1 or 3) fill its tiles with real columns (27 for a
-3x3 RGB layer) instead of padding every tap; when C is a multiple of the M tile, a tile stays
-inside one tap and its patch load is one channel run per pixel.
+q*SW - PW + s*DW, c]: GEMM M = (r, s, c) flattened, N = K_out, K = N*P*Q. Three ways to
+load the x tile: when C is a multiple of the M tile, a tile stays inside one tap and its
+patch load is one channel run per pixel (TAP_ALIGNED); a first layer (C < SMALL_C, ROW_RUN)
+reads x's padded copy (``conv2d``'s row runs: [N, H', W', CP], the padding in its border),
+M running over (r, s, c < CP), so a pixel's column of the tile is runs of CP contiguous
+elements, 16-byte vectors with no bounds check (72 columns for a 3x3 RGB layer, the
+c >= C ones, zeros, not stored); any other C flattens (r, s, c) across taps and gathers
+element by element.
 
 The pixel reduction is long (N*P*Q, a million and more) while the output is small, so it is
 split across programs: split i reduces its own pixel range into an fp32 partial, and a second
@@ -180,6 +184,7 @@ def conv2d_dgrad_kernel(
 def wgrad_reduce(x_ptr, dy_ptr, x_cols, tap_h, tap_w, col_ok, k, k_ok, start, end, steps,
                  H, W, P, Q, x_sn, x_sh, x_sw, dy_sn, dy_sh, dy_sw, dy_sc,
                  SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                 ROW_RUN: tl.constexpr, CP: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
                  WITH_BIAS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -187,6 +192,7 @@ def wgrad_reduce(x_ptr, dy_ptr, x_cols, tap_h, tap_w, col_ok, k, k_ok, start, en
 
     ``tap_h``/``tap_w`` are the (r*DH, s*DW) tap offsets of the M columns: scalars when the
     tile lies in one tap, [BLOCK_M, 1] columns otherwise; ``x_cols`` their address offsets.
+    ROW_RUN: x is the padded copy [N, H, W, CP] (no bounds to check), ``x_cols`` runs of CP.
     A pixel's (n, p, q) is its step's first pixel's, carried from step to step, plus its
     lane's, split once: no division in the loop."""
     lanes = tl.arange(0, BLOCK_K)
@@ -205,9 +211,13 @@ def wgrad_reduce(x_ptr, dy_ptr, x_cols, tap_h, tap_w, col_ok, k, k_ok, start, en
         pix_ok = lanes < tl.where(step == last, tail, BLOCK_K)
         h0 = p * SH - PH
         w0 = q * SW - PW
-        x_rows = n.to(tl.int64) * x_sn + h0.to(tl.int64) * x_sh + w0.to(tl.int64) * x_sw
-        x_ok = (pix_ok[None, :] & col_ok & inside(h0[None, :] + tap_h, H)
-                & inside(w0[None, :] + tap_w, W))
+        if ROW_RUN:
+            x_rows = ((n.to(tl.int64) * H + h0) * W + w0) * CP
+            x_ok = pix_ok[None, :] & col_ok
+        else:
+            x_rows = n.to(tl.int64) * x_sn + h0.to(tl.int64) * x_sh + w0.to(tl.int64) * x_sw
+            x_ok = (pix_ok[None, :] & col_ok & inside(h0[None, :] + tap_h, H)
+                    & inside(w0[None, :] + tap_w, W))
         a = tl.load(x_ptr + x_cols + x_rows[None, :], mask=x_ok, other=0.0)
         dy_rows = n.to(tl.int64) * dy_sn + p.to(tl.int64) * dy_sh + q.to(tl.int64) * dy_sw
         b = tl.load(dy_ptr + dy_rows[:, None] + (k * dy_sc)[None, :],
@@ -227,14 +237,25 @@ def conv2d_wgrad_kernel(
     o_split, o_sr, o_ss, o_sc, o_sk, b_split,
     R: tl.constexpr, S: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    TAP_ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TAP_ALIGNED: tl.constexpr, ROW_RUN: tl.constexpr, CP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_OPERANDS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     split = tl.program_id(2)
     j = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if TAP_ALIGNED:  # C % BLOCK_M == 0: one tap, a run of channels
+    if ROW_RUN:  # (r, s, c) over the padded copy's CP channels; c >= C is not stored
+        r = j // (S * CP)
+        s = (j // CP) % S
+        c = j % CP
+        tap_h = 0
+        tap_w = 0
+        x_cols = ((r * (DH * W) + s * DW) * CP + c).to(tl.int64)
+        x_cols = tl.max_contiguous(tl.multiple_of(x_cols, CP), CP)[:, None]
+        col_ok = (j < R * S * CP)[:, None]
+        out_ok = col_ok & (c < C)[:, None]
+    elif TAP_ALIGNED:  # C % BLOCK_M == 0: one tap, a run of channels
         tap = (pid_m * BLOCK_M) // C
         r = tap // S
         s = tap % S
@@ -247,9 +268,11 @@ def conv2d_wgrad_kernel(
         c = j % C
         tap_h = (r * DH)[:, None]
         tap_w = (s * DW)[:, None]
-    col_ok = (j < R * S * C)[:, None]
-    x_cols = (tap_h.to(tl.int64) * x_sh + tap_w.to(tl.int64) * x_sw
-              + (c.to(tl.int64) * x_sc)[:, None])
+    if not ROW_RUN:
+        col_ok = (j < R * S * C)[:, None]
+        out_ok = col_ok
+        x_cols = (tap_h.to(tl.int64) * x_sh + tap_w.to(tl.int64) * x_sw
+                  + (c.to(tl.int64) * x_sc)[:, None])
     k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok = k < K_out
 
@@ -262,18 +285,18 @@ def conv2d_wgrad_kernel(
     if with_bias:
         acc, bias = wgrad_reduce(x_ptr, dy_ptr, x_cols, tap_h, tap_w, col_ok, k, k_ok, start,
                                  end, steps, H, W, P, Q, x_sn, x_sh, x_sw, dy_sn, dy_sh, dy_sw,
-                                 dy_sc, SH, SW, PH, PW, DOT_PRECISION, UPCAST_OPERANDS, True,
-                                 BLOCK_M, BLOCK_N, BLOCK_K)
+                                 dy_sc, SH, SW, PH, PW, ROW_RUN, CP, DOT_PRECISION,
+                                 UPCAST_OPERANDS, True, BLOCK_M, BLOCK_N, BLOCK_K)
         tl.store(bias_out_ptr + split * b_split + k, bias.to(bias_out_ptr.dtype.element_ty),
                  mask=k_ok)
     else:
         acc, bias = wgrad_reduce(x_ptr, dy_ptr, x_cols, tap_h, tap_w, col_ok, k, k_ok, start,
                                  end, steps, H, W, P, Q, x_sn, x_sh, x_sw, dy_sn, dy_sh, dy_sw,
-                                 dy_sc, SH, SW, PH, PW, DOT_PRECISION, UPCAST_OPERANDS, False,
-                                 BLOCK_M, BLOCK_N, BLOCK_K)
+                                 dy_sc, SH, SW, PH, PW, ROW_RUN, CP, DOT_PRECISION,
+                                 UPCAST_OPERANDS, False, BLOCK_M, BLOCK_N, BLOCK_K)
     out = split.to(tl.int64) * o_split + r * o_sr + s * o_ss + c * o_sc
     tl.store(out_ptr + out[:, None] + (k * o_sk)[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=col_ok & k_ok[None, :])
+             mask=out_ok & k_ok[None, :])
 
 
 @triton.jit
@@ -343,30 +366,61 @@ def wgrad_launch(x: torch.Tensor, dy: torch.Tensor, out: torch.Tensor,
                  geometry: ConvGeometry, operand: Operand, config: TileConfig) -> Launch:
     """``out`` [splits, R, S, C, K_out] (any strides) receives split i's dW, ``bias_out``
     [splits, K_out] (K_out contiguous) its db: partial buffers, or with one split views of
-    dW and db themselves."""
+    dW and db themselves. x [N, C, H, W] any strides; a first layer (C < SMALL_C) takes
+    ``row_run_wgrad_launch``."""
     N, C, H, W = x.shape
-    K_out, P, Q = dy.shape[1:]
+    R, S = geometry.kernel
+    return _wgrad_launch(
+        dy, out, bias_out, splits, per_split, geometry, operand, config, C,
+        (triton.cdiv(R * S * C, config.block_m),),
+        args={"x_ptr": x, "H": H, "W": W, **strided_args("x", x)},
+        extents={"x_ptr": strided_extent("x", (N, C, H, W))},
+        constexprs={**geometry.constexprs(), "TAP_ALIGNED": C % config.block_m == 0,
+                    "ROW_RUN": False, "CP": 1})
+
+
+def row_run_wgrad_launch(x_run: torch.Tensor, dy: torch.Tensor, out: torch.Tensor,
+                         bias_out: torch.Tensor | None, splits: int, per_split: int,
+                         geometry: ConvGeometry, operand: Operand, config: TileConfig
+                         ) -> Launch:
+    """``wgrad_launch`` of a first layer reading ``x_run``, x's padded copy, dense
+    [N, H', W', CP] (``conv2d.run_copy_shape``): M runs over (r, s, c) with c < CP, the
+    columns c >= C (zeros in x) are not stored."""
+    N, HP, WP, CP = x_run.shape
+    R, S = geometry.kernel
+    return _wgrad_launch(
+        dy, out, bias_out, splits, per_split, geometry, operand, config, out.shape[3],
+        (triton.cdiv(R * S * CP, config.block_m),),
+        args={"x_ptr": x_run, "H": HP, "W": WP, "x_sn": 0, "x_sh": 0, "x_sw": 0, "x_sc": 0},
+        extents={"x_ptr": dense(N, HP, WP, CP)},
+        constexprs={**geometry.constexprs(), "PH": 0, "PW": 0, "TAP_ALIGNED": False,
+                    "ROW_RUN": True, "CP": CP})
+
+
+def _wgrad_launch(dy: torch.Tensor, out: torch.Tensor, bias_out: torch.Tensor | None,
+                  splits: int, per_split: int, geometry: ConvGeometry, operand: Operand,
+                  config: TileConfig, C: int, m_tiles: tuple[int], args: dict,
+                  extents: dict, constexprs: dict) -> Launch:
+    """A wgrad launch of ``m_tiles`` M tiles: x's ``args``, ``extents`` and ``constexprs``
+    (those of one path) joined with dy's, the outputs' and the tile's."""
+    N, K_out, P, Q = dy.shape
     R, S = geometry.kernel
     o_split, o_sr, o_ss, o_sc, o_sk = out.stride()
     return Launch(
-        conv2d_wgrad_kernel,
-        (triton.cdiv(R * S * C, config.block_m), triton.cdiv(K_out, config.block_n), splits),
-        args={"x_ptr": x, "dy_ptr": dy, "out_ptr": out,
+        conv2d_wgrad_kernel, (*m_tiles, triton.cdiv(K_out, config.block_n), splits),
+        args={**args, "dy_ptr": dy, "out_ptr": out,
               "bias_out_ptr": bias_out if bias_out is not None else out,
-              "H": H, "W": W, "P": P, "Q": Q, "C": C, "K_out": K_out, "pixels": N * P * Q,
-              "split_pixels_count": per_split,
-              **strided_args("x", x), **strided_args("dy", dy),
+              "P": P, "Q": Q, "C": C, "K_out": K_out, "pixels": N * P * Q,
+              "split_pixels_count": per_split, **strided_args("dy", dy),
               "o_split": o_split, "o_sr": o_sr, "o_ss": o_ss, "o_sc": o_sc, "o_sk": o_sk,
               "b_split": bias_out.stride(0) if bias_out is not None else 0},
-        extents={"x_ptr": strided_extent("x", (N, C, H, W)),
-                 "dy_ptr": strided_extent("dy", (N, K_out, P, Q)),
+        extents={**extents, "dy_ptr": strided_extent("dy", (N, K_out, P, Q)),
                  "out_ptr": Extent((splits, R, S, C, K_out),
                                    ("o_split", "o_sr", "o_ss", "o_sc", "o_sk")),
                  "bias_out_ptr": UNUSED if bias_out is None
                  else Extent((splits, K_out), ("b_split", 1))},
-        constexprs={"R": R, "S": S, **geometry.constexprs(),
-                    "TAP_ALIGNED": C % config.block_m == 0, "HAS_BIAS": bias_out is not None,
-                    **gemm_constexprs(operand, x.dtype, config)},
+        constexprs={"R": R, "S": S, **constexprs, "HAS_BIAS": bias_out is not None,
+                    **gemm_constexprs(operand, dy.dtype, config)},
         num_warps=config.num_warps, num_stages=config.num_stages,
         name=f"conv2d_wgrad[{config.name}]")
 

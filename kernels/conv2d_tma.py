@@ -16,8 +16,20 @@ neither stored nor counted.
 The M tiles are N * P * ceil(Q / BLOCK_M) (``tma_m_tiles``), not ceil(N*P*Q / BLOCK_M):
 the STATS partials have one row per M tile. The epilogue is the pointer kernel's
 (``conv2d.forward_epilogue``).
+
+The grid is persistent: PROGRAMS_PER_SM programs an SM (fewer where there are fewer
+tiles), each looping over its tiles in a grouped raster (GROUP_M M tiles by every N tile,
+M fastest), so that the programs running at once share their input rows and weight tiles
+in L2.
+
+The input gradient runs on the same kernel (``tma_dgrad_launches``): each stride phase of
+dx is a stride-1 convolution of dy (``tma_dgrad_phase``), and a phase no tap reaches is
+stored as zeros (``zero_fill_kernel``).
 """
 from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
 
 import torch
 import triton
@@ -26,45 +38,80 @@ from triton.runtime import _allocation  # Triton's allocator has no public gette
 
 from .conv2d import (ConvGeometry, epilogue_operands, forward_epilogue, gemm_constexprs,
                      next_channel_step)
+from .conv2d_backward import phase_steps
 from .launch import Launch, TileConfig, dense
 from .nhwc import strided_args, strided_extent
-from .runtime import INTERPRETER
+from .runtime import INTERPRETER, sm_count
 from .tensor_cores import Operand, dot
 
 # TMA needs 16-byte aligned strides (C a multiple of 8 in 16-bit) and a K step at least 16
 # deep that stays inside one tap: C a multiple of 16.
 TMA_CHANNEL_MULTIPLE = 16
 
+# The persistent grid's raster: every N tile of GROUP_M consecutive M tiles (neighbouring
+# output rows, which read overlapping input rows) before the next group.
+GROUP_M = 8
+# Programs of the persistent grid per SM: two, so that a tile small enough for two CTAs an
+# SM overlaps one program's epilogue with the other's main loop. Where only one fits, the
+# second wave takes the other half of the tiles (program i takes tiles i, i + 2 * SMs, ...):
+# the same tiles per SM, each wave's tiles contiguous in the raster.
+PROGRAMS_PER_SM = 2
+
 
 @triton.jit
 def conv2d_forward_tma_kernel(
     x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, y_ptr, stats_ptr,
-    N, C, C_TILES, H, W, P, Q, Q_TILES, K_OUT, K_TOTAL, NUM_M_TILES,
+    N, C, C_TILES, H, W, P, Q, Q_PADDED, K_OUT, K_TOTAL, NUM_M_TILES, NUM_PROGRAMS,
     bias_s, scale_s, shift_s, y_sn, y_sh, y_sw, y_sc,
     R: tl.constexpr, S: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     HAS_BIAS: tl.constexpr, STATS: tl.constexpr, HAS_SCALE_SHIFT: tl.constexpr,
     RELU: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[N, H, W, C],
                                        strides=[H * W * C, W * C, C, 1],
                                        block_shape=[1, 1, BLOCK_M, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K_OUT, K_TOTAL], strides=[K_TOTAL, 1],
                                        block_shape=[BLOCK_N, BLOCK_K])
-    # Channel tiles vary fastest, as in the pointer kernel: the programs sharing an input
-    # tile run together.
     n_tiles = tl.cdiv(K_OUT, BLOCK_N)
-    tile_m = tl.program_id(0) // n_tiles
-    tile_n = tl.program_id(0) % n_tiles
-    image_row = tile_m // Q_TILES  # n * P + p
-    q0 = (tile_m % Q_TILES) * BLOCK_M
-    n = image_row // P
-    p = image_row % P
-    h0 = p - PH
-    w0 = q0 - PW
-    k_out0 = tile_n * BLOCK_N
+    # Q_PADDED, not Q_TILES, which is often 1 and then a constant: q0 would fold to 0 and
+    # the epilogue's masks and offsets be hoisted out of the tile loop, live (spilled)
+    # across the K loop.
+    q_tiles = Q_PADDED // BLOCK_M
+    # The grouped raster walks whole groups (GROUP_M M tiles by every N tile, M fastest): the
+    # last group's tiles past NUM_M_TILES are skipped, which keeps GROUP_M the only divisor
+    # of the group arithmetic (a ragged group's divisor costs the K loop instructions).
+    for tile in range(tl.program_id(0), tl.cdiv(NUM_M_TILES, GROUP_M) * GROUP_M * n_tiles,
+                      NUM_PROGRAMS):
+        group_column = tile // GROUP_M  # group * n_tiles + tile_n
+        tile_m = group_column // n_tiles * GROUP_M + tile % GROUP_M
+        tile_n = group_column % n_tiles
+        if tile_m < NUM_M_TILES:
+            image_row = tile_m // q_tiles  # n * P + p
+            q0 = (tile_m % q_tiles) * BLOCK_M
+            n = image_row // P
+            p = image_row % P
+            k_out0 = tile_n * BLOCK_N
+            acc = _tile_product(x_desc, w_desc, n, p - PH, q0 - PW, k_out0, C, C_TILES, R, S,
+                                DH, DW, DOT_PRECISION, UPCAST_OPERANDS, BLOCK_M, BLOCK_N,
+                                BLOCK_K)
+            q = q0 + tl.arange(0, BLOCK_M)
+            forward_epilogue(acc, bias_ptr, scale_ptr, shift_ptr, y_ptr, stats_ptr,
+                             n.to(tl.int64), p.to(tl.int64), q.to(tl.int64), q < Q, Q - q0,
+                             k_out0 + tl.arange(0, BLOCK_N), K_OUT, tile_m, NUM_M_TILES,
+                             bias_s, scale_s, shift_s, y_sn, y_sh, y_sw, y_sc, HAS_BIAS, STATS,
+                             HAS_SCALE_SHIFT, RELU, BLOCK_M)
 
+
+@triton.jit
+def _tile_product(x_desc, w_desc, n, h0, w0, k_out0, C, C_TILES,
+                  R: tl.constexpr, S: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The fp32 [BLOCK_M, BLOCK_N] product of one tile: pixels (n, h0 + PH, w0 + PW ..) by
+    output channels k_out0 .., over every (tap, channel step)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     tap_h = 0
     tap_w = 0
@@ -77,13 +124,7 @@ def conv2d_forward_tma_kernel(
         acc = dot(a, b.T, acc, DOT_PRECISION, UPCAST_OPERANDS)
         c0, tap_column, tap_w, tap_h = next_channel_step(c0, tap_column, tap_w, tap_h, C, S,
                                                          DW, DH, BLOCK_K)
-
-    q = q0 + tl.arange(0, BLOCK_M)
-    k_out = k_out0 + tl.arange(0, BLOCK_N)
-    forward_epilogue(acc, bias_ptr, scale_ptr, shift_ptr, y_ptr, stats_ptr, n.to(tl.int64),
-                     p.to(tl.int64), q.to(tl.int64), q < Q, Q - q0, k_out, K_OUT, tile_m,
-                     NUM_M_TILES, bias_s, scale_s, shift_s, y_sn, y_sh, y_sw, y_sc,
-                     HAS_BIAS, STATS, HAS_SCALE_SHIFT, RELU, BLOCK_M)
+    return acc
 
 
 # ----------------------------------------------------------------------------- host side
@@ -142,16 +183,137 @@ def tma_forward_launch(x: torch.Tensor, weight_rsc: torch.Tensor, bias: torch.Te
     if x.is_cuda and not INTERPRETER:
         _set_scratch_allocator()
     epilogue = epilogue_operands(y, bias, scale, shift, relu, stats, m_tiles)
+    programs = min(PROGRAMS_PER_SM * sm_count(x.device),
+                   m_tiles * triton.cdiv(K_out, config.block_n))
     return Launch(
-        conv2d_forward_tma_kernel, (m_tiles * triton.cdiv(K_out, config.block_n),),
+        conv2d_forward_tma_kernel, (programs,),
         args={"x_ptr": x, "w_ptr": weight_rsc, "y_ptr": y, **epilogue.args,
               "N": N, "C": C, "C_TILES": C // config.block_k, "H": H, "W": W, "P": P,
-              "Q": Q, "Q_TILES": q_tiles, "K_OUT": K_out, "K_TOTAL": R * S * C,
-              "NUM_M_TILES": m_tiles, **strided_args("y", y)},
+              "Q": Q, "Q_PADDED": q_tiles * config.block_m, "K_OUT": K_out,
+              "K_TOTAL": R * S * C, "NUM_M_TILES": m_tiles, "NUM_PROGRAMS": programs,
+              **strided_args("y", y)},
         extents={"x_ptr": strided_extent("x", (N, C, H, W), dense_nhwc=True),
                  "w_ptr": dense(K_out, R * S * C),
                  "y_ptr": strided_extent("y", (N, K_out, P, Q)), **epilogue.extents},
         constexprs={"R": R, "S": S, **geometry.constexprs(), **epilogue.constexprs,
-                    **gemm_constexprs(operand, x.dtype, config)},
+                    **gemm_constexprs(operand, x.dtype, config), "GROUP_M": GROUP_M},
         num_warps=config.num_warps, num_stages=config.num_stages,
         name=f"conv2d_forward_tma[{config.name},{epilogue.name_suffix(x.dtype)}]")
+
+
+# ----------------------------------------------------------------------------- input gradient
+
+@triton.jit
+def zero_fill_kernel(y_ptr, P, Q, C, y_sn, y_sh, y_sw, y_sc,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Zeros into y [N, C, P, Q] (any strides): BLOCK_M pixels of one row x BLOCK_N channels
+    a program, grid (N * P, ceil(Q / BLOCK_M), ceil(C / BLOCK_N))."""
+    image_row = tl.program_id(0)
+    row = (image_row // P).to(tl.int64) * y_sn + (image_row % P).to(tl.int64) * y_sh
+    q = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    c = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offsets = row + (q.to(tl.int64) * y_sw)[:, None] + (c.to(tl.int64) * y_sc)[None, :]
+    tl.store(y_ptr + offsets, tl.zeros((BLOCK_M, BLOCK_N), y_ptr.dtype.element_ty),
+             mask=(q < Q)[:, None] & (c < C)[None, :])
+
+
+class PhaseTaps(NamedTuple):
+    """The taps of one kernel axis reaching the dx rows of one stride phase, as a stride-1
+    convolution over the phase's rows (``tma_dgrad_phase``): taps first, first + step, ...
+    (``count`` of them), at ``dilation`` rows of dy apart, with top ``padding``."""
+    first: int
+    count: int
+    step: int
+    dilation: int
+    padding: int
+
+
+def dgrad_phase_taps(phase: int, padding: int, taps: int, stride: int, dilation: int) -> PhaseTaps:
+    """The taps reaching dx rows h = phase (mod stride) along one axis of a convolution with
+    top ``padding``, ``taps`` taps, ``stride`` and ``dilation`` (the host side of
+    ``conv2d_backward.phase_taps``).
+
+    Tap r reaches h from dy row p = (h + padding - r * dilation) / stride where that divides:
+    r = first, first + step, ... (step = stride / g, g = gcd(stride, dilation); none unless
+    g divides phase + padding). For the phase's i-th row (h = phase + i * stride) and its
+    j-th tap, p = i + base - j * dstep, base = (phase + padding - first * dilation) / stride,
+    dstep = dilation / g. Taking the taps in reverse, j = count - 1 - j', gives p = i -
+    pad + j' * dstep with pad = (count - 1) * dstep - base: a stride-1 convolution with
+    dilation dstep and top padding pad (negative where dy's first row lies above the
+    window's, positive where below; its bottom padding is whatever P leaves)."""
+    step, dstep, inverse = phase_steps(stride, dilation)
+    g = stride // step
+    if (phase + padding) % g:
+        return PhaseTaps(0, 0, step, dstep, 0)
+    first = (phase + padding) // g * inverse % step
+    count = max(0, -(-(taps - first) // step))
+    base = (phase + padding - first * dilation) // stride
+    return PhaseTaps(first, count, step, dstep, (count - 1) * dstep - base)
+
+
+def tma_dgrad_supported(dy: torch.Tensor, operand: Operand) -> bool:
+    """Whether the TMA input gradient takes this dy (any stride, padding, dilation): the
+    ``tma_supported`` conditions on its input, which is dy here: tensor-core operands, dy
+    dense channels_last with K_out a multiple of ``TMA_CHANNEL_MULTIPLE`` and 16-byte
+    aligned, on a Hopper or later GPU (or no GPU). The weights it reads are its own fresh
+    contiguous copies, and dx is stored through its strides."""
+    on_hopper = dy.device.type != "cuda" or torch.cuda.get_device_capability(dy.device)[0] >= 9
+    return (on_hopper and operand is not Operand.IEEE and dy.dim() == 4
+            and dy.storage_offset() * dy.element_size() % 16 == 0
+            and dy.shape[1] % TMA_CHANNEL_MULTIPLE == 0
+            and dy.is_contiguous(memory_format=torch.channels_last))
+
+
+def tma_dgrad_phase(weight: torch.Tensor, rows: PhaseTaps, cols: PhaseTaps
+                    ) -> tuple[torch.Tensor, ConvGeometry]:
+    """One stride phase of dx as a stride-1 forward convolution of dy: its weight
+    ([C, count_r, count_s, K_out] contiguous, for ``tma_forward_launch``'s ``weight_rsc``)
+    and geometry. W'[c, j'r, j's, k] = W[k, c, first_r + (count_r - 1 - j'r) * step_r, ...]:
+    the phase's taps reversed, input and output channels swapped. At stride 1 this is the
+    whole kernel flipped, with padding (R - 1) * DH - PH."""
+    taps = weight[:, :, rows.first::rows.step, cols.first::cols.step].flip(2, 3)
+    return (taps.permute(1, 2, 3, 0).contiguous(),
+            ConvGeometry((rows.count, cols.count), padding=(rows.padding, cols.padding),
+                         dilation=(rows.dilation, cols.dilation)))
+
+
+def zero_fill_launch(y: torch.Tensor, config: TileConfig) -> Launch:
+    """Zeros into y [N, C, P, Q] (any strides) in [block_m pixels x block_n channels]
+    tiles."""
+    N, C, P, Q = y.shape
+    return Launch(zero_fill_kernel,
+                  (N * P, triton.cdiv(Q, config.block_m), triton.cdiv(C, config.block_n)),
+                  args={"y_ptr": y, "P": P, "Q": Q, "C": C, **strided_args("y", y)},
+                  extents={"y_ptr": strided_extent("y", (N, C, P, Q))},
+                  constexprs={"BLOCK_M": config.block_m, "BLOCK_N": config.block_n},
+                  num_warps=config.num_warps,
+                  name=f"conv2d_zero_fill[{config.name},{str(y.dtype).removeprefix('torch.')}]")
+
+
+def tma_dgrad_launches(dy: torch.Tensor, weight: torch.Tensor, dx: torch.Tensor,
+                       geometry: ConvGeometry, operand: Operand,
+                       config: TileConfig) -> list[Launch]:
+    """The input gradient dx [N, C, H, W] (any strides) of a convolution with ``geometry``,
+    from a ``tma_dgrad_supported`` dy [N, K_out, P, Q] and the weight [K_out, C, R, S] (any
+    strides), on the TMA forward kernel: one launch per stride phase (ph, pw), a stride-1
+    convolution of dy (``tma_dgrad_phase``, ``dgrad_phase_taps``) written to the view
+    dx[:, :, ph::SH, pw::SW]; a phase no tap reaches gets zeros (``zero_fill_launch``), a
+    phase past the input's end (H < SH) nothing. ``config.block_k`` must divide K_out."""
+    (SH, SW), (PH, PW), (DH, DW) = geometry.stride, geometry.padding, geometry.dilation
+    R, S = geometry.kernel
+    H, W = dx.shape[2:]
+    launches = []
+    for ph in range(min(SH, H)):
+        rows = dgrad_phase_taps(ph, PH, R, SH, DH)
+        for pw in range(min(SW, W)):
+            cols = dgrad_phase_taps(pw, PW, S, SW, DW)
+            dx_phase = dx[:, :, ph::SH, pw::SW]
+            if rows.count == 0 or cols.count == 0:
+                launches.append(zero_fill_launch(dx_phase, config))
+                continue
+            weight_rsc, phase_geometry = tma_dgrad_phase(weight, rows, cols)
+            launch = tma_forward_launch(dy, weight_rsc, None, None, None, False, dx_phase, None,
+                                        phase_geometry, operand, config)
+            launches.append(dataclasses.replace(
+                launch, name=launch.name.replace("conv2d_forward_tma", "conv2d_dgrad_tma")))
+    return launches

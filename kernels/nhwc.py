@@ -1,6 +1,8 @@
 """What the memory-bound NHWC kernels share (pools, BatchNorm; the convolutions use the
 strided addressing): the [pixels x channels] tile and its grid, and its addressing, and the
-on-the-fly BatchNorm (+ ReLU) a pool can apply to each tap.
+on-the-fly BatchNorm (+ ReLU) a pool can apply to each tap. Also the copy a first
+convolution layer reads (``padded_copy_launch``): x as a dense [N, H', W', CP] tensor, its
+channels zero-padded to CP and its border to the convolution's padding.
 
 Addressing has two paths, one constexpr switch (``DENSE_NHWC``) chosen by the launcher
 (``layout_constexprs``):
@@ -22,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import FLOATING, UNUSED, Extent, TileConfig, dense
+from .launch import FLOATING, UNUSED, Extent, Launch, TileConfig, dense
 
 # The (mean, scale, shift) fp32 [C] vectors of a BatchNorm a kernel applies on the fly.
 Normalization = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -144,6 +146,43 @@ def load_tile(ptr, offsets, mask):
 def store_tile(ptr, value, offsets, mask):
     """Write a [pixels, channels] tile at ``offsets``, in ptr's dtype."""
     tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def padded_copy_kernel(x_ptr, out_ptr, total, C, H, W, HP, WP, x_sn, x_sc, x_sh, x_sw,
+                       PH, PW, CP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """out[n, hp, wp, c] = x[n, c, hp - PH, wp - PW] (any strides) where c < C and the pixel
+    is inside x, else 0; out dense [N, HP, WP, CP], ``total`` = N*HP*WP pixels."""
+    start = tl.program_id(0).to(tl.int64) * BLOCK_M
+    n0, n, hp, wp = tile_pixels(start, HP, WP, BLOCK_M)
+    h = hp - PH
+    w = wp - PW
+    c = tl.arange(0, CP)
+    pixel_ok = pixel_block(start, total, BLOCK_M)
+    inside = pixel_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+    source = nhwc_offsets(n0, n, h, w, c, H, W, C, x_sn, x_sh, x_sw, x_sc, False)
+    value = tl.load(x_ptr + source, mask=inside[:, None] & (c < C)[None, :], other=0.0)
+    target = start * CP + (tl.arange(0, BLOCK_M)[:, None] * CP + c[None, :])
+    tl.store(out_ptr + target, value, mask=pixel_ok[:, None])
+
+
+def padded_copy_launch(x: torch.Tensor, out: torch.Tensor, padding: tuple[int, int],
+                       tile: TileConfig) -> Launch:
+    """The launch copying x [N, C, H, W] (any strides) into ``out``, a dense [N, H', W', CP]
+    tensor (CP >= C; H' >= H + the top ``padding``, likewise W'), ``tile.block_m`` pixels of
+    ``out`` a program: ``padded_copy_kernel``."""
+    N, C, H, W = x.shape
+    _, HP, WP, CP = out.shape
+    total = N * HP * WP
+    return Launch(padded_copy_kernel, (triton.cdiv(total, tile.block_m),),
+                  args={"x_ptr": x, "out_ptr": out, "total": total, "C": C, "H": H, "W": W,
+                        "HP": HP, "WP": WP, "x_sn": x.stride(0), "x_sc": x.stride(1),
+                        "x_sh": x.stride(2), "x_sw": x.stride(3),
+                        "PH": padding[0], "PW": padding[1]},
+                  extents={"x_ptr": Extent((N, C, H, W), ("x_sn", "x_sc", "x_sh", "x_sw")),
+                           "out_ptr": dense(N, HP, WP, CP)},
+                  constexprs={"CP": CP, "BLOCK_M": tile.block_m},
+                  num_warps=tile.num_warps, name=f"padded_copy[{tile.name}]")
 
 
 def grid(pixels: int, channels: int, tile: TileConfig) -> tuple[int, int]:

@@ -56,6 +56,19 @@ def process_group():
         dist.destroy_process_group()
 
 
+@pytest.fixture
+def kernels_run(monkeypatch) -> list[str]:
+    """The names of the jit kernels every ``Launch`` runs during the test, in order."""
+    names: list[str] = []
+    call = launch.Launch.__call__
+
+    def recording(self) -> None:
+        names.append(self.kernel.__name__)
+        call(self)
+    monkeypatch.setattr(launch.Launch, "__call__", recording)
+    return names
+
+
 @pytest.fixture(autouse=True)
 def seeded() -> None:
     """A fixed seed per test: fresh random data, reproducible failures."""

@@ -191,6 +191,7 @@ def _bench(gpu="NVIDIA H200"):
                 _entry("vgg16_bn.conv6", "eval", "compile", 4.0e-4, **conv),
                 _entry("vgg16_bn.conv6", "eval", "fastarch", 6.0e-4, **conv),
                 _entry("vgg16_bn.conv6", "eval", "tuned", 4.8e-4, **conv),
+                _entry("vgg16_bn.conv6", "eval", "tma", 2.4e-4, **conv),
                 _entry("vgg16_bn.pool1", "fwd_bwd", "eager", 8.0e-4, **pool),
                 _entry("vgg16_bn.pool1", "fwd_bwd", "fastarch", 2.0e-4, **pool)]}
 
@@ -203,14 +204,15 @@ def test_summary_puts_contenders_side_by_side_with_speedups(report):
     assert pool["speedup_vs_eager"] == pytest.approx(4.0)
     assert pool["speedup_vs_compile"] is None
     assert conv["tuned_vs_static"] == pytest.approx(1.25) and pool["tuned_vs_static"] is None
+    assert conv["tma_vs_eager"] == pytest.approx(1.25) and pool["tma_vs_eager"] is None
     assert summary["environment"]["gpu"] == "NVIDIA H200" and summary["commit"] == "0123456789"
     lines = report.markdown(summary).splitlines()
     assert lines[0].startswith("NVIDIA H200 · bfloat16 · channels_last · 2026-11-26T12:00")
     assert "| vgg16_bn.conv6 | eval | vgg16_bn.conv6 layer | 0.6 ms · 400 TFLOP/s | " \
-           "0.48 ms · 500 TFLOP/s | 0.3 ms · 800 TFLOP/s | 0.4 ms · 600 TFLOP/s | 50% | " \
-           "0.50× | 0.67× | 1.25× |" in lines
-    assert "| vgg16_bn.pool1 | fwd_bwd | vgg16_bn.pool1 layer | 0.2 ms · 2500 GB/s | — | " \
-           "0.8 ms · 625 GB/s | — | 58% | 4.00× | — | — |" in lines
+           "0.48 ms · 500 TFLOP/s | 0.24 ms · 1000 TFLOP/s | 0.3 ms · 800 TFLOP/s | " \
+           "0.4 ms · 600 TFLOP/s | 50% | 0.50× | 0.67× | 1.25× | 1.25× |" in lines
+    assert "| vgg16_bn.pool1 | fwd_bwd | vgg16_bn.pool1 layer | 0.2 ms · 2500 GB/s | — | — | " \
+           "0.8 ms · 625 GB/s | — | 58% | 4.00× | — | — | — |" in lines
 
 
 def test_results_section_is_replaced_per_card_dtype_and_subset(report, tmp_path):

@@ -44,6 +44,11 @@ CONV_CASES = {
     "non_square_3x5": ((1, 16, 8, 9), 16, (3, 5), dict(stride=(2, 1), padding=(1, 2))),
     "non_square_small_c_2x3": ((1, 3, 6, 5), 8, (2, 3), dict(stride=(1, 2), padding=(0, 2))),
     "pointwise_1x1": ((2, 32, 5, 5), 16, (1, 1), {}),
+    # First layers (C < SMALL_C) beyond the networks': dilated kernel rows (runs of CP
+    # channels DW pixels apart), and C = 12 (CP = 16) with a 7-wide row of 112 lanes.
+    "first_layer_c3_dilation2_stride2": ((1, 3, 13, 12), 8, (3, 3),
+                                         dict(stride=2, padding=1, dilation=2)),
+    "first_layer_c12_7x7_p3": ((1, 12, 9, 11), 8, (7, 7), dict(padding=3)),
 }
 
 # id -> (dtype, cuDNN TF32 switch, tolerance key)
@@ -107,6 +112,19 @@ def test_any_input_strides(device):
     assert_close(y, _reference_conv(x, weight, None, dict(padding=1)), torch.float32, 144)
 
 
+def test_first_layer_padded_copy(device):
+    """A first layer reads x as a dense [N, H', W', CP] copy holding the padding: its border
+    and channels C .. CP - 1 zero, taken from any strides (here a non-dense slice)."""
+    base = random_input((2, 5, 9, 12), torch.bfloat16, device)
+    x = base[:, 1:4, 1:8, ::2]
+    geometry = ConvGeometry((3, 3), padding=(1, 2), padding_end=(2, 1))
+    copy = conv_ops.run_copy(x, geometry)
+    assert copy.shape == (2, 7 + 3, 6 + 3, 8) and copy.is_contiguous()
+    expected = F.pad(x.cpu(), (2, 1, 1, 2)).permute(0, 2, 3, 1)
+    assert torch.equal(copy[..., :3].cpu(), expected)
+    assert not copy[..., 3:].cpu().any()
+
+
 def test_unbatched_3d_input(device):
     x = random_input((3, 9, 8), torch.float32, device)
     weight = random_input((5, 3, 3, 3), torch.float32, device)
@@ -117,9 +135,10 @@ def test_unbatched_3d_input(device):
                  torch.float32, 27)
 
 
-def test_empty_batch(device):
-    x = random_input((0, 16, 5, 5), torch.bfloat16, device, channels_last=True)
-    weight = random_input((8, 16, 3, 3), torch.bfloat16, device)
+@pytest.mark.parametrize("channels", [16, 3])
+def test_empty_batch(channels, device):
+    x = random_input((0, channels, 5, 5), torch.bfloat16, device, channels_last=True)
+    weight = random_input((8, channels, 3, 3), torch.bfloat16, device)
     assert fastarch.functional.conv2d(x, weight).shape == (0, 8, 3, 3)
 
 
@@ -146,8 +165,13 @@ def test_every_gpu_config_computes_the_conv(name, device):
     geometry = ConvGeometry((k, k), (stride, stride), (pad, pad))
     y = backend.empty((shape[0], k_out, *geometry.output_size(*shape[2:])), dtype, device,
                       torch.channels_last)
-    conv_kernels.forward_launch(x, conv_ops.weight_matrix(weight), bias, None, None, False, y,
-                                None, geometry, operand, config)()
+    if shape[1] < conv_kernels.SMALL_C:  # the first-layer loop over the padded copies
+        conv_kernels.row_run_forward_launch(
+            conv_ops.run_copy(x, geometry), conv_ops.run_copy(weight, ConvGeometry((k, k))),
+            bias, None, None, False, y, None, geometry, operand, config)()
+    else:
+        conv_kernels.forward_launch(x, conv_ops.weight_matrix(weight), bias, None, None, False,
+                                    y, None, geometry, operand, config)()
     reference = _reference_conv(x, weight, bias, dict(stride=stride, padding=pad))
     tolerance = {Operand.SIXTEEN_BIT: dtype, Operand.TF32: "tf32",
                  Operand.IEEE: torch.float32}[operand]
@@ -298,7 +322,11 @@ def _module_like(case, dtype, device, bias: bool = True):
 @pytest.mark.parametrize("case_id, dtype_id, layout",
                          alternating(GRAD_CASES, ["fp32", "bf16"], list(LAYOUTS)))
 def test_module_autograd_matches_torch(case_id, dtype_id, layout, device):
-    case = CONV_CASES[case_id]
+    _check_module_autograd(CONV_CASES[case_id], dtype_id, layout, device)
+
+
+def _check_module_autograd(case, dtype_id: str, layout: str, device: str) -> None:
+    """Output and every gradient of fastarch.nn.Conv2d on ``case`` against float64 torch."""
     dtype, tf32, tolerance = DTYPES[dtype_id]
     conv, twin = _module_like(case, dtype, device)
     x = random_input(case[0], dtype, device, LAYOUTS[layout], requires_grad=True)
@@ -315,6 +343,51 @@ def test_module_autograd_matches_torch(case_id, dtype_id, layout, device):
     assert_close(conv.weight.grad, dw_ref, tolerance, pixels, name="grad weight")
     assert_close(conv.bias.grad, db_ref, tolerance, pixels, name="grad bias")
     _expect_channels_last(x.grad, LAYOUTS[layout], case[0][1])
+
+
+# ----------------------------------------------------------------------------- TMA path
+
+# The TMA kernels (FASTARCH_CONV_ALGO=tma) on every case: its geometry with C and K_out
+# rounded up to the kernels' multiple of 16, channels_last, the tensor-core dtypes rotating.
+# The forward and wgrad take it at stride 1 (other strides keep the pointer kernels), dgrad
+# at every stride.
+TMA_DTYPES = ("bf16", "fp16", "tf32")
+TMA_CASES = [(case_id, TMA_DTYPES[i % len(TMA_DTYPES)]) for i, case_id in enumerate(CONV_CASES)]
+
+
+def _tma_case(case):
+    """``case`` with C and K_out rounded up to a multiple of 16."""
+    (batch, channels, *size), k_out, kernel, kwargs = case
+    return ((batch, -(-channels // 16) * 16, *size), -(-k_out // 16) * 16, kernel, kwargs)
+
+
+def _stride_one(case) -> bool:
+    return case[3].get("stride", 1) in (1, (1, 1))
+
+
+@pytest.mark.parametrize("case_id, dtype_id", TMA_CASES)
+def test_conv2d_forward_tma(case_id, dtype_id, device, monkeypatch, kernels_run):
+    monkeypatch.setenv("FASTARCH_CONV_ALGO", "tma")
+    case = _tma_case(CONV_CASES[case_id])
+    dtype, tf32, tolerance = DTYPES[dtype_id]
+    x, weight, bias = _operands(case, dtype, device)
+    with cudnn_tf32(tf32):
+        y = fastarch.functional.conv2d(x, weight, bias, **case[3])
+    assert_close(y, _reference_conv(x, weight, bias, case[3]), tolerance, _reduction(case))
+    _expect_channels_last(y, True, case[0][1])
+    assert ("conv2d_forward_tma_kernel" in kernels_run) == _stride_one(case), kernels_run
+
+
+@pytest.mark.parametrize("case_id, dtype_id",
+                         [(case_id, TMA_DTYPES[i % len(TMA_DTYPES)])
+                          for i, case_id in enumerate(GRAD_CASES)])
+def test_module_autograd_tma(case_id, dtype_id, device, monkeypatch, kernels_run):
+    monkeypatch.setenv("FASTARCH_CONV_ALGO", "tma")
+    case = _tma_case(CONV_CASES[case_id])
+    _check_module_autograd(case, dtype_id, "nhwc", device)
+    tma_runs = kernels_run.count("conv2d_forward_tma_kernel")
+    assert tma_runs >= 1 + _stride_one(case), kernels_run  # dgrad (and the forward)
+    assert ("conv2d_wgrad_tma_kernel" in kernels_run) == _stride_one(case), kernels_run
 
 
 FUSED_GRAD_EPILOGUES = {"relu": (False, True), "scale_shift": (True, False),

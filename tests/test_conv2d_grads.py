@@ -3,14 +3,14 @@ the bias gradient (conv2d_weight_grad), against float64 torch on the same rounde
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fastarch.compile_report import all_launches
-from fastarch.kernels.conv2d import ConvGeometry
+from fastarch.kernels.conv2d import SMALL_C, ConvGeometry
 from fastarch.kernels.tensor_cores import Operand
 from fastarch.ops import conv2d as conv_ops
 from fastarch.ops.conv2d import conv2d_input_grad, conv2d_weight_grad
@@ -67,6 +67,9 @@ LAYERS = {
                                                         padding_end=(1, 2))),
     "nonsquare_3x5_p1x2": Layer(2, 4, 8, 9, 6, geometry((3, 5), padding=(1, 2))),
     "nonsquare_5x1_s2x1_p2x0": Layer(2, 4, 11, 6, 6, geometry((5, 1), (2, 1), (2, 0))),
+    "first_layer_c3_dilation2_s2": Layer(2, 3, 13, 12, 5,
+                                         geometry((3, 3), (2, 2), (1, 1), (2, 2))),
+    "first_layer_c12_7x7_p3": Layer(1, 12, 9, 11, 6, geometry((7, 7), padding=(3, 3))),
 }
 
 # Operand modes: (name for tolerances, storage dtype, allow_tf32).
@@ -92,6 +95,7 @@ DTYPE_CASES = (
     ("same_even_4x4", "nhwc"),
     ("odd_sizes_3x3_p1", "nchw"),
     ("stride3_p1_nondividing", "nchw"),
+    ("first_layer_c12_7x7_p3", "nhwc"),
 )
 
 
@@ -171,6 +175,35 @@ def test_grads_dtypes(name: str, fmt: str, mode: str, device: str) -> None:
                 memory_format)
 
 
+# The TMA kernels (FASTARCH_CONV_ALGO=tma) on every layer: its geometry with the channels
+# rounded up to the kernels' multiple of 16, channels_last, the tensor-core modes rotating.
+# dgrad takes the TMA path at every stride (a stride-1 convolution per phase), wgrad at
+# stride 1; stride > 1 wgrads keep the pointer kernel.
+TMA_MODES = ("bf16", "fp16", "tf32")
+TMA_CASES = [(name, TMA_MODES[i % len(TMA_MODES)]) for i, name in enumerate(LAYERS)]
+
+
+def tma_layer(layer: Layer) -> Layer:
+    """``layer`` with C and K_out rounded up to a multiple of 16."""
+    return replace(layer, in_channels=-(-layer.in_channels // 16) * 16,
+                   out_channels=-(-layer.out_channels // 16) * 16)
+
+
+@pytest.mark.parametrize("name, mode", TMA_CASES, ids=[f"{n}-{m}" for n, m in TMA_CASES])
+def test_grads_tma(name: str, mode: str, device: str, monkeypatch, kernels_run) -> None:
+    monkeypatch.setenv("FASTARCH_CONV_ALGO", "tma")
+    layer = tma_layer(LAYERS[name])
+    tolerance_name, dtype, allow_tf32 = MODES[mode]
+    x, weight, dy = make_inputs(layer, dtype, torch.channels_last)
+    grads = run_grads(x, weight, dy, layer.geometry, torch.channels_last, allow_tf32, device)
+    check_grads(grads, reference(x, weight, dy, layer.geometry), layer, tolerance_name,
+                torch.channels_last)
+    assert "conv2d_forward_tma_kernel" in kernels_run, "dgrad: no TMA launch"
+    stride_one = layer.geometry.stride == (1, 1)
+    assert ("conv2d_wgrad_tma_kernel" in kernels_run) == stride_one, kernels_run
+    assert ("conv2d_wgrad_kernel" in kernels_run) != stride_one, kernels_run
+
+
 def test_rows_no_window_reaches_get_zero(device: str) -> None:
     """3x3 stride 2 on 10 rows/cols: windows cover 0..8, so row and column 9 of dx are 0."""
     layer = LAYERS["stride2_p0_nondividing"]
@@ -239,16 +272,18 @@ def test_empty_batch(device: str) -> None:
 
 
 @pytest.mark.parametrize("name, launches", (("lenet_conv1_c1_5x5", 3),
-                                            ("input_smaller_than_stride", 1)))
+                                            ("input_smaller_than_stride", 1),
+                                            ("vgg_conv_16to32_3x3_p1", 3)))
 def test_wgrad_split_and_direct_paths(name: str, launches: int) -> None:
     """The interpreter config splits reductions of more than one minimal step (main kernel,
     weight merge, bias merge) and writes dW, db directly otherwise; the tests above run
-    both."""
+    both. A first layer (C < SMALL_C) first writes x's padded copy."""
     layer = LAYERS[name]
     x, weight, dy = make_inputs(layer, torch.float32, torch.channels_last)
     plan, _, _ = conv_ops.wgrad_plan(x, dy, weight.shape, True, layer.geometry, Operand.IEEE,
                                      interpreter=True)
-    assert [launch.name.split("[")[0] for launch in plan] == (
+    copy = ["padded_copy"] if layer.in_channels < SMALL_C else []
+    assert [launch.name.split("[")[0] for launch in plan] == copy + (
         ["conv2d_wgrad", "conv2d_wgrad_merge", "conv2d_wgrad_merge"][:launches])
 
 

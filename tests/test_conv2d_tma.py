@@ -1,7 +1,8 @@
 """The TMA conv forward (``kernels.conv2d_tma``) against float64 torch, forced with
 FASTARCH_CONV_ALGO=tma (the interpreter runs tensor-descriptor loads, their zero fill of
 out-of-bounds coordinates included); the layers it does not take keep the pointer kernel;
-and FASTARCH_CONV_ALGO itself."""
+FASTARCH_CONV_ALGO itself; and the input gradient on the TMA kernel, stride phase by
+stride phase."""
 import json
 
 import pytest
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 
 import fastarch
 from fastarch import autotune
+from fastarch.kernels import conv2d_tma
 from fastarch.kernels.conv2d import ConvGeometry
 from fastarch.kernels.conv2d_tma import tma_forward_launch, tma_m_tiles
 from fastarch.kernels.launch import TileConfig
@@ -147,6 +149,30 @@ def test_several_tiles_a_row_with_a_ragged_last(device):
     _merged_stats_match(WelfordPartials(*stats), conv)
 
 
+def test_persistent_programs_each_take_several_tiles(monkeypatch, device):
+    """3 programs (one SM's PROGRAMS_PER_SM, set to 3) for 18 tiles: 9 M tiles (three
+    16-pixel tiles a row of Q = 37, the last 5 wide) by 2 N tiles (K = 24 in 16-channel
+    tiles, the last 8 wide), in a group of GROUP_M = 8 M tiles and a ragged one of 1; each M
+    tile still one row of the STATS partials."""
+    monkeypatch.setattr(conv2d_tma, "sm_count", lambda device: 1)
+    monkeypatch.setattr(conv2d_tma, "PROGRAMS_PER_SM", 3)
+    N, C, H, W, K = 1, 16, 3, 37, 24
+    x, weight, bias = _operands((N, C, H, W), K, (3, 3), torch.bfloat16, device)
+    y = torch.full((N, K, H, W), float("nan"), dtype=torch.bfloat16,
+                   device=device).to(memory_format=torch.channels_last)
+    tiles = tma_m_tiles(N, H, W, 16)
+    stats = torch.full((3, tiles, K), float("nan"), device=device)
+    launch = tma_forward_launch(x, conv_ops.weight_matrix(weight), bias, None, None, False, y,
+                                stats, ConvGeometry((3, 3), padding=(1, 1)),
+                                Operand.SIXTEEN_BIT, TileConfig("test", 16, 16, 16, tma=True))
+    launch()
+    assert launch.grid == (3,) and tiles == 9 and conv2d_tma.GROUP_M == 8
+    conv = _reference(x, weight, bias, dict(padding=1))
+    assert_close(y, conv, torch.bfloat16, 144)
+    assert stats[0, :, 0].tolist() == stats[0, :, -1].tolist() == [16, 16, 5] * 3
+    _merged_stats_match(WelfordPartials(*stats), conv)
+
+
 @pytest.mark.parametrize("case_id, dtype, channels_last, shape, kwargs", [
     ("stride2", torch.bfloat16, True, (1, 16, 5, 5), dict(stride=2, padding=1)),
     ("nchw_input", torch.bfloat16, False, (1, 16, 3, 3), dict(padding=1)),
@@ -222,3 +248,118 @@ def test_bad_algorithm_is_a_value_error_naming_the_variable(monkeypatch, device)
     weight = random_input((8, 16, 3, 3), torch.bfloat16, device)
     with pytest.raises(ValueError, match="FASTARCH_CONV_ALGO"):
         fastarch.functional.conv2d(x, weight, None, padding=1)
+
+
+# ----------------------------------------------------------------------------- input gradient
+
+# name -> (input shape, out channels, kernel, F.conv2d keyword arguments, dtype id,
+# launches: one per stride phase, "zero" where no tap reaches it). K_out (dy's channels) is a
+# multiple of 16; C need not be.
+TMA_DGRAD_CASES = {
+    "3x3_p1": ((2, 16, 3, 5), 16, (3, 3), dict(padding=1), "bf16", ["tma"]),
+    "5x5_p2": ((1, 8, 3, 4), 16, (5, 5), dict(padding=2), "tf32", ["tma"]),
+    "3x3_dilation2": ((1, 16, 4, 5), 16, (3, 3), dict(padding=2, dilation=2), "fp16",
+                      ["tma"]),
+    "same_even_kernel": ((1, 8, 3, 5), 16, (2, 4), dict(padding="same"), "bf16", ["tma"]),
+    "3x3_p0": ((1, 8, 4, 5), 32, (3, 3), {}, "tf32", ["tma"]),
+    "3x3_s2_p1": ((1, 8, 5, 6), 16, (3, 3), dict(stride=2, padding=1), "bf16",
+                  ["tma"] * 4),
+    "1x1_s2": ((1, 8, 4, 5), 16, (1, 1), dict(stride=2), "fp16", ["tma"] + ["zero"] * 3),
+}
+
+
+@pytest.fixture
+def tma_dgrad_launches(monkeypatch) -> list:
+    """FASTARCH_CONV_ALGO=tma, and the lists of launches the TMA input gradient builds."""
+    monkeypatch.setenv("FASTARCH_CONV_ALGO", "tma")
+    built = []
+
+    def spy(*args, **kwargs):
+        built.append(conv2d_tma.tma_dgrad_launches(*args, **kwargs))
+        return built[-1]
+    monkeypatch.setattr(conv_ops, "tma_dgrad_launches", spy)
+    return built
+
+
+def _kind(launch) -> str:
+    return "tma" if launch.name.startswith("conv2d_dgrad_tma[") else \
+        "zero" if launch.name.startswith("conv2d_zero_fill[") else launch.name
+
+
+@pytest.mark.parametrize("case_id", TMA_DGRAD_CASES)
+def test_tma_dgrad_matches_float64(case_id, tma_dgrad_launches, device):
+    """dx through autograd (weight without grad: dgrad alone) against float64 torch; dx is
+    NaN-poisoned, so every element must have been written."""
+    shape, k_out, kernel, kwargs, dtype_id, kinds = TMA_DGRAD_CASES[case_id]
+    dtype, tf32, tolerance = DTYPES[dtype_id]
+    x, weight, _ = _operands(shape, k_out, kernel, dtype, device, bias=False)
+    x.requires_grad_(True)
+    x_ref = x.detach().cpu().double().requires_grad_(True)
+    y_ref = F.conv2d(x_ref, weight.cpu().double(), **kwargs)
+    dy = random_input(tuple(y_ref.shape), dtype, device, channels_last=True)
+    y_ref.backward(dy.cpu().double())
+    with cudnn_tf32(tf32):
+        fastarch.functional.conv2d(x, weight, None, **kwargs).backward(dy)
+    assert [[_kind(launch) for launch in launches] for launches in tma_dgrad_launches] == [kinds]
+    assert_close(x.grad, x_ref.grad, tolerance, k_out * kernel[0] * kernel[1], name="dx")
+
+
+@pytest.mark.parametrize("stride, padding, dilation", [
+    (1, 1, 1), (1, 0, 2), (2, 1, 1), (2, 0, 1), (2, 2, 2), (3, 1, 2), (4, 2, 1)])
+def test_dgrad_phase_taps_reach_what_the_direct_sum_does(stride, padding, dilation):
+    """Per phase, the stride-1 window ``dgrad_phase_taps`` describes (tap first + (count - 1
+    - j') * step at dy row i - padding + j' * dilation) is exactly the set of (tap, dy row)
+    pairs the direct sum over h = p * stride - padding + r * dilation has."""
+    taps, rows = 3, 11
+    for phase in range(stride):
+        window = conv2d_tma.dgrad_phase_taps(phase, padding, taps, stride, dilation)
+        for i in range((rows - phase + stride - 1) // stride):
+            h = phase + i * stride
+            direct = {(r, (h + padding - r * dilation) // stride) for r in range(taps)
+                      if (h + padding - r * dilation) % stride == 0}
+            phased = {(window.first + (window.count - 1 - j) * window.step,
+                       i - window.padding + j * window.dilation) for j in range(window.count)}
+            assert phased == direct, (phase, i)
+
+
+def test_dgrad_of_an_nchw_dy_keeps_the_pointer_kernel(tma_dgrad_launches, device):
+    x = random_input((1, 16, 3, 3), torch.bfloat16, device, requires_grad=True)
+    weight = random_input((16, 16, 3, 3), torch.bfloat16, device)
+    x_ref = x.detach().cpu().double().requires_grad_(True)
+    dy = random_input((1, 16, 3, 3), torch.bfloat16, device)
+    F.conv2d(x_ref, weight.cpu().double(), padding=1).backward(dy.cpu().double())
+    fastarch.functional.conv2d(x, weight, None, padding=1).backward(dy)
+    assert tma_dgrad_launches == []
+    assert_close(x.grad, x_ref.grad, torch.bfloat16, 16 * 9, name="dx")
+
+
+def test_auto_tunes_tma_dgrad_beside_pointer_tiles_on_hopper(monkeypatch, tmp_path, device):
+    """``auto`` with tuning on a Hopper (the CPU stands in for one): the TMA dgrad tiles are
+    timed right after the static pointer tile, and a TMA winner runs, phase by phase."""
+    if device != "cpu":
+        pytest.skip("the CPU stands in for a Hopper GPU")
+    monkeypatch.setenv("FASTARCH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("FASTARCH_AUTOTUNE", "on")
+    monkeypatch.delenv("FASTARCH_CONV_ALGO", raising=False)
+    monkeypatch.setattr(autotune, "runs_kernels", lambda device: True)
+    times = iter([2.0, 1.0] + [3.0] * 10)  # the static tile, then the first TMA tile wins
+
+    def clock(run):
+        run()
+        return next(times)
+    monkeypatch.setattr(autotune, "TIMER", clock)
+    autotune.forget_loaded_caches()
+    try:
+        # 64 input channels, stride-2 phases 65 pixels wide: one TMA candidate, tma_m128_n64.
+        geometry = ConvGeometry((1, 1), stride=(2, 2))
+        weight = random_input((16, 64, 1, 1), torch.bfloat16, device)
+        dy = random_input((1, 16, 1, 65), torch.bfloat16, device, channels_last=True)
+        dx = conv_ops.conv2d_input_grad(dy, weight, torch.Size((1, 64, 2, 130)),
+                                        torch.channels_last, geometry, Operand.SIXTEEN_BIT)
+        (entry,) = json.loads(next(tmp_path.glob("autotune-*.json")).read_text()).values()
+    finally:
+        autotune.forget_loaded_caches()
+    assert entry["config"] == "tma_m128_n64_k16" and entry["tile"]["tma"]
+    assert sum(not name.startswith("tma_") for name in entry["times_ms"]) > 1  # pointer
+    dx_ref = F.conv_transpose2d(dy.double(), weight.double(), stride=2, output_padding=(1, 1))
+    assert_close(dx, dx_ref, torch.bfloat16, 16)

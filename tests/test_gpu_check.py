@@ -65,6 +65,7 @@ def test_dry_run_runs_every_stage_and_writes_the_report(tmp_path):
     assert next(iter(cases)) == (HEADLINE, "eval")  # the headline comes first
     assert cases[HEADLINE, "eval"] == {"eager", "compile", "fastarch"}
     assert any("tuned" in contenders for contenders in cases.values())  # the autotune stage
+    assert cases["vgg16_bn.conv11", "eval"] == {"eager", "fastarch", "tma"}  # the conv stage
     _assert_report_of(tmp_path, cases)
     assert "whole model forward" in (tmp_path / "profile.txt").read_text()
     tests = (tmp_path / "tests.log").read_text()

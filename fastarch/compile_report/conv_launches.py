@@ -12,6 +12,7 @@ import torch
 from fastarch.compile_report.cases import Case, TileChoice, matrix, meta_tensor
 from fastarch.kernels import conv2d, conv2d_backward, conv2d_tma
 from fastarch.kernels.conv2d import ConvGeometry
+from fastarch.kernels.nhwc import padded_copy_kernel
 from fastarch.kernels.tensor_cores import Operand
 from fastarch.ops import conv2d as conv_ops
 
@@ -35,6 +36,14 @@ DGRAD_LAYERS = (
     (128, 3, 227, 227, 64, ConvGeometry((11, 11), (4, 4), (2, 2))),     # AlexNet conv1
 )
 
+# The layers the TMA dgrad is compiled on (Hopper): VGG conv3_3 with every TMA tile, one
+# launch; a 1x1 stride-2 layer (no layer of these networks: ResNet's downsampling shortcut)
+# on the static tile, for its four phases: one launch of a 1x1 kernel and three zero fills.
+TMA_DGRAD_LAYERS = (
+    (64, 256, 56, 56, 256, ConvGeometry((3, 3), padding=(1, 1))),       # VGG conv3_3
+    (64, 256, 56, 56, 512, ConvGeometry((1, 1), (2, 2))),               # 1x1 stride 2
+)
+
 # The layers wgrad's tiles are picked on: both paths (tap-aligned and flat), and split-K.
 WGRAD_LAYERS = (
     (1024, 1, 32, 32, 6, ConvGeometry((5, 5))),                         # LeNet conv1
@@ -47,10 +56,13 @@ WGRAD_LAYERS = (
 
 
 def conv2d_cases(choice: TileChoice) -> list[Case]:
-    """Every forward tile on its layer (on Hopper also the TMA forward's), then dgrad and
-    wgrad."""
+    """Every forward tile on its layer (on Hopper also the TMA forward's), then dgrad (on
+    Hopper also the TMA dgrad's) and wgrad."""
     tma = _tma_forward_cases() if choice.hopper else []
-    return _forward_cases(choice) + tma + _dgrad_cases(choice) + _wgrad_cases(choice)
+    tma_dgrad = _tma_dgrad_cases() if choice.hopper else []
+    tma_wgrad = _tma_wgrad_cases() if choice.hopper else []
+    return (_forward_cases(choice) + tma + _dgrad_cases(choice) + tma_dgrad
+            + _wgrad_cases(choice) + tma_wgrad)
 
 
 def _forward_cases(choice: TileChoice) -> list[Case]:
@@ -67,16 +79,21 @@ def _forward_cases(choice: TileChoice) -> list[Case]:
         P, Q = geometry.output_size(size, size)
         for dtype in dtypes:
             x, y = meta_tensor((64, C, size, size), dtype), meta_tensor((64, K_out, P, Q), dtype)
-            weight_rsc, bias = matrix(K_out, k, k, C, dtype=dtype), matrix(K_out, dtype=dtype)
+            bias = matrix(K_out, dtype=dtype)
+            x_in, weight_in, build = x, matrix(K_out, k, k, C, dtype=dtype), conv2d.forward_launch
+            if C < conv2d.SMALL_C:  # the row-run loop over padded copies
+                x_in = matrix(*conv2d.run_copy_shape(x.shape, geometry, dtype), dtype=dtype)
+                weight_in = matrix(K_out, k, k, conv2d.run_channels(C, dtype), dtype=dtype)
+                build = conv2d.row_run_forward_launch
             for stats, scale, relu in _forward_epilogues(dtype, K_out):
                 candidates = partial(conv_ops.forward_candidates, static, K_out, 64 * P * Q,
                                      stats)
                 for tile in choice.tiles(static, dtype, candidates):
                     partials = (matrix(3, conv_ops.forward_m_tiles(tile, 64, P, Q), K_out,
                                        dtype=torch.float32) if stats else None)
-                    found.append(Case(conv2d.forward_launch(
-                        x, weight_rsc, bias, scale, scale, relu, y, partials, geometry, operand,
-                        tile), dtype, tile is not static))
+                    found.append(Case(build(
+                        x_in, weight_in, bias, scale, scale, relu, y, partials, geometry,
+                        operand, tile), dtype, tile is not static))
     return found
 
 
@@ -135,6 +152,30 @@ def _dgrad_cases(choice: TileChoice) -> list[Case]:
     return list(found.values())
 
 
+def _tma_dgrad_cases() -> list[Case]:
+    """The TMA dgrad (Hopper) on ``TMA_DGRAD_LAYERS``: every TMA tile at its depth on the
+    stride-1 layer, the static tile on the stride-2 one; one case per distinct launch."""
+    found: dict[str, Case] = {}
+    for operand, dtype in OPERANDS[:2]:  # tensor-core operands only
+        for index, (N, C, H, W, K_out, geometry) in enumerate(TMA_DGRAD_LAYERS):
+            phase_width = -(-W // geometry.stride[1])
+            static = conv_ops.tma_dgrad_tile(C, K_out, phase_width, operand, interpreter=False)
+            tiles = [conv_ops.tma_tile(base, K_out, operand)
+                     for base in conv_ops.TMA_FORWARD.values()] if index == 0 else [static]
+            dy = meta_tensor((N, K_out, *geometry.output_size(H, W)), dtype)
+            weight = matrix(K_out, C, *geometry.kernel, dtype=dtype)
+            dx = meta_tensor((N, C, H, W), dtype)
+            for tile in tiles:
+                for launch in conv2d_tma.tma_dgrad_launches(dy, weight, dx, geometry, operand,
+                                                            tile):
+                    window = (f",{launch.constexprs['R']}x{launch.constexprs['S']}"
+                              if "R" in launch.constexprs else "")
+                    name = f"{launch.name[:-1]}{window}]"
+                    found.setdefault(name, Case(dataclasses.replace(launch, name=name), dtype,
+                                                tile.name != static.name))
+    return list(found.values())
+
+
 def _wgrad_cases(choice: TileChoice) -> list[Case]:
     """Every wgrad tile, each on a layer that picks it, with its path (tap-aligned or flat)
     and the split-K merge it brings."""
@@ -148,12 +189,34 @@ def _wgrad_cases(choice: TileChoice) -> list[Case]:
             static = conv_ops.wgrad_tile(C, K_out, operand, taps, pixels, interpreter=False)
             candidates = partial(conv_ops.wgrad_candidates, static, C, K_out, taps)
             for tile in choice.tiles(static, dtype, candidates):
-                main, *merges = conv_ops.wgrad_launches(x, dy, weight_shape, True, geometry,
-                                                         operand, tile, interpreter=False)[0]
-                path = "tap" if main.constexprs["TAP_ALIGNED"] else "flat"
+                launches = conv_ops.wgrad_launches(x, dy, weight_shape, True, geometry,
+                                                   operand, tile, interpreter=False)[0]
+                # A first layer's (C < SMALL_C) begins with the padded copy of x.
+                copies = [launch for launch in launches if launch.kernel is padded_copy_kernel]
+                main, *merges = launches[len(copies):]
+                path = ("tap" if main.constexprs["TAP_ALIGNED"] else
+                        "row" if main.constexprs["ROW_RUN"] else "flat")
                 name = f"{main.name[:-1]},{path}]"
                 found.setdefault(name, Case(dataclasses.replace(main, name=name), dtype,
                                             tile is not static))
                 for merge in merges:
                     found.setdefault(f"{merge.name}:{dtype}", Case(merge, dtype))
     return list(found.values())
+
+
+def _tma_wgrad_cases() -> list[Case]:
+    """Every tile of the TMA wgrad (Hopper: ``FASTARCH_CONV_ALGO=tma``'s static tiles and the
+    autotuner's candidates) on VGG conv3_3, its split-K main launch (the merges are the
+    pointer wgrad's)."""
+    N, C, H, W, K_out, geometry = WGRAD_LAYERS[-1]
+    P, Q = geometry.output_size(H, W)
+    weight_shape = torch.Size((K_out, C, *geometry.kernel))
+    found = []
+    for operand, dtype in OPERANDS[:2]:  # tensor-core operands only
+        x, dy = meta_tensor((N, C, H, W), dtype), meta_tensor((N, K_out, P, Q), dtype)
+        for base in conv_ops.TMA_WGRAD.values():
+            tile = conv_ops.tma_wgrad_fit(base, C, Q, operand)
+            main = conv_ops.wgrad_launches(x, dy, weight_shape, True, geometry, operand, tile,
+                                           interpreter=False)[0][0]
+            found.append(Case(main, dtype))
+    return found

@@ -106,14 +106,21 @@ def loops(code: Sequence[Instruction]) -> list[tuple[int, int]]:
 
 
 def hot_loop_instructions(code: Sequence[Instruction]) -> Optional[int]:
-    """The instruction count of the hottest loop's body, head to closing branch: the
-    innermost of the loops holding the most matrix instructions or, in a kernel whose loops
-    hold none, the most global loads; None without a loop."""
+    """The instruction count of the hottest loop's body, head to closing branch: of the
+    innermost loops holding matrix instructions (or, in a kernel whose loops hold none,
+    global loads), the one holding the most, the shortest of equals; None without a loop.
+
+    Innermost: holding no other such loop. A TMA kernel's mbarrier retry blocks, placed
+    after the epilogue, branch back into the main loop: the span they close reaches over
+    the rest of the kernel (every later loop included) and is no loop of its own."""
     spans = loops(code)
-    if not spans:
-        return None
     weighed = MMA if any(count(code[first:last + 1], *MMA) for first, last in spans) \
         else GLOBAL_LOADS
-    first, last = max(spans, key=lambda span: (count(code[span[0]:span[1] + 1], *weighed),
-                                               span[0] - span[1]))
+    holding = [span for span in spans if count(code[span[0]:span[1] + 1], *weighed)]
+    innermost = [outer for outer in holding if not any(
+        inner != outer and outer[0] <= inner[0] and inner[1] <= outer[1] for inner in holding)]
+    if not innermost:
+        return None
+    first, last = max(innermost, key=lambda span: (count(code[span[0]:span[1] + 1], *weighed),
+                                                   span[0] - span[1]))
     return last - first + 1

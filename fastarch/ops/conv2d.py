@@ -18,12 +18,15 @@ from torch import Tensor
 
 from fastarch import arguments, backend, profiling
 from fastarch.autotune import Generation, gemm_candidates
-from fastarch.kernels.conv2d import SMALL_C, ConvGeometry, forward_launch
-from fastarch.kernels.conv2d_tma import (tma_block_k, tma_forward_launch, tma_m_tiles,
-                                         tma_supported)
+from fastarch.kernels.conv2d import (SMALL_C, ConvGeometry, forward_launch,
+                                     row_run_forward_launch, run_channels, run_copy_shape)
+from fastarch.kernels.conv2d_tma import (tma_block_k, tma_dgrad_launches, tma_dgrad_supported,
+                                         tma_forward_launch, tma_m_tiles, tma_supported)
 from fastarch.kernels.conv2d_backward import (dgrad_launch, merge_launch, phase_pixels,
-                                              wgrad_launch)
+                                              row_run_wgrad_launch, wgrad_launch)
+from fastarch.kernels.conv2d_tma_wgrad import tma_wgrad_launch, tma_wgrad_supported
 from fastarch.kernels.launch import Launch, TileConfig, interpreter_tile
+from fastarch.kernels.nhwc import padded_copy_launch
 from fastarch.kernels.runtime import INTERPRETER, empty, memory_format_of, sm_count
 from fastarch.kernels.tensor_cores import Operand
 from fastarch.kernels.welford import WelfordPartials
@@ -48,16 +51,19 @@ def _table(prefix: str, *sixteen_bit: TileConfig) -> dict[str, TileConfig]:
     return {tile.name: tile for tile in (*sixteen_bit, *twins, fma)}
 
 
-# Forward, keyed on path ("flat": C < SMALL_C; "chan": K tiles inside one (r, s) tap), output
-# channels (n16 / n64 / n128: 128 and more) and operand. Chan tiles are a 128-byte channel
-# row deep; 4 stages of 32 KiB for 128x128x64. Flat tiles gather 2-byte elements (no
-# cp.async, so no software pipeline: one stage), 32 deep, and need 8 warps to stay under 128
-# registers. 128x256 (the prototype's tile) is left out: at 8 warps it reaches 255 registers
-# with the bias epilogue and spills with stats or scale/shift + ReLU (checked with
-# ``python -m fastarch compile-report``).
+# Forward, keyed on path ("flat": C < SMALL_C, the row-run loop over the padded copy; "chan":
+# K tiles inside one (r, s) tap), output channels (n16 / n64 / n128: 128 and more) and
+# operand. Chan tiles are a 128-byte channel row deep; 4 stages of 32 KiB for 128x128x64.
+# Flat tiles step one kernel row's S*CP run (``_forward_tile``; 16-byte vectors, cp.async)
+# in chunks at most as deep as the tile: 32 at n64, where the MMA work counts (AlexNet's
+# 88-element row in 3 chunks of 32 lanes is 9 % padding, 45 % in one of 128); 8 warps keep
+# them near 100 registers (4 warps: 160 to 200, the unrolled rows' addresses). 128x256 (the
+# prototype's tile) is left out: at 8 warps it reaches 255 registers with the bias epilogue
+# and spills with stats or scale/shift + ReLU (checked with ``python -m fastarch
+# compile-report``).
 CONV_FORWARD = _table("",
-    TileConfig("flat_n16_16bit", 128, 16, 32, num_warps=8, num_stages=1),
-    TileConfig("flat_n64_16bit", 128, 64, 32, num_warps=8, num_stages=1),
+    TileConfig("flat_n16_16bit", 128, 16, 64, num_warps=8, num_stages=2),
+    TileConfig("flat_n64_16bit", 128, 64, 32, num_warps=8, num_stages=2),
     TileConfig("chan_n64_16bit", 128, 64, 64, num_warps=4, num_stages=4),
     TileConfig("chan_n128_16bit", 128, 128, 64, num_warps=8, num_stages=4))
 
@@ -72,7 +78,7 @@ TMA_FORWARD = {tile.name: tile for tile in (
     TileConfig("tma_m128_n128", 128, 128, 64, num_warps=8, num_stages=3, tma=True),
     TileConfig("tma_m64_n256", 64, 256, 64, num_warps=4, num_stages=4, tma=True),
     TileConfig("tma_m64_n128", 64, 128, 64, num_warps=4, num_stages=4, tma=True),
-    TileConfig("tma_m128_n64", 128, 64, 64, num_warps=4, num_stages=4, tma=True))}
+    TileConfig("tma_m128_n64", 128, 64, 64, num_warps=8, num_stages=4, tma=True))}
 TMA_STATS_ACCUMULATOR = 64
 
 # FASTARCH_CONV_ALGO, read per call: ``pointer`` the pointer kernel, ``tma`` the TMA kernel
@@ -91,20 +97,37 @@ CONV_DGRAD = _table("dgrad_",
 
 # wgrad is a GEMM over (r, s, c) flattened (M) x output channels (N), reducing over the
 # N*P*Q pixels in BLOCK_K steps, split across programs. An M tile stays inside one tap when C
-# is a multiple of BLOCK_M (the kernel then reads one channel run per pixel); otherwise
-# (C = 1, 3, 6, ...) it spans taps so a 3-channel layer fills its tile with 27 or 363 real
-# (r, s, c) columns instead of padding each tap to 16. Keyed on the tile (m128 only when
-# C % 128 == 0 and K_out > 64), output channels (n16: K_out <= 16, n64: <= 64, else n128) and
-# operand. A tile spanning taps gathers x element by element, every thread holding each
-# pixel of its warp's columns: it steps FLAT_WGRAD_DEPTH pixels (64 reach 255 registers in
-# 16-bit and spill at n16; ``python -m fastarch compile-report``).
+# is a multiple of BLOCK_M (the kernel then reads one channel run per pixel); a first layer
+# (C < SMALL_C) runs M over (r, s, c) of x's padded copy (CP channels: 16-byte vectors, no
+# bounds checks), so a 3-channel layer fills its tile with 72 or 968 columns instead of
+# padding each tap to 16; any other C spans taps. Keyed on the tile (m128 when C % 128 == 0
+# and K_out > 64, or for a first layer's 72 to 968 columns beside 17 to 64 output channels:
+# dy is read once per M tile), output channels (n16: K_out <= 16, n64: <= 64, else n128) and
+# operand. A tile spanning taps (C >= SMALL_C) gathers x element by element, every thread
+# holding each pixel of its warp's columns: it steps FLAT_WGRAD_DEPTH pixels (64 reach 255
+# registers in 16-bit and spill at n16; ``python -m fastarch compile-report``).
 CONV_WGRAD = _table("wgrad_",
     TileConfig("wgrad_m64_n16_16bit", 64, 16, 64, num_warps=4, num_stages=4),
     TileConfig("wgrad_m64_n64_16bit", 64, 64, 64, num_warps=4, num_stages=4),
     TileConfig("wgrad_m64_n128_16bit", 64, 128, 64, num_warps=4, num_stages=4),
+    TileConfig("wgrad_m128_n64_16bit", 128, 64, 64, num_warps=8, num_stages=4),
     TileConfig("wgrad_m128_n128_16bit", 128, 128, 64, num_warps=8, num_stages=4))
 
 FLAT_WGRAD_DEPTH = 32
+
+# The TMA wgrad's tiles (Hopper, ``kernels.conv2d_tma_wgrad``): BLOCK_M channels of one tap x
+# BLOCK_N output channels, BLOCK_K output pixels of one row a step. BLOCK_M is capped to
+# divide C and BLOCK_K is set per layer (``tma_wgrad_tile``). On VGG conv3_3 in bf16: 114 to
+# 124 registers and 2 CTAs an SM, but 204 registers and 1 CTA for 128x256 (a candidate only).
+TMA_WGRAD = {tile.name: tile for tile in (
+    TileConfig("tma_wgrad_m128_n256", 128, 256, 64, num_warps=8, num_stages=3, tma=True),
+    TileConfig("tma_wgrad_m128_n128", 128, 128, 64, num_warps=8, num_stages=3, tma=True),
+    TileConfig("tma_wgrad_m128_n64", 128, 64, 64, num_warps=4, num_stages=4, tma=True),
+    TileConfig("tma_wgrad_m64_n128", 64, 128, 64, num_warps=4, num_stages=4, tma=True),
+    TileConfig("tma_wgrad_m64_n64", 64, 64, 64, num_warps=4, num_stages=4, tma=True))}
+
+# The padded copy of a first layer's input (and weight): 256 pixels a program.
+RUN_COPY = TileConfig("run_copy", block_m=256, num_warps=4)
 
 # The merge of wgrad's split partials: an elementwise pass, 1024 elements a program.
 WGRAD_MERGE = TileConfig("merge", block_m=1024)
@@ -122,7 +145,9 @@ WGRAD_INTERPRETER_SPLITS = 3
 
 def forward_tile(channels: int, out_channels: int, reduction: int, operand: Operand,
                  pixels: int, interpreter: bool = INTERPRETER) -> TileConfig:
-    """The tile of a conv forward over ``pixels`` = N*P*Q outputs; ``reduction`` is R*S*C."""
+    """The tile of a conv forward over ``pixels`` = N*P*Q outputs; ``reduction`` is what one
+    tile's depth should cover: R*S*C, or for a first layer (C < SMALL_C) one kernel row's
+    run of S*CP elements (``_forward_tile``)."""
     flat = channels < SMALL_C
     depth = reduction if flat else channels
     if interpreter:
@@ -172,6 +197,15 @@ def tma_forward_tile(channels: int, out_channels: int, out_width: int, operand: 
     return tma_tile(TMA_FORWARD[f"tma_m{width}_n{height}"], channels, operand)
 
 
+def tma_dgrad_tile(channels: int, out_channels: int, phase_width: int, operand: Operand,
+                   interpreter: bool = INTERPRETER) -> TileConfig:
+    """The static tile of the TMA input gradient (``FASTARCH_CONV_ALGO=tma``): a forward
+    from dy's ``out_channels`` to dx's ``channels`` whose output rows are a stride phase's,
+    ``phase_width`` wide (``tma_forward_tile`` without STATS)."""
+    return tma_forward_tile(out_channels, channels, phase_width, operand, stats=False,
+                            interpreter=interpreter)
+
+
 def forward_m_tiles(tile: TileConfig, batch: int, out_height: int, out_width: int) -> int:
     """The M tiles of a forward on ``tile``: the STATS partials' rows."""
     if tile.tma:
@@ -205,9 +239,60 @@ def wgrad_tile(channels: int, out_channels: int, operand: Operand, taps: int, pi
     if operand is Operand.IEEE:
         return CONV_WGRAD["wgrad_fp32_ieee"]
     width = "n16" if out_channels <= 16 else "n64" if out_channels <= 64 else "n128"
-    height = "m128" if width == "n128" and channels % 128 == 0 else "m64"
+    height = "m128" if (width == "n128" and channels % 128 == 0) or (
+        width == "n64" and channels < SMALL_C) else "m64"
     tile = CONV_WGRAD[f"wgrad_{height}_{width}_{operand.value}"]
-    return tile if channels % tile.block_m == 0 else _shallow(tile, FLAT_WGRAD_DEPTH)
+    aligned = channels % tile.block_m == 0 or channels < SMALL_C  # < SMALL_C: the row run
+    return tile if aligned else _shallow(tile, FLAT_WGRAD_DEPTH)
+
+
+def tma_wgrad_depth(out_width: int, operand: Operand) -> int:
+    """The TMA wgrad's BLOCK_K: the power of two from 16 to a 128-byte row (64 16-bit or 32
+    fp32 pixels) that pads an output row of ``out_width`` pixels least (a row takes
+    ceil(Q / BLOCK_K) steps), the deepest on a tie: 64 for Q = 56, 32 for 224, 16 for 14."""
+    deepest = 64 if operand is Operand.SIXTEEN_BIT else 32
+    depths = [depth for depth in (64, 32, 16) if depth <= deepest]
+    return min(depths, key=lambda depth: triton.cdiv(out_width, depth) * depth)
+
+
+def tma_wgrad_fit(base: TileConfig, channels: int, out_width: int,
+                  operand: Operand) -> TileConfig:
+    """``base`` with BLOCK_M dividing C and the depth of ``tma_wgrad_depth``."""
+    block_m = tma_block_k(channels, base.block_m)
+    depth = tma_wgrad_depth(out_width, operand)
+    name = base.name + (f"_m{block_m}" if block_m != base.block_m else "") + (
+        f"_k{depth}" if depth != base.block_k else "")
+    return replace(base, name=name, block_m=block_m, block_k=depth)
+
+
+def tma_wgrad_tile(channels: int, out_channels: int, out_width: int, operand: Operand,
+                   interpreter: bool = INTERPRETER) -> TileConfig:
+    """The static TMA wgrad tile (``FASTARCH_CONV_ALGO=tma``): 128 channels of a tap where
+    C is a multiple of 128, else 64 (or C's largest power-of-two divisor); 128 output
+    channels where there are more than 64, else 64."""
+    if interpreter:
+        # Few programs and steps: the whole channel run, all output channels, a whole row.
+        base = interpreter_tile(out_width, out_channels)
+        return TileConfig("interpreter_tma_wgrad", tma_block_k(channels, 128), base.block_n,
+                          base.block_m, tma=True)
+    height = 128 if channels % 128 == 0 else 64
+    width = 128 if out_channels > 64 else 64
+    return tma_wgrad_fit(TMA_WGRAD[f"tma_wgrad_m{height}_n{width}"], channels, out_width,
+                         operand)
+
+
+def tma_wgrad_candidates(static: TileConfig, channels: int, out_channels: int,
+                         out_width: int, operand: Operand) -> tuple[TileConfig, ...]:
+    """The TMA wgrad tiles tried beside ``static``: none wider than the next power of two
+    of ``out_channels`` (at least 64), none the same shape as one before it once BLOCK_M is
+    capped to divide C."""
+    max_n = max(64, triton.next_power_of_2(out_channels))
+    tiles = {(static.block_m, static.block_n): static}
+    for base in TMA_WGRAD.values():
+        if base.block_n <= max_n:
+            tile = tma_wgrad_fit(base, channels, out_width, operand)
+            tiles.setdefault((tile.block_m, tile.block_n), tile)
+    return tuple(tile for tile in tiles.values() if tile is not static)
 
 
 def wgrad_splits(tiles: int, pixels: int, block_k: int, sms: int,
@@ -255,8 +340,9 @@ def _forward_tile(x: Tensor, weight: Tensor, geometry: ConvGeometry, operand: Op
     P, Q = geometry.output_size(H, W)
     if algo == "tma" and tma_supported(x, weight, geometry, operand):
         return tma_forward_tile(C, weight.shape[0], Q, operand, stats)
-    return forward_tile(C, weight.shape[0], C * weight.shape[2] * weight.shape[3], operand,
-                        N * P * Q)
+    R, S = weight.shape[2:]
+    depth = S * run_channels(C, x.dtype) if C < SMALL_C else R * S * C
+    return forward_tile(C, weight.shape[0], depth, operand, N * P * Q)
 
 
 def forward_candidates(static: TileConfig, out_channels: int, pixels: int, stats: bool,
@@ -294,7 +380,8 @@ def dgrad_candidates(static: TileConfig, channels: int, pixels: int,
 
 def wgrad_candidates(static: TileConfig, channels: int, out_channels: int, taps: int,
                      generation: Generation) -> tuple[TileConfig, ...]:
-    """The wgrad tiles tried on a GPU of ``generation`` (M = taps * C, N = K_out)."""
+    """The wgrad tiles tried on a GPU of ``generation`` (M = taps * C, N = K_out; a first
+    layer's C is the channels of its padded copy)."""
     return gemm_candidates(static, generation, taps * channels, out_channels)
 
 
@@ -319,16 +406,22 @@ def conv2d_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: 
     P, Q = geometry.output_size(H, W)
     y = empty((N, K_out, P, Q), x.dtype, x.device, memory_format_of(x))
     operand = backend.conv_operand(x.dtype)
-    weight_rsc = weight_matrix(weight)
+    row_run = x.shape[1] < SMALL_C
+    if row_run:  # a first layer reads padded copies of x and the weight
+        weight_rsc = run_copy(weight, ConvGeometry(geometry.kernel))
+        x_in = run_copy(x, geometry)
+    else:
+        weight_rsc, x_in = weight_matrix(weight), x
 
     def m_tiles(tile: TileConfig) -> int:
         return forward_m_tiles(tile, N, P, Q)
 
     def launch(tile: TileConfig) -> tuple[Launch, Optional[Tensor]]:
         partials = empty((3, m_tiles(tile), K_out), torch.float32, x.device) if stats else None
-        build = tma_forward_launch if tile.tma else forward_launch
-        return build(x, weight_rsc, bias, scale, shift, relu, y, partials, geometry, operand,
-                     tile), partials
+        build = (tma_forward_launch if tile.tma else
+                 row_run_forward_launch if row_run else forward_launch)
+        return build(x_in, weight_rsc, bias, scale, shift, relu, y, partials, geometry,
+                     operand, tile), partials
 
     def candidates(generation: Generation) -> tuple[TileConfig, ...]:
         tma = tma_candidates(static, x.shape[1], K_out, Q, m_tiles, stats, operand)
@@ -356,6 +449,22 @@ def conv2d_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: 
     return y, partials
 
 
+def run_copy_launch(t: Tensor, geometry: ConvGeometry) -> tuple[Launch, Tensor]:
+    """The launch writing the padded copy a first layer reads of ``t`` [N, C, H, W] (x, or
+    the weight with a padding-free ``geometry``; ``conv2d.run_copy_shape``), and the copy."""
+    copy = empty(run_copy_shape(t.shape, geometry, t.dtype), t.dtype, t.device)
+    tile = interpreter_tile(copy.shape[0] * copy.shape[1] * copy.shape[2]) if INTERPRETER \
+        else RUN_COPY
+    return padded_copy_launch(t, copy, geometry.padding, tile), copy
+
+
+def run_copy(t: Tensor, geometry: ConvGeometry) -> Tensor:
+    """``run_copy_launch``'s copy, written."""
+    launch, copy = run_copy_launch(t, geometry)
+    launch()
+    return copy
+
+
 def conv2d_input_grad(dy: Tensor, weight: Tensor, input_shape: torch.Size,
                       memory_format: torch.memory_format, geometry: ConvGeometry,
                       operand: Operand) -> Tensor:
@@ -364,16 +473,36 @@ def conv2d_input_grad(dy: Tensor, weight: Tensor, input_shape: torch.Size,
     dx = empty(input_shape, dy.dtype, dy.device, memory_format)
     K_out = weight.shape[0]
     pixels = phase_pixels(N, H, W, geometry)
-    weight_t = dgrad_weight(weight)
-    static = dgrad_tile(C, K_out, operand, pixels)
+    phase_rows, phase_width = (triton.cdiv(size, stride)
+                               for size, stride in zip((H, W), geometry.stride))
+    tma = tma_dgrad_supported(dy, operand)
+
+    def launches(tile: TileConfig) -> list[Launch]:
+        if tile.tma:
+            return tma_dgrad_launches(dy, weight, dx, geometry, operand, tile)
+        return [dgrad_launch(dy, dgrad_weight(weight), dx, geometry, operand, tile)]
+
+    def candidates(generation: Generation) -> tuple[TileConfig, ...]:
+        tma_tiles = tma_candidates(
+            static, K_out, C, phase_width,
+            lambda tile: tma_m_tiles(N, phase_rows, phase_width, tile.block_m), False, operand)
+        if static.tma:
+            return (static, *tma_tiles)
+        pointer = dgrad_candidates(static, C, pixels, generation)
+        if algo == "auto" and generation is Generation.HOPPER and tma:
+            return (static, *tma_tiles, *pointer[1:])  # TMA first, as the forward's
+        return pointer
+
+    algo = conv_algo()
+    static = (tma_dgrad_tile(C, K_out, phase_width, operand) if algo == "tma" and tma
+              else dgrad_tile(C, K_out, operand, pixels))
     shape = {"C": C, "K": K_out, "RS": f"{weight.shape[2]}x{weight.shape[3]}",
              "stride": geometry.stride, "pixels": triton.next_power_of_2(pixels),
-             "operand": operand.value}
-    tile = tuned_tile("conv2d_dgrad", shape, dy, static,
-                      lambda generation: dgrad_candidates(static, C, pixels, generation),
-                      lambda tile: [dgrad_launch(dy, weight_t, dx, geometry, operand, tile)],
-                      (dx,))
-    dgrad_launch(dy, weight_t, dx, geometry, operand, tile)()
+             "operand": operand.value,
+             **({} if algo == "auto" else {"algo": algo})}  # auto keeps the keys it had
+    tile = tuned_tile("conv2d_dgrad", shape, dy, static, candidates, launches, (dx,))
+    for launch in launches(tile):
+        launch()
     return dx
 
 
@@ -384,11 +513,25 @@ def wgrad_plan(x: Tensor, dy: Tensor, weight_shape: torch.Size, need_bias_grad: 
     allocated here; so is the fp32 partial buffer when the reduction is split)."""
     K_out, C, R, S = weight_shape
     N, _, P, Q = dy.shape
-    static = wgrad_tile(C, K_out, operand, R * S, N * P * Q, interpreter)
+    tma = tma_wgrad_supported(x, dy, geometry, operand)
+
+    def candidates(generation: Generation) -> tuple[TileConfig, ...]:
+        tma_tiles = tma_wgrad_candidates(static, C, K_out, Q, operand)
+        if static.tma:
+            return (static, *tma_tiles)
+        columns = run_channels(C, x.dtype) if C < SMALL_C else C  # a first layer's copy
+        pointer = wgrad_candidates(static, columns, K_out, R * S, generation)
+        if algo == "auto" and generation is Generation.HOPPER and tma:
+            return (static, *tma_tiles, *pointer[1:])  # TMA first, as the forward's
+        return pointer
+
+    algo = conv_algo()
+    static = (tma_wgrad_tile(C, K_out, Q, operand, interpreter) if algo == "tma" and tma
+              else wgrad_tile(C, K_out, operand, R * S, N * P * Q, interpreter))
     shape = {"C": C, "K": K_out, "RS": f"{R}x{S}", "stride": geometry.stride,
-             "pixels": triton.next_power_of_2(N * P * Q), "operand": operand.value}
-    tile = tuned_tile("conv2d_wgrad", shape, x, static,
-                      lambda generation: wgrad_candidates(static, C, K_out, R * S, generation),
+             "pixels": triton.next_power_of_2(N * P * Q), "operand": operand.value,
+             **({} if algo == "auto" else {"algo": algo})}  # auto keeps the keys it had
+    tile = tuned_tile("conv2d_wgrad", shape, x, static, candidates,
                       lambda tile: wgrad_launches(x, dy, weight_shape, need_bias_grad,
                                                    geometry, operand, tile, interpreter)[0], ())
     return wgrad_launches(x, dy, weight_shape, need_bias_grad, geometry, operand, tile,
@@ -398,27 +541,45 @@ def wgrad_plan(x: Tensor, dy: Tensor, weight_shape: torch.Size, need_bias_grad: 
 def wgrad_launches(x: Tensor, dy: Tensor, weight_shape: torch.Size, need_bias_grad: bool,
                     geometry: ConvGeometry, operand: Operand, tile: TileConfig,
                     interpreter: bool) -> tuple[list[Launch], Tensor, Optional[Tensor]]:
-    """``wgrad_plan`` on a given tile (its split-K policy, dW, db and partials allocated)."""
+    """``wgrad_plan`` on a given tile (its split-K policy, dW, db and partials allocated).
+    A TMA tile splits the N*P output rows, each row ceil(Q / BLOCK_K) steps: the policy
+    counts its steps as pixels."""
     K_out, C, R, S = weight_shape
     N, _, P, Q = dy.shape
-    tiles = triton.cdiv(R * S * C, tile.block_m) * triton.cdiv(K_out, tile.block_n)
-    splits, per_split = split_reduction(
-        N * P * Q, wgrad_splits(tiles, N * P * Q, tile.block_k, sm_count(x.device), interpreter),
-        tile.block_k)
+    row_run = C < SMALL_C and not tile.tma  # a first layer reads a padded copy of x
+    columns = R * S * (run_channels(C, x.dtype) if row_run else C)
+    tiles = triton.cdiv(columns, tile.block_m) * triton.cdiv(K_out, tile.block_n)
+    copies, x_in = [], x
+    if tile.tma:
+        steps_pixels = N * P * triton.cdiv(Q, tile.block_k) * tile.block_k
+        wanted = wgrad_splits(tiles, steps_pixels, tile.block_k, sm_count(x.device),
+                              interpreter)
+        splits, per_split = split_reduction(N * P, wanted, 1)
+        build = tma_wgrad_launch
+    else:
+        splits, per_split = split_reduction(
+            N * P * Q,
+            wgrad_splits(tiles, N * P * Q, tile.block_k, sm_count(x.device), interpreter),
+            tile.block_k)
+        build = row_run_wgrad_launch if row_run else wgrad_launch
+        if row_run:
+            copy, x_in = run_copy_launch(x, geometry)
+            copies = [copy]
     dw = empty(weight_shape, x.dtype, x.device)
     db = empty((K_out,), x.dtype, x.device) if need_bias_grad else None
     dw_rsck = dw.permute(2, 3, 1, 0)  # the (r, s, c, k) order of the GEMM's M x N
     if splits == 1:
-        main = wgrad_launch(x, dy, dw_rsck[None], None if db is None else db[None], 1,
-                            per_split, geometry, operand, tile)
-        return [main], dw, db
+        main = build(x_in, dy, dw_rsck[None], None if db is None else db[None], 1, per_split,
+                     geometry, operand, tile)
+        return [*copies, main], dw, db
     partial = empty((splits, R, S, C, K_out), torch.float32, x.device)
     bias_partial = (empty((splits, 1, 1, 1, K_out), torch.float32, x.device)
                     if need_bias_grad else None)
-    main = wgrad_launch(x, dy, partial,
-                        None if bias_partial is None else bias_partial.view(splits, K_out),
-                        splits, per_split, geometry, operand, tile)
-    launches = [main, merge_launch(partial, dw_rsck, wgrad_merge_tile(dw.numel(), interpreter))]
+    main = build(x_in, dy, partial,
+                 None if bias_partial is None else bias_partial.view(splits, K_out),
+                 splits, per_split, geometry, operand, tile)
+    launches = [*copies, main,
+                merge_launch(partial, dw_rsck, wgrad_merge_tile(dw.numel(), interpreter))]
     if need_bias_grad:
         launches.append(merge_launch(bias_partial, db.view(1, 1, 1, K_out),
                                      wgrad_merge_tile(K_out, interpreter)))
