@@ -1,5 +1,5 @@
 """Command line: ``python -m fastarch demo`` (the main job), ``layers``, ``profile``,
-``compile-report``.
+``compile-report``, ``ledger``.
 
 ``demo`` trains LeNet-5 on scikit-learn's handwritten digits with fastarch's Triton kernels and
 reports test accuracy and training throughput. With a GPU it runs the full training (20
@@ -222,6 +222,12 @@ def profile() -> int:
     return profiler.main(sys.argv[2:])
 
 
+def ledger() -> int:
+    _restart_with_interpreter(False)  # the launches a GPU gets, not the interpreter's tiles
+    from fastarch import ledger as command
+    return command.main(sys.argv[2:])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="fastarch", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -239,6 +245,9 @@ def main() -> int:
                         add_help=False)
     commands.add_parser("profile", help="per-layer times, rates and kernels of a model, and a "
                         "chrome trace (profile MODEL -h)", add_help=False)
+    commands.add_parser("ledger", help="bytes every kernel of a forward or training step "
+                        "reads and writes, fastarch against eager, from shapes alone "
+                        "(ledger MODEL -h)", add_help=False)
     args, _ = parser.parse_known_args()
     if args.command == "demo":
         return demo(args.steps, args.seed)
@@ -246,6 +255,8 @@ def main() -> int:
         return layers()
     if args.command == "profile":
         return profile()
+    if args.command == "ledger":
+        return ledger()
     return compile_report()
 
 
