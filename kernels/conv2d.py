@@ -279,7 +279,7 @@ def forward_launch(x: torch.Tensor, weight_rsc: torch.Tensor, bias: torch.Tensor
     N, C, H, W = x.shape
     K_out, R, S, _ = weight_rsc.shape
     return _forward_launch(
-        y, bias, scale, shift, relu, stats, geometry, operand, config, x.dtype,
+        N, K_out, y, bias, scale, shift, relu, stats, geometry, operand, config, x.dtype,
         args={"x_ptr": x, "w_ptr": weight_rsc, "C": C, "C_TILES": triton.cdiv(C, config.block_k),
               "H": H, "W": W, **strided_args("x", x), "w_sk": weight_rsc.stride(0)},
         extents={"x_ptr": strided_extent("x", (N, C, H, W)),
@@ -299,7 +299,7 @@ def row_run_forward_launch(x_run: torch.Tensor, weight_run: torch.Tensor,
     N, HP, WP, CP = x_run.shape
     K_out, R, S, _ = weight_run.shape
     return _forward_launch(
-        y, bias, scale, shift, relu, stats, geometry, operand, config, x_run.dtype,
+        N, K_out, y, bias, scale, shift, relu, stats, geometry, operand, config, x_run.dtype,
         args={"x_ptr": x_run, "w_ptr": weight_run, "C": CP, "C_TILES": 1, "H": HP, "W": WP,
               "x_sn": 0, "x_sh": 0, "x_sw": 0, "x_sc": 0, "w_sk": 0},
         extents={"x_ptr": dense(N, HP, WP, CP), "w_ptr": dense(K_out, R * S * CP)},
@@ -307,14 +307,15 @@ def row_run_forward_launch(x_run: torch.Tensor, weight_run: torch.Tensor,
                     "ROW_RUN": True, "CP": CP, "EVEN_C": True})
 
 
-def _forward_launch(y: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None,
-                    shift: torch.Tensor | None, relu: bool, stats: torch.Tensor | None,
-                    geometry: ConvGeometry, operand: Operand, config: TileConfig,
-                    dtype: torch.dtype, args: dict[str, Any], extents: dict[str, Extent],
-                    constexprs: dict[str, Any]) -> Launch:
-    """A forward launch: the input's and weight's ``args``, ``extents`` and ``constexprs``
-    (those of one main loop) joined with y's and the epilogue's."""
-    N, K_out, P, Q = y.shape
+def _forward_launch(N: int, K_out: int, y: torch.Tensor, bias: torch.Tensor | None,
+                    scale: torch.Tensor | None, shift: torch.Tensor | None, relu: bool,
+                    stats: torch.Tensor | None, geometry: ConvGeometry, operand: Operand,
+                    config: TileConfig, dtype: torch.dtype, args: dict[str, Any],
+                    extents: dict[str, Extent], constexprs: dict[str, Any]) -> Launch:
+    """A forward launch of the input's batch ``N`` and the weight's ``K_out`` output
+    channels: the input's and weight's ``args``, ``extents`` and ``constexprs`` (those of one
+    main loop) joined with y's and the epilogue's."""
+    P, Q = y.shape[2:]
     M = N * P * Q
     m_tiles = triton.cdiv(M, config.block_m)
     epilogue = epilogue_operands(y, bias, scale, shift, relu, stats, m_tiles)
