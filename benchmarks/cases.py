@@ -1,14 +1,16 @@
 """The benchmark cases as data, derived from the models themselves.
 
 Each model is traced once on the meta device (``fastarch.inventory.trace_leaves``); every
-distinct conv, BatchNorm, pool and linear layer of LeNet-5, AlexNet and VGG16-BN becomes a
-layer case at its real shape (identical layers, e.g. VGG's conv3_2 and conv3_3, are one case
-that lists the others in ``also``), every distinct fused run conv -> bn -> relu (-> pool)
-(``fastarch.fusion.fused_runs``) a block case, and LeNet-5, AlexNet, VGG16 and VGG16-BN whole-
-model cases. Batches: 1024 for LeNet-5, 256 for AlexNet (the cuDNN figures the speed targets
-quote for AlexNet's layers are at 128), 64 for VGG. Layers are numbered per kind in call
-order: ``vgg16_bn.conv7`` is VGG's conv3_3. Adaptive average pools are left out: at these
-input sizes they are the identity.
+distinct conv, BatchNorm, pool and linear layer of LeNet-5, AlexNet, VGG16-BN and ResNet-50
+becomes a layer case at its real shape (identical layers, e.g. VGG's conv3_2 and conv3_3, are
+one case that lists the others in ``also``), every distinct fused run conv -> bn -> relu (->
+pool) (``fastarch.fusion.fused_runs``: ResNet's stem among them; its residual blocks are
+not runs of a Sequential and have no block case) a block case, and LeNet-5, AlexNet, VGG16,
+VGG16-BN, ResNet-18 and ResNet-50 whole-model cases. Batches: 1024 for LeNet-5, 256 for
+AlexNet (the cuDNN figures the speed targets quote for AlexNet's layers are at 128) and
+ResNet-18, 128 for ResNet-50, 64 for VGG. Layers are numbered per kind in call order:
+``vgg16_bn.conv7`` is VGG's conv3_3. Adaptive average pools are left out: at these input
+sizes they are the identity, but for ResNet's head (7x7 -> 1x1), which its model cases time.
 
 ``--quick`` runs ``QUICK``, ``--dry-run`` ``DRY_RUN`` (a few of them) at the smoke shapes;
 ``--smoke`` runs ``SMOKE`` on the same architectures with every
@@ -45,8 +47,10 @@ MODELS = {
     "alexnet": ModelSpec(models.alexnet, 256, (3, 224, 224), 2, (3, 64, 64), 16),
     "vgg16": ModelSpec(models.vgg16, 64, (3, 224, 224), 1, (3, 32, 32), 16),
     "vgg16_bn": ModelSpec(models.vgg16_bn, 64, (3, 224, 224), 1, (3, 32, 32), 16),
+    "resnet18": ModelSpec(models.resnet18, 256, (3, 224, 224), 2, (3, 32, 32), 16),
+    "resnet50": ModelSpec(models.resnet50, 128, (3, 224, 224), 2, (3, 32, 32), 16),
 }
-LAYER_MODELS = ("lenet5", "alexnet", "vgg16_bn")
+LAYER_MODELS = ("lenet5", "alexnet", "vgg16_bn", "resnet50")
 LAYER_KINDS = ((nn.Conv2d, "conv"), (nn.BatchNorm2d, "bn"), ((nn.MaxPool2d, nn.AvgPool2d), "pool"),
                (nn.Linear, "fc"))
 # fastarch runs its static tables (FASTARCH_AUTOTUNE=off); "tuned" is fastarch autotuned

@@ -4,7 +4,10 @@ fastarch's kernels.
 Every module whose type is exactly one of torch.nn's Conv2d, BatchNorm2d, ReLU, MaxPool2d,
 AvgPool2d, AdaptiveAvgPool2d, Linear or Dropout becomes its ``fastarch.nn`` twin, then
 ``fastarch.fusion.fuse`` fuses the Conv2d -> BatchNorm2d -> ReLU (-> pool), Conv2d -> ReLU and
-Linear -> ReLU (-> Dropout) runs it finds in every nn.Sequential.
+Linear -> ReLU (-> Dropout) runs it finds in every nn.Sequential. A torchvision ResNet (its
+``ResNet``, ``BasicBlock`` and ``Bottleneck`` classes, recognised by class name and children
+without importing torchvision) takes fastarch's classes of the same names
+(``fastarch.models.resnet``), which run its stem and blocks fused.
 
 In place, like ``Module.to()``: the model is returned, and each converted module is the same
 object with its class changed (the twins subclass torch.nn's and add no state). So
@@ -20,10 +23,13 @@ inside a ``forward`` (``F.relu(x)`` stays torch's).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from fastarch import nn
 from fastarch.fusion import fuse
+from fastarch.models import resnet
 
 TWINS: dict[type[torch.nn.Module], type[torch.nn.Module]] = {
     torch.nn.Conv2d: nn.Conv2d,
@@ -37,12 +43,34 @@ TWINS: dict[type[torch.nn.Module], type[torch.nn.Module]] = {
 }
 
 
+# torchvision's ResNet classes, recognised without importing torchvision by their class name
+# and their children's names (a block's ``downsample`` is optional): their forward is
+# torchvision's, which these fastarch classes compute fused.
+_BLOCK = {"conv1", "bn1", "relu", "conv2", "bn2"}
+STRUCTURES: dict[str, tuple[type[torch.nn.Module], tuple[frozenset[str], ...]]] = {
+    "ResNet": (resnet.ResNet, (frozenset({"conv1", "bn1", "relu", "maxpool", "layer1",
+                                          "layer2", "layer3", "layer4", "avgpool", "fc"}),)),
+    "BasicBlock": (resnet.BasicBlock, (frozenset(_BLOCK), frozenset(_BLOCK | {"downsample"}))),
+    "Bottleneck": (resnet.Bottleneck, (frozenset(_BLOCK | {"conv3", "bn3"}),
+                                       frozenset(_BLOCK | {"conv3", "bn3", "downsample"}))),
+}
+
+
 def convert(model: torch.nn.Module) -> torch.nn.Module:
-    """Swap ``model``'s torch.nn layers (``model`` itself included) for fastarch's, in
-    place, and fuse what can be fused; returns ``model``."""
+    """Swap ``model``'s torch.nn layers (``model`` itself included) for fastarch's, and
+    torchvision's ResNet, BasicBlock and Bottleneck for fastarch's, in place, and fuse what
+    can be fused; returns ``model``."""
     for module in model.modules():
-        twin = TWINS.get(type(module))
+        twin = TWINS.get(type(module)) or _structural_twin(module)
         if twin is not None:
             module.__class__ = twin
     fuse(model)
     return model
+
+
+def _structural_twin(module: torch.nn.Module) -> Optional[type[torch.nn.Module]]:
+    """The fastarch class of a torchvision ResNet module (by class name and children)."""
+    twin, children = STRUCTURES.get(type(module).__name__, (None, ()))
+    if twin is None or type(module) is twin or "forward" in module.__dict__:
+        return None
+    return twin if frozenset(module._modules) in children else None

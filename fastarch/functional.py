@@ -22,6 +22,7 @@ from fastarch.arguments import ConvPadding, IntOrPair
 from fastarch.kernels.welford import WelfordPartials
 from fastarch.ops import avg_pool as avg_pool_ops
 from fastarch.ops import batch_norm as batch_norm_ops
+from fastarch.ops import batch_norm_conv2d as batch_norm_conv2d_ops
 from fastarch.ops import conv2d as conv2d_ops
 from fastarch.ops import dropout as dropout_ops
 from fastarch.ops import linear as linear_ops
@@ -122,13 +123,40 @@ def _batch_norm(op: str, input: torch.Tensor, running_mean: Optional[torch.Tenso
 def batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor],
                running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None, training: bool = False,
-               momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+               momentum: float = 0.1, eps: float = 1e-5, *,
+               partials: Optional[WelfordPartials] = None) -> torch.Tensor:
     """torch.nn.functional.batch_norm on our kernels for (N, C, ...) inputs; statistics in
     fp32 whatever the input dtype. ``momentum`` is the exponential-average factor of the
     running statistics (1/num_batches_tracked gives the cumulative average). Empty inputs
-    and float64 run torch's implementation."""
+    and float64 run torch's implementation. ``partials`` as in ``batch_norm_relu``."""
     return _batch_norm("batch_norm", input, running_mean, running_var, weight, bias, training,
-                       momentum, eps, relu=False)
+                       momentum, eps, relu=False, partials=partials)
+
+
+def batch_norm_add_relu(input: torch.Tensor, residual: torch.Tensor,
+                        running_mean: Optional[torch.Tensor],
+                        running_var: Optional[torch.Tensor],
+                        weight: Optional[torch.Tensor] = None,
+                        bias: Optional[torch.Tensor] = None, training: bool = False,
+                        momentum: float = 0.1, eps: float = 1e-5, *,
+                        partials: Optional[WelfordPartials] = None) -> torch.Tensor:
+    """relu(batch_norm(input, ...) + residual) for a 4-D input in one normalising pass: a
+    ResNet block's end (torchvision's ``out = bn(out); out += identity; relu(out)``, so the
+    result has input's dtype: residual is cast to it). residual has input's shape, any
+    strides. ``partials`` as in ``batch_norm_relu``."""
+    if input.dim() != 4 or residual.shape != input.shape:
+        raise ValueError(f"batch_norm_add_relu: expected a 4-D input and a residual of its "
+                         f"shape, got {list(input.shape)} and {list(residual.shape)}")
+    arguments.check_batch_norm_args(input, running_mean, running_var, weight, bias, training,
+                                    eps)
+    residual = residual.to(input.dtype)
+    if not _use_batch_norm_kernels("batch_norm_add_relu", input):
+        y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                         eps)
+        return F.relu(y + residual)
+    return batch_norm_ops.forward_add_relu(input, residual, running_mean, running_var, weight,
+                                           bias, bool(training), float(momentum), float(eps),
+                                           partials)
 
 
 def batch_norm_relu(input: torch.Tensor, running_mean: Optional[torch.Tensor],
@@ -229,26 +257,62 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 def conv2d_fused(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                  stride: IntOrPair = 1, padding: ConvPadding = 0, dilation: IntOrPair = 1, *,
                  scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None,
-                 relu: bool = False, stats: bool = False
+                 relu: bool = False, stats: bool = False,
+                 residual: Optional[torch.Tensor] = None
                  ) -> tuple[torch.Tensor, Optional[WelfordPartials]]:
     """conv2d (groups=1) with the epilogue fused into the kernel:
-    y = relu?((conv(input, weight) + bias) * scale + shift), and with ``stats`` the
-    BatchNorm statistics of conv + bias (before scale/shift/ReLU) as per-tile Welford
-    partials [tiles, out_channels] (fp32; float64 input, which runs torch, gives one float64
-    tile); ``kernels.welford.merge_welford_partials`` turns them into mean and var.
+    y = relu?((conv(input, weight) + bias) * scale + shift + residual), and with ``stats``
+    the BatchNorm statistics of conv + bias (before scale/shift/residual/ReLU) as per-tile
+    Welford partials [tiles, out_channels] (fp32; float64 input, which runs torch, gives one
+    float64 tile); ``kernels.welford.merge_welford_partials`` turns them into mean and var.
 
     ``scale`` and ``shift`` are per-output-channel float32 constants (an eval-mode BatchNorm
-    folded in): they must not require grad. Input, weight and bias get gradients."""
+    folded in): they must not require grad. ``residual`` (y's shape, the input's dtype after
+    autocast, any strides) is added in fp32 before the ReLU: a residual block's identity.
+    Input, weight, bias and residual get gradients."""
     input, weight, bias = arguments.autocast_args(input, weight, bias)
     arguments.check_conv_args(input, weight, bias)
     arguments.check_scale_shift(input, weight, scale, shift)
     geometry = arguments.conv_geometry(input, weight, stride, padding, dilation)
+    conv2d_ops.check_residual(input, weight, geometry, residual)
     if not backend.use_triton("conv2d_fused", input):
         return conv2d_ops.conv2d_fused_torch(input, weight, bias, stride, padding, dilation,
-                                             scale, shift, relu, stats)
-    y, partials = conv2d_ops.conv2d_fused(arguments.batched(input), weight, bias, geometry,
-                                          scale, shift, relu, stats)
+                                             scale, shift, relu, stats, residual)
+    y, partials = conv2d_ops.conv2d_fused(
+        arguments.batched(input), weight, bias, geometry, scale, shift, relu, stats,
+        None if residual is None else arguments.batched(residual))
     return arguments.unbatched_like(input, y), partials
+
+
+def batch_norm_conv2d_fused(input: torch.Tensor, running_mean: Optional[torch.Tensor],
+                            running_var: Optional[torch.Tensor],
+                            bn_weight: Optional[torch.Tensor] = None,
+                            bn_bias: Optional[torch.Tensor] = None, training: bool = False,
+                            momentum: float = 0.1, eps: float = 1e-5, *, bn_relu: bool = True,
+                            weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                            stride: IntOrPair = 1, padding: ConvPadding = 0,
+                            dilation: IntOrPair = 1, scale: Optional[torch.Tensor] = None,
+                            shift: Optional[torch.Tensor] = None, relu: bool = False,
+                            stats: bool = False, partials: Optional[WelfordPartials] = None
+                            ) -> tuple[torch.Tensor, Optional[WelfordPartials]]:
+    """``conv2d_fused(relu?(batch_norm(input, ...)), weight, bias, ...)`` (ReLU only if
+    ``bn_relu``) for a 4-D input without writing the normalised tensor: the conv applies the
+    BatchNorm to its input tiles as it loads them, and its backward recomputes them. The
+    arguments are F.batch_norm's, then ``conv2d_fused``'s; ``partials`` (the input's, from
+    the conv that wrote it) as in ``batch_norm_relu``. Under torch.autocast the input is cast
+    with the conv's arguments, before it is normalised."""
+    input, weight, bias = batch_norm_conv2d_ops.checked_args(
+        input, running_mean, running_var, bn_weight, bn_bias, training, eps, weight, bias,
+        scale, shift)
+    geometry = arguments.conv_geometry(input, weight, stride, padding, dilation)
+    normalisation = (running_mean, running_var, bn_weight, bn_bias, bool(training),
+                     float(momentum), float(eps), bool(bn_relu))
+    if not batch_norm_conv2d_ops.uses_kernels(input):
+        return batch_norm_conv2d_ops.torch_forward(input, *normalisation, weight, bias, stride,
+                                                   padding, dilation, scale, shift, relu,
+                                                   stats)
+    return batch_norm_conv2d_ops.forward(input, *normalisation, partials, weight, bias,
+                                         geometry, scale, shift, bool(relu), bool(stats))
 
 
 # ----------------------------------------------------------------------------- linear, dropout

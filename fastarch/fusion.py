@@ -1,12 +1,13 @@
 """The fusion mechanism: ``fuse(model)`` makes the fusable runs of a model — Conv2d ->
 BatchNorm2d -> ReLU (-> MaxPool2d / AvgPool2d), Conv2d -> ReLU and Linear -> ReLU (->
 Dropout) inside every nn.Sequential, and inside the module chains of a ``ModuleChains`` model
-(LeNet-5) — run fused (``fastarch.nn.fused``), keeping every original module, parameter,
-buffer and state_dict key: torchvision checkpoints load unchanged and ``train()`` /
-``eval()`` behave as before. Runs are found at each forward (``fastarch.nn.fused.walk``), so
-later edits to a Sequential are honoured, and a run fuses only modules of exactly torch.nn's
-(or fastarch.nn's) types that carry no hook: subclasses, parametrized modules and hooked
-modules run as themselves.
+(LeNet-5, ResNet's stem; ResNet's residual blocks are ``ModuleChains`` too:
+``fastarch.nn.residual``) — run fused (``fastarch.nn.fused``), keeping every original
+module, parameter, buffer and state_dict key: torchvision checkpoints load unchanged and
+``train()`` / ``eval()`` behave as before. Runs are found at each forward
+(``fastarch.nn.fused.walk``), so later edits to a Sequential are honoured, and a run fuses
+only modules of exactly torch.nn's (or fastarch.nn's) types that carry no hook: subclasses,
+parametrized modules and hooked modules run as themselves.
 
 It works in place: each such nn.Sequential becomes a ``FusedSequential`` (the same object,
 its class swapped), so references to it, optimizers and hooks on it stay valid; a

@@ -323,15 +323,19 @@ def aten_kernels(func: torch._ops.OpOverload, args: tuple, kwargs: dict,
 
 @dataclass(frozen=True)
 class Layers:
-    """Where a parameter or buffer lives (leaf path) and which block each leaf is in."""
+    """Where a parameter or buffer lives (leaf path), which block each leaf is in, and which
+    leaves are GEMM layers (conv, linear)."""
     owner: dict[int, str]   # storage of a parameter / buffer -> its module's path
     block: dict[str, str]   # leaf path -> block name
+    gemms: frozenset[str]   # the conv and linear leaves' paths
 
     @classmethod
     def of(cls, model: nn.Module, leaves: Sequence[Leaf]) -> "Layers":
         owner = {_storage(t): path for path, module in model.named_modules()
                  for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))}
-        return cls(owner, block_names(leaves))
+        gemms = frozenset(leaf.path for leaf in leaves
+                          if isinstance(leaf.module, (nn.Conv2d, nn.Linear)))
+        return cls(owner, block_names(leaves), gemms)
 
     def of_tensor(self, t: Any) -> Optional[str]:
         """The leaf path of the parameter or buffer ``t`` is (or views), if any."""
@@ -449,18 +453,20 @@ class Recorder(TorchDispatchMode):
             self.last_layer = layer
 
     def _layer_of(self, args: tuple, kwargs: dict) -> Optional[str]:
-        """The leaf path of the first parameter or buffer among the operator's arguments
-        (or views of them), or of the parameter whose gradient the running autograd node
-        accumulates (its copy into the parameter's layout); else, in the backward, the layer
-        of an earlier operator of the same autograd node (a linear layer's weight gradient
-        after its input gradient)."""
+        """The leaf path of the parameters and buffers among the operator's arguments (or
+        views of them) — a conv or linear layer's where it takes one (a BatchNorm applied in
+        the next conv's prologue is that conv's kernel), else the first's — or of the
+        parameter whose gradient the running autograd node accumulates (its copy into the
+        parameter's layout); else, in the backward, the layer of an earlier operator of the
+        same autograd node (a linear layer's weight gradient after its input gradient)."""
         node = torch._C._current_autograd_node()
-        for value in (*args, *kwargs.values(), getattr(node, "variable", None)):
-            for t in value if isinstance(value, (list, tuple)) else (value,):
-                path = self.layers.of_tensor(t)
-                if path is not None:
-                    return path if node is None else self.node_layer.setdefault(node, path)
-        return self.node_layer.get(node)
+        paths = [path for value in (*args, *kwargs.values(), getattr(node, "variable", None))
+                 for t in (value if isinstance(value, (list, tuple)) else (value,))
+                 if (path := self.layers.of_tensor(t)) is not None]
+        if not paths:
+            return self.node_layer.get(node)
+        path = next((path for path in paths if path in self.layers.gemms), paths[0])
+        return path if node is None else self.node_layer.setdefault(node, path)
 
 
 def _cuda_layout(func: torch._ops.OpOverload, args: tuple, out: Any) -> Any:

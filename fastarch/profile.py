@@ -1,14 +1,14 @@
 """Where the time of a model goes, layer by layer: ``python -m fastarch profile <model>``.
 
 The model (``fastarch.models``, fused as it is built unless ``--no-fuse``) is cut into units:
-each fused run (conv -> bn -> relu (-> pool), conv -> relu, linear -> relu (-> dropout)) and
-each other layer. Every unit is timed on the input it sees in the model, through fastarch and
-through torch's own modules (cuDNN on a GPU), and judged against the card's roofline
-(``fastarch.roofline``); the kernels it launched are read from torch.profiler. A chrome trace
-of one whole-model forward (every module outside a fused run and every fastarch op a named
-range) goes to ``--trace``. Without a GPU the kernels run under the Triton interpreter on the
-CPU: the table's shape is the same, its times are not GPU times. The layers come from the
-shared inventory, ``fastarch.inventory``.
+each fused run (conv -> bn -> relu (-> pool), conv -> relu, linear -> relu (-> dropout)), each
+fused residual block (ResNet) and each other layer. Every unit is timed on the input it sees
+in the model, through fastarch and through torch's own modules (cuDNN on a GPU), and judged
+against the card's roofline (``fastarch.roofline``); the kernels it launched are read from
+torch.profiler. A chrome trace of one whole-model forward (every module outside a fused run
+or block and every fastarch op a named range) goes to ``--trace``. Without a GPU the kernels
+run under the Triton interpreter on the CPU: the table's shape is the same, its times are not
+GPU times. The layers come from the shared inventory, ``fastarch.inventory``.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from torch import nn
 from fastarch import backend, fusion, roofline
 from fastarch.inventory import DTYPES, Leaf, label, run_cost, shape_text, torch_twin, trace_leaves
 from fastarch.kernels.tensor_cores import Operand
+from fastarch.nn.residual import ResidualBlock
 from fastarch.roofline import Cost
 
 
@@ -56,8 +57,34 @@ def units(leaves: list[Leaf], runs: Sequence[Sequence[str]]) -> list[list[Leaf]]
     return grouped
 
 
-def unit_module(model: nn.Module, unit: Sequence[Leaf], fuse: Optional[Callable]) -> nn.Module:
-    """The unit's modules of ``model`` (shared, not copied); a run is fused when ``fuse``."""
+def residual_blocks(model: nn.Module) -> list[str]:
+    """The paths of ``model``'s residual blocks: each one unit, run by its own forward (fused,
+    or module by module when the model is)."""
+    return [path for path, m in model.named_modules() if isinstance(m, ResidualBlock)]
+
+
+def block_of(path: str, blocks: Sequence[str]) -> Optional[str]:
+    """The residual block (among ``blocks``) the module at ``path`` belongs to, if any."""
+    return next((block for block in blocks if path.startswith(f"{block}.")), None)
+
+
+def block_runs(leaves: list[Leaf], blocks: Sequence[str]) -> list[tuple[str, ...]]:
+    """The leaves each residual block calls, in call order (its ReLU once a call): what
+    ``units`` groups into one unit."""
+    runs: dict[str, list[str]] = {}
+    for leaf in leaves:
+        block = block_of(leaf.path, blocks)
+        if block is not None:
+            runs.setdefault(block, []).append(leaf.path)
+    return [tuple(run) for run in runs.values()]
+
+
+def unit_module(model: nn.Module, unit: Sequence[Leaf], fuse: Optional[Callable],
+                block: Optional[str] = None) -> nn.Module:
+    """The unit's modules of ``model`` (shared, not copied): the residual ``block`` it is, or
+    its layer, or its run, fused when ``fuse``."""
+    if block is not None:
+        return model.get_submodule(block)
     layers = [model.get_submodule(leaf.path) for leaf in unit]
     if len(layers) == 1:
         return layers[0]
@@ -104,20 +131,23 @@ def kernels_of(fn: Callable[[], object]) -> tuple[str, ...]:
 
 def profile_units(model: nn.Module, twin: nn.Module, leaves: list[Leaf],
                   runs: Sequence[Sequence[str]], fuse: Optional[Callable], dtype: torch.dtype,
-                  device: str, warmup: int, reps: int) -> Iterator[UnitResult]:
-    """Each unit measured on a random input of its shape, as soon as it is measured."""
+                  device: str, warmup: int, reps: int,
+                  blocks: Sequence[str] = ()) -> Iterator[UnitResult]:
+    """Each unit measured on a random input of its shape, as soon as it is measured; each
+    residual block of ``blocks`` is one unit."""
     size = torch.finfo(dtype).bits // 8
-    for unit in units(leaves, runs):
-        ours = unit_module(model, unit, fuse)
-        theirs = unit_module(twin, unit, None)
+    for unit in units(leaves, [*runs, *block_runs(leaves, blocks)]):
+        block = block_of(unit[0].path, blocks)
+        ours = unit_module(model, unit, fuse, block)
+        theirs = unit_module(twin, unit, None, block)
         x = torch.randn(unit[0].input_shape, device=device, dtype=dtype)
         if x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         fastarch_s = seconds_per_call(lambda: ours(x), warmup, reps)  # compiles first
         torch_s = seconds_per_call(lambda: theirs(x), warmup, reps)
         yield UnitResult(
-            name=unit[0].path if len(unit) == 1
-            else f"{unit[0].path}-{unit[-1].path.rsplit('.', 1)[-1]}",
+            name=block or (unit[0].path if len(unit) == 1
+                           else f"{unit[0].path}-{unit[-1].path.rsplit('.', 1)[-1]}"),
             layers=" + ".join(label(leaf.module) for leaf in unit),
             input_shape=unit[0].input_shape, kernels=kernels_of(lambda: ours(x)),
             cost=run_cost(unit, size), fastarch_s=fastarch_s, torch_s=torch_s)
@@ -154,10 +184,10 @@ class Table:
 
 
 def module_ranges(model: nn.Module, runs: Sequence[Sequence[str]]) -> list:
-    """Forward hooks that put the call of every module outside the fused ``runs`` inside a
-    range named by its path and layer (a hook on a module of a run would unfuse it: a run
-    shows inside its parent's range, as its fastarch op ranges); returns the handles to
-    remove."""
+    """Forward hooks that put the call of every module outside the fused ``runs`` and fused
+    residual blocks inside a range named by its path and layer (a hook on a module of a run
+    or block would unfuse it: a run shows inside its parent's range, as its fastarch op
+    ranges); returns the handles to remove."""
     stack: list = []
 
     def enter(name: str, module: nn.Module, args: tuple) -> None:
@@ -168,9 +198,11 @@ def module_ranges(model: nn.Module, runs: Sequence[Sequence[str]]) -> list:
         stack.pop().__exit__(None, None, None)
 
     in_runs = {path for run in runs for path in run}
+    fused_blocks = [path for path, m in model.named_modules()
+                    if isinstance(m, ResidualBlock) and m.fused]
     handles = []
     for path, module in model.named_modules():
-        if path in in_runs:
+        if path in in_runs or block_of(path, fused_blocks) is not None:
             continue
         name = f"{path or type(module).__name__} {label(module)}".strip()
         handles.append(module.register_forward_pre_hook(functools.partial(enter, name)))
@@ -231,6 +263,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     model = model.to(dtype=dtype, memory_format=torch.channels_last).eval()
     twin = torch_twin(model)
     runs = [] if args.no_fuse else fusion.fused_runs(model)
+    blocks = [] if args.no_fuse else residual_blocks(model)
     leaves = trace_leaves(torch_twin(model).to("meta"), x.to("meta"))
     warmup, reps = (3, args.reps or 20) if gpu else (0, args.reps or 1)
     if gpu:
@@ -238,7 +271,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     where = (f"compiled Triton on {torch.cuda.get_device_name()}" if gpu
              else "Triton interpreter on the CPU: times are interpreter times, not GPU times")
     print(f"fastarch profile: {args.model}, batch {batch}, {args.dtype}, channels_last, eval, "
-          f"{'unfused' if args.no_fuse else f'{len(runs)} fused runs'}; {where}\n")
+          f"{'unfused' if args.no_fuse else f'{len(runs)} fused runs'}"
+          f"{f', {len(blocks)} fused residual blocks' if blocks else ''}; {where}\n")
     ceilings = roofline.ceilings_for(torch.cuda.get_device_name()) if gpu else None
     table = Table(ceilings, Operand.of(dtype, _tf32()), "cuDNN" if gpu else "torch")
     print(table.header(), flush=True)
@@ -246,7 +280,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     with torch.no_grad():
         for result in profile_units(model, twin, leaves, runs,
                                     None if args.no_fuse else fusion.fuse, dtype, device,
-                                    warmup, reps):
+                                    warmup, reps, blocks):
             print(table.row(result), flush=True)
             ours, theirs = ours + result.fastarch_s, theirs + result.torch_s
         whole = (seconds_per_call(lambda: model(x), warmup, reps),

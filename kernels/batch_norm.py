@@ -13,10 +13,11 @@ Forward:
    E[x^2] - E[x]^2) into mean and invstd = 1/sqrt(biased var + eps), the per-channel
    scale = gamma * invstd and shift = beta, and updates running_mean / running_var with the
    momentum and the unbiased variance. In eval mode it reads the running statistics instead.
-3. ``batch_norm_apply_kernel``: y = (x - mean) * scale + shift, then ReLU if asked. Centring
-   before scaling leaves one error on a channel of mean 1e4 and std 1, the fp32 rounding of
-   the mean (x - mean is exact for nearby values); the folded x * scale + (beta - mean *
-   scale) adds two more roundings at the scale of the mean, about 1e-3 in all.
+3. ``batch_norm_apply_kernel``: y = (x - mean) * scale + shift, plus a residual operand if
+   given (a ResNet block's end), then ReLU if asked. Centring before scaling leaves one
+   error on a channel of mean 1e4 and std 1, the fp32 rounding of the mean (x - mean is
+   exact for nearby values); the folded x * scale + (beta - mean * scale) adds two more
+   roundings at the scale of the mean, about 1e-3 in all.
    A BatchNorm followed by a pool runs instead as the pool's own forward kernel with its
    NORMALIZE switch (``kernels.max_pool``, ``kernels.avg_pool``): each tap of the window is
    normalised on the fly, so the normalised tensor is never written.
@@ -172,10 +173,11 @@ def batch_norm_finalize_kernel(
 
 @triton.jit
 def batch_norm_apply_kernel(
-    x_ptr, y_ptr, mean_ptr, scale_ptr, shift_ptr, M, C, H, W,
-    x_sn, x_sh, x_sw, x_sc, y_sn, y_sh, y_sw, y_sc,
-    RELU: tl.constexpr, DENSE_NHWC: tl.constexpr, EVEN_C: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr, residual_ptr, y_ptr, mean_ptr, scale_ptr, shift_ptr, M, C, H, W,
+    x_sn, x_sh, x_sw, x_sc, residual_sn, residual_sh, residual_sw, residual_sc,
+    y_sn, y_sh, y_sw, y_sc,
+    RELU: tl.constexpr, RESIDUAL: tl.constexpr, DENSE_NHWC: tl.constexpr,
+    EVEN_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     start = tl.program_id(0).to(tl.int64) * BLOCK_M
     c, c_ok = channel_block(C, EVEN_C, BLOCK_C)
@@ -183,7 +185,15 @@ def batch_norm_apply_kernel(
     x = load_tile(x_ptr, block_offsets(start, c, H, W, C, x_sn, x_sh, x_sw, x_sc, DENSE_NHWC,
                                        BLOCK_M), mask)
     mean, scale, shift = batch_norm_vectors(mean_ptr, scale_ptr, shift_ptr, c, c_ok)
-    store_tile(y_ptr, normalize(x, mean, scale, shift, RELU),
+    if RESIDUAL:  # a residual block's end: relu(bn(x) + residual), added in fp32
+        z = normalize(x, mean, scale, shift, False) + load_tile(
+            residual_ptr, block_offsets(start, c, H, W, C, residual_sn, residual_sh,
+                                        residual_sw, residual_sc, DENSE_NHWC, BLOCK_M), mask)
+        if RELU:
+            z = tl.where(z < 0.0, 0.0, z)
+    else:
+        z = normalize(x, mean, scale, shift, RELU)
+    store_tile(y_ptr, z,
                block_offsets(start, c, H, W, C, y_sn, y_sh, y_sw, y_sc, DENSE_NHWC, BLOCK_M),
                mask)
 
@@ -375,15 +385,23 @@ def finalize_launch(partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | 
 
 
 def apply_launch(x: torch.Tensor, y: torch.Tensor, stats: BatchNormStatistics, relu: bool,
-                 tile: TileConfig) -> Launch:
+                 tile: TileConfig, residual: torch.Tensor | None = None) -> Launch:
+    """y = normalised x, + ``residual`` (x's shape, any strides) when given, then ReLU if
+    ``relu``."""
     N, C, H, W = x.shape
-    args, extents, layout = _pixel_operands(tile, x=x, y=y)
+    has_residual = residual is not None
+    operands = {"x": x, "residual": residual, "y": y} if has_residual else {"x": x, "y": y}
+    args, extents, layout = _pixel_operands(tile, **operands)
+    if not has_residual:  # x stands in for the absent residual: never read
+        args.update({"residual_ptr": x, **strided_args("residual", x)})
+        extents["residual_ptr"] = UNUSED
     return Launch(
         batch_norm_apply_kernel, grid(N * H * W, C, tile),
         args={**args, **_normalization_args(stats), "M": N * H * W, "C": C, "H": H, "W": W},
         extents={**extents, **_statistics_extents(C, *_normalization_args(stats))},
-        constexprs=_tile_constexprs(tile, RELU=relu, **layout),
-        num_warps=tile.num_warps, name=_name("batch_norm_apply", tile, x, relu=relu))
+        constexprs=_tile_constexprs(tile, RELU=relu, RESIDUAL=has_residual, **layout),
+        num_warps=tile.num_warps,
+        name=_name("batch_norm_apply", tile, x, relu=relu, residual=has_residual))
 
 
 def backward_partials_launch(x: torch.Tensor, dy: torch.Tensor, stats: BatchNormStatistics,

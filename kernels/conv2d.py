@@ -13,16 +13,18 @@ Two main loops, picked by a constexpr:
   counters are carried from step to step, and a step adds their scalar offsets and compares
   the tap's row/column with the bounds. One flat loop (not nested) so Triton pipelines
   across taps too.
-* row runs (C < SMALL_C: LeNet, AlexNet and VGG first layers), over a padded copy of x
+* row runs (C < SMALL_C: LeNet, AlexNet, VGG and ResNet first layers), over a padded copy of x
   (``nhwc.padded_copy_kernel``, host side in ``fastarch.ops.conv2d``): dense
   [N, H + padding, W + padding, CP], CP = ``run_channels`` (8 16-bit or 4 fp32 channels,
   the zeros past C included), the convolution's padding written into its border. For one
   output pixel and kernel row r, the S taps' CP channels are then one contiguous run of
   S*CP elements (runs of CP, DW pixels apart, when dilated); a K step loads BLOCK_K lanes of
   it, lane k being (s, c) = (k // CP, k % CP), a shift. No bounds check is left (rows past M
-  repeat a valid pixel), so the loads are 16-byte vectors (cp.async, pipelined); the weight,
-  padded alike to [K_out, R, S, CP], is read the same way. A 3-channel 3x3 layer steps 3
-  rows of 24 lanes in 32-deep tiles.
+  repeat a valid pixel), so x's loads are 16-byte vectors (cp.async, pipelined). The weight
+  is read as it is, [K_out, C, R, S] through its strides, lane k's element (s, c) masked
+  where c >= C: element gathers (cp.async in fp32, through registers in 16-bit), but the
+  weight is small and stays in L2, where a padded copy of it cost a launch every call. A
+  3-channel 3x3 layer steps 3 rows of 24 lanes in 32-deep tiles.
 
 A pipelined main loop runs at least one step (``tl.maximum(steps, 1)``; where a reduction
 can be empty that step is fully masked): with a loop that may run no step, the
@@ -33,11 +35,21 @@ in-flight wgmma written between it and its wait, and serializes every wgmma of t
 The channel loop reads the weight as [K_out, R*S*C] with (r, s, c) contiguous (for a
 channels_last weight that is the weight itself, viewed).
 
+Input prologue (PROLOGUE, IN_RELU; ``nhwc.InputNormalization``): a conv after a BatchNorm
+reads the raw x and applies relu?(x * in_scale[c] + in_shift[c]) (fp32 math, rounded back to
+x's dtype for the MMA) to each input tile as it is loaded, so the normalized tensor is never
+stored; elements outside x (padding, masked lanes) are set back to 0 after the transform,
+as the zero padding of the normalized tensor. The channel loop loads the step's BLOCK_K
+in_scale/in_shift elements with its tile; the row-run loop needs nothing, its padded copy
+(``nhwc.padded_copy_kernel``) applies the prologue as it writes the copy.
+
 Epilogue, constexpr flags applied in this order on the fp32 accumulator:
 HAS_BIAS (+ bias[k], any stride), STATS (Welford partials of this tile: count, mean, M2 per
 channel, of conv + bias, for BatchNorm's batch statistics; written to a [3, M tiles, K_out]
 fp32 buffer and merged on the host with Chan's formula, no atomics), HAS_SCALE_SHIFT
-(* scale[k] + shift[k], e.g. an eval-mode BatchNorm folded in), RELU.
+(* scale[k] + shift[k], e.g. an eval-mode BatchNorm folded in), HAS_RESIDUAL (+ residual, a
+tensor of y's shape and dtype, any strides, read in fp32: a residual block's identity,
+torchvision's bn(conv) + identity), RELU.
 """
 from __future__ import annotations
 
@@ -49,7 +61,8 @@ import triton
 import triton.language as tl
 
 from .launch import UNUSED, Extent, Launch, TileConfig, dense, vector
-from .nhwc import split_pixel, strided_args, strided_extent
+from .nhwc import (InputNormalization, input_prologue, prologue_operands, split_pixel,
+                   strided_args, strided_extent)
 from .tensor_cores import Operand, dot, upcast_operands
 from .welford import store_statistics, tile_statistics
 
@@ -97,14 +110,17 @@ def inside(coordinate, size):
 
 
 @triton.jit
-def _channel_tile_loop(acc, x_ptr, w_ptr, pixel_base, h0, w0, m_ok, w_cols, k_out_ok,
-                       C, C_TILES, H, W, x_sh, x_sw, x_sc,
+def _channel_tile_loop(acc, x_ptr, w_ptr, in_scale_ptr, in_shift_ptr, pixel_base, h0, w0,
+                       m_ok, w_cols, k_out_ok, C, C_TILES, H, W, x_sh, x_sw, x_sc,
+                       in_scale_s, in_shift_s,
                        S: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, R_TIMES_S,
-                       EVEN_C: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                       UPCAST_OPERANDS: tl.constexpr, BLOCK_K: tl.constexpr):
+                       EVEN_C: tl.constexpr, PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
     """K = (r, s) taps x C in BLOCK_K chunks (C_TILES of them), as one flat loop. The tap (as
     its offsets r * DH, s * DW and its first weight column) and the step's first channel are
-    carried from step to step: no division in the loop."""
+    carried from step to step: no division in the loop. PROLOGUE: each x tile goes through
+    ``input_prologue`` (its out-of-bounds and past-C elements 0)."""
     lanes = tl.arange(0, BLOCK_K)
     a_tile = x_ptr + pixel_base[:, None] + (lanes * x_sc)[None, :]
     b_tile = w_ptr + lanes[:, None] + w_cols[None, :]
@@ -124,10 +140,30 @@ def _channel_tile_loop(acc, x_ptr, w_ptr, pixel_base, h0, w0, m_ok, w_cols, k_ou
             c_ok = c0 + lanes < C
             a = tl.load(a_ptrs, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=c_ok[:, None] & k_out_ok[None, :], other=0.0)
+        if PROLOGUE:
+            a = _normalized_tile(a, in_scale_ptr, in_shift_ptr, c0 + lanes, row_ok, C,
+                                 in_scale_s, in_shift_s, EVEN_C, IN_RELU)
         acc = dot(a, b, acc, DOT_PRECISION, UPCAST_OPERANDS)
         c0, tap_column, tap_w, tap_h = next_channel_step(c0, tap_column, tap_w, tap_h, C, S,
                                                          DW, DH, BLOCK_K)
     return acc
+
+
+@triton.jit
+def _normalized_tile(a, in_scale_ptr, in_shift_ptr, channels, row_ok, C, in_scale_s,
+                     in_shift_s, EVEN_C: tl.constexpr, IN_RELU: tl.constexpr):
+    """``input_prologue`` of the channel loop's [BLOCK_M, BLOCK_K] x tile ``a`` (its rows
+    valid where ``row_ok``, its columns ``channels``, all valid when EVEN_C)."""
+    if EVEN_C:
+        scale = tl.load(in_scale_ptr + channels * in_scale_s)
+        shift = tl.load(in_shift_ptr + channels * in_shift_s)
+        ok = row_ok[:, None]
+    else:
+        channel_ok = channels < C
+        scale = tl.load(in_scale_ptr + channels * in_scale_s, mask=channel_ok, other=0.0)
+        shift = tl.load(in_shift_ptr + channels * in_shift_s, mask=channel_ok, other=0.0)
+        ok = row_ok[:, None] & channel_ok[None, :]
+    return input_prologue(a, ok, scale[None, :], shift[None, :], IN_RELU)
 
 
 @triton.jit
@@ -159,48 +195,53 @@ def run_offsets(lanes, DW: tl.constexpr, CP: tl.constexpr):
 
 
 @triton.jit
-def _row_run_loop(acc, x_ptr, w_ptr, run_base, w_rows, WP,
+def _row_run_loop(acc, x_ptr, w_ptr, run_base, w_rows, WP, C, w_sc, w_sr, w_ss,
                   R: tl.constexpr, S: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
                   CP: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   UPCAST_OPERANDS: tl.constexpr, BLOCK_K: tl.constexpr):
     """K = kernel rows r, each the S*CP elements (s, c) of the padded copy (``run_base``:
     each pixel's window origin, the border and channels padded so no lane needs a bounds
-    check; rows past M repeat a valid one) and of the weight, dense [K_out, R, S, CP]
-    (``w_rows``: each output channel's first element), in CHUNKS static steps of BLOCK_K
-    lanes: no division, 16-byte vectors."""
+    check; rows past M repeat a valid one) and of the weight [K_out, C, R, S] (``w_rows``:
+    each output channel's first element; strides w_sc, w_sr, w_ss; lanes with c >= C
+    masked), in CHUNKS static steps of BLOCK_K lanes: no division, the copy's loads 16-byte
+    vectors."""
     RUN: tl.constexpr = S * CP
     CHUNKS: tl.constexpr = (RUN + BLOCK_K - 1) // BLOCK_K
     lanes = tl.arange(0, BLOCK_K)
     a_tile = x_ptr + run_base[:, None] + run_offsets(lanes, DW, CP)[None, :]
-    b_tile = w_ptr + lanes[:, None] + w_rows[None, :]
+    b_tile = w_ptr + ((lanes // CP) * w_ss + (lanes % CP) * w_sc)[:, None] + w_rows[None, :]
+    channel_ok = lanes % CP < C
     row_step = WP * (DH * CP)
     for r in range(R):
         for chunk in tl.static_range(CHUNKS):
             # A chunk starts at a multiple of CP: its offsets are the lanes' shifted.
             a_ptrs = a_tile + (r * row_step + chunk * BLOCK_K // CP * DW * CP)
-            b_ptrs = b_tile + (r * RUN + chunk * BLOCK_K)
+            b_ptrs = b_tile + (r * w_sr + chunk * BLOCK_K // CP * w_ss)
             if (chunk + 1) * BLOCK_K <= RUN:
                 a = tl.load(a_ptrs)
-                b = tl.load(b_ptrs)
+                b = tl.load(b_ptrs, mask=channel_ok[:, None], other=0.0)
             else:
                 lane_ok = chunk * BLOCK_K + lanes < RUN
                 a = tl.load(a_ptrs, mask=lane_ok[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=lane_ok[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=(lane_ok & channel_ok)[:, None], other=0.0)
             acc = dot(a, b, acc, DOT_PRECISION, UPCAST_OPERANDS)
     return acc
 
 
 @triton.jit
 def conv2d_forward_kernel(
-    x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, y_ptr, stats_ptr,
-    M, C, C_TILES, H, W, P, Q, K_OUT, NUM_M_TILES,
-    x_sn, x_sh, x_sw, x_sc, w_sk, bias_s, scale_s, shift_s, y_sn, y_sh, y_sw, y_sc,
+    x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, residual_ptr, y_ptr, stats_ptr,
+    in_scale_ptr, in_shift_ptr, M, C, C_TILES, H, W, P, Q, K_OUT, NUM_M_TILES,
+    x_sn, x_sh, x_sw, x_sc, w_sk, w_sc, w_sr, w_ss, bias_s, scale_s, shift_s,
+    res_sn, res_sh, res_sw, res_sc, y_sn, y_sh, y_sw, y_sc, in_scale_s, in_shift_s,
     R: tl.constexpr, S: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     ROW_RUN: tl.constexpr, CP: tl.constexpr, EVEN_C: tl.constexpr,
+    PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr,
     HAS_BIAS: tl.constexpr, STATS: tl.constexpr, HAS_SCALE_SHIFT: tl.constexpr,
-    RELU: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # Channel tiles vary fastest, so the programs sharing an input tile run together and
     # the input is read from DRAM about once (the weight stays in L2).
@@ -217,32 +258,35 @@ def conv2d_forward_kernel(
         # load stays unmasked along M.
         n, p, q = split_pixel(tl.minimum(m, M - 1), P, Q)
         run_base = ((n * H + p * SH) * W + q * SW) * CP
-        # Likewise channels past K_OUT read channel K_OUT - 1's weight row (a multiple of
-        # R*S*CP, so its runs are aligned 16-byte vectors too).
-        w_rows = tl.minimum(k_out, K_OUT - 1) * (R * S * CP)
-        acc = _row_run_loop(acc, x_ptr, w_ptr, run_base, w_rows, W, R, S, DH, DW, CP,
-                            DOT_PRECISION, UPCAST_OPERANDS, BLOCK_K)
+        # Likewise channels past K_OUT read channel K_OUT - 1's weight.
+        w_rows = tl.minimum(k_out, K_OUT - 1).to(tl.int64) * w_sk
+        acc = _row_run_loop(acc, x_ptr, w_ptr, run_base, w_rows, W, C, w_sc, w_sr, w_ss, R,
+                            S, DH, DW, CP, DOT_PRECISION, UPCAST_OPERANDS, BLOCK_K)
     else:
         n, p, q = split_pixel(m, P, Q)
         h0 = (p * SH - PH).to(tl.int32)
         w0 = (q * SW - PW).to(tl.int32)
         pixel_base = n * x_sn + h0.to(tl.int64) * x_sh + w0.to(tl.int64) * x_sw
         w_cols = k_out * w_sk
-        acc = _channel_tile_loop(acc, x_ptr, w_ptr, pixel_base, h0, w0, m_ok, w_cols,
-                                 k_out_ok, C, C_TILES, H, W, x_sh, x_sw, x_sc, S, DH, DW,
-                                 R * S, EVEN_C, DOT_PRECISION, UPCAST_OPERANDS, BLOCK_K)
+        acc = _channel_tile_loop(acc, x_ptr, w_ptr, in_scale_ptr, in_shift_ptr, pixel_base,
+                                 h0, w0, m_ok, w_cols, k_out_ok, C, C_TILES, H, W, x_sh, x_sw,
+                                 x_sc, in_scale_s, in_shift_s, S, DH, DW, R * S, EVEN_C,
+                                 PROLOGUE, IN_RELU, DOT_PRECISION, UPCAST_OPERANDS, BLOCK_K)
 
-    forward_epilogue(acc, bias_ptr, scale_ptr, shift_ptr, y_ptr, stats_ptr, n, p, q, m_ok,
-                     M - tile_m.to(tl.int64) * BLOCK_M, k_out, K_OUT, tile_m, NUM_M_TILES,
-                     bias_s, scale_s, shift_s, y_sn, y_sh, y_sw, y_sc,
-                     HAS_BIAS, STATS, HAS_SCALE_SHIFT, RELU, BLOCK_M)
+    forward_epilogue(acc, bias_ptr, scale_ptr, shift_ptr, residual_ptr, y_ptr, stats_ptr, n,
+                     p, q, m_ok, M - tile_m.to(tl.int64) * BLOCK_M, k_out, K_OUT, tile_m,
+                     NUM_M_TILES, bias_s, scale_s, shift_s, res_sn, res_sh, res_sw, res_sc,
+                     y_sn, y_sh, y_sw, y_sc, HAS_BIAS, STATS, HAS_SCALE_SHIFT, HAS_RESIDUAL,
+                     RELU, BLOCK_M)
 
 
 @triton.jit
-def forward_epilogue(acc, bias_ptr, scale_ptr, shift_ptr, y_ptr, stats_ptr, n, p, q, m_ok,
-                     rows_left, k_out, K_OUT, tile_m, NUM_M_TILES, bias_s, scale_s, shift_s,
-                     y_sn, y_sh, y_sw, y_sc, HAS_BIAS: tl.constexpr, STATS: tl.constexpr,
-                     HAS_SCALE_SHIFT: tl.constexpr, RELU: tl.constexpr, BLOCK_M: tl.constexpr):
+def forward_epilogue(acc, bias_ptr, scale_ptr, shift_ptr, residual_ptr, y_ptr, stats_ptr, n,
+                     p, q, m_ok, rows_left, k_out, K_OUT, tile_m, NUM_M_TILES, bias_s, scale_s,
+                     shift_s, res_sn, res_sh, res_sw, res_sc, y_sn, y_sh, y_sw, y_sc,
+                     HAS_BIAS: tl.constexpr, STATS: tl.constexpr,
+                     HAS_SCALE_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                     RELU: tl.constexpr, BLOCK_M: tl.constexpr):
     """The forward's epilogue (the module docstring's flags) on the [BLOCK_M, BLOCK_N] fp32
     ``acc`` of M tile ``tile_m``, whose rows are output pixels (n, p, q) (int64; scalars
     broadcast), the valid ones (``m_ok``) the first ``rows_left``."""
@@ -259,11 +303,15 @@ def forward_epilogue(acc, bias_ptr, scale_ptr, shift_ptr, y_ptr, stats_ptr, n, p
         scale = tl.load(scale_ptr + k_out * scale_s, mask=k_out_ok, other=0.0)
         shift = tl.load(shift_ptr + k_out * shift_s, mask=k_out_ok, other=0.0)
         acc = acc * scale[None, :] + shift[None, :]
+    tile_ok = m_ok[:, None] & k_out_ok[None, :]
+    if HAS_RESIDUAL:
+        residual_offsets = ((n * res_sn + p * res_sh + q * res_sw)[:, None]
+                            + (k_out * res_sc)[None, :])
+        acc += tl.load(residual_ptr + residual_offsets, mask=tile_ok, other=0.0).to(tl.float32)
     if RELU:
         acc = tl.where(acc < 0.0, 0.0, acc)  # NaN stays NaN, as in torch.relu
     y_offsets = (n * y_sn + p * y_sh + q * y_sw)[:, None] + (k_out * y_sc)[None, :]
-    tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & k_out_ok[None, :])
+    tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=tile_ok)
 
 
 # ----------------------------------------------------------------------------- launch
@@ -271,45 +319,60 @@ def forward_epilogue(acc, bias_ptr, scale_ptr, shift_ptr, y_ptr, stats_ptr, n, p
 def forward_launch(x: torch.Tensor, weight_rsc: torch.Tensor, bias: torch.Tensor | None,
                    scale: torch.Tensor | None, shift: torch.Tensor | None, relu: bool,
                    y: torch.Tensor, stats: torch.Tensor | None, geometry: ConvGeometry,
-                   operand: Operand, config: TileConfig) -> Launch:
+                   operand: Operand, config: TileConfig, *,
+                   prologue: InputNormalization | None = None,
+                   residual: torch.Tensor | None = None) -> Launch:
     """The channel-loop launch for x [N, C, H, W] (any strides), ``weight_rsc`` [K_out, R, S,
     C] with (r, s, c) contiguous, [K_out] bias, scale and shift (any stride), y [N, K_out, P,
-    Q] (any strides) and, for the STATS epilogue, a dense [3, M tiles, K_out] fp32
-    ``stats``. Right for any C; a first layer (C < SMALL_C) takes ``row_run_forward_launch``."""
+    Q] (any strides), for the STATS epilogue a dense [3, M tiles, K_out] fp32 ``stats``, the
+    input ``prologue`` and the ``residual`` (y's shape and dtype, any strides) where given.
+    Right for any C; a first layer (C < SMALL_C) takes ``row_run_forward_launch``."""
     N, C, H, W = x.shape
     K_out, R, S, _ = weight_rsc.shape
+    extra = prologue_operands(prologue, x, C)
     return _forward_launch(
-        N, K_out, y, bias, scale, shift, relu, stats, geometry, operand, config, x.dtype,
+        N, K_out, y, bias, scale, shift, relu, stats, residual, geometry, operand, config,
+        x.dtype,
         args={"x_ptr": x, "w_ptr": weight_rsc, "C": C, "C_TILES": triton.cdiv(C, config.block_k),
-              "H": H, "W": W, **strided_args("x", x), "w_sk": weight_rsc.stride(0)},
+              "H": H, "W": W, **strided_args("x", x), "w_sk": weight_rsc.stride(0),
+              "w_sc": 0, "w_sr": 0, "w_ss": 0, **extra.args},
         extents={"x_ptr": strided_extent("x", (N, C, H, W)),
-                 "w_ptr": Extent((K_out, R * S * C), ("w_sk", 1))},
+                 "w_ptr": Extent((K_out, R * S * C), ("w_sk", 1)), **extra.extents},
         constexprs={"R": R, "S": S, **geometry.constexprs(), "ROW_RUN": False, "CP": 1,
-                    "EVEN_C": C % config.block_k == 0})
+                    "EVEN_C": C % config.block_k == 0, **extra.constexprs})
 
 
-def row_run_forward_launch(x_run: torch.Tensor, weight_run: torch.Tensor,
+def row_run_forward_launch(x_run: torch.Tensor, weight: torch.Tensor,
                            bias: torch.Tensor | None, scale: torch.Tensor | None,
                            shift: torch.Tensor | None, relu: bool, y: torch.Tensor,
                            stats: torch.Tensor | None, geometry: ConvGeometry,
-                           operand: Operand, config: TileConfig) -> Launch:
+                           operand: Operand, config: TileConfig, *,
+                           residual: torch.Tensor | None = None) -> Launch:
     """The first-layer launch: ``x_run`` is the padded copy of x, dense [N, H', W', CP]
-    (``run_copy_shape``), ``weight_run`` the weight as dense [K_out, R, S, CP], both with
-    channels C .. CP - 1 zero; the rest as ``forward_launch``."""
+    (``run_copy_shape``) with channels C .. CP - 1 zero, ``weight`` the [K_out, C, R, S]
+    weight itself (any strides); the rest as ``forward_launch``. An input prologue is the
+    copy's (``nhwc.padded_copy_launch``), which writes the normalized x."""
     N, HP, WP, CP = x_run.shape
-    K_out, R, S, _ = weight_run.shape
+    K_out, C, R, S = weight.shape
+    extra = prologue_operands(None, x_run, CP)
+    w_sk, w_sc, w_sr, w_ss = weight.stride()
     return _forward_launch(
-        N, K_out, y, bias, scale, shift, relu, stats, geometry, operand, config, x_run.dtype,
-        args={"x_ptr": x_run, "w_ptr": weight_run, "C": CP, "C_TILES": 1, "H": HP, "W": WP,
-              "x_sn": 0, "x_sh": 0, "x_sw": 0, "x_sc": 0, "w_sk": 0},
-        extents={"x_ptr": dense(N, HP, WP, CP), "w_ptr": dense(K_out, R * S * CP)},
+        N, K_out, y, bias, scale, shift, relu, stats, residual, geometry, operand, config,
+        x_run.dtype,
+        args={"x_ptr": x_run, "w_ptr": weight, "C": C, "C_TILES": 1, "H": HP, "W": WP,
+              "x_sn": 0, "x_sh": 0, "x_sw": 0, "x_sc": 0, "w_sk": w_sk, "w_sc": w_sc,
+              "w_sr": w_sr, "w_ss": w_ss, **extra.args},
+        extents={"x_ptr": dense(N, HP, WP, CP),
+                 "w_ptr": Extent((K_out, C, R, S), ("w_sk", "w_sc", "w_sr", "w_ss")),
+                 **extra.extents},
         constexprs={"R": R, "S": S, **geometry.constexprs(), "PH": 0, "PW": 0,
-                    "ROW_RUN": True, "CP": CP, "EVEN_C": True})
+                    "ROW_RUN": True, "CP": CP, "EVEN_C": True, **extra.constexprs})
 
 
 def _forward_launch(N: int, K_out: int, y: torch.Tensor, bias: torch.Tensor | None,
                     scale: torch.Tensor | None, shift: torch.Tensor | None, relu: bool,
-                    stats: torch.Tensor | None, geometry: ConvGeometry, operand: Operand,
+                    stats: torch.Tensor | None, residual: torch.Tensor | None,
+                    geometry: ConvGeometry, operand: Operand,
                     config: TileConfig, dtype: torch.dtype, args: dict[str, Any],
                     extents: dict[str, Extent], constexprs: dict[str, Any]) -> Launch:
     """A forward launch of the input's batch ``N`` and the weight's ``K_out`` output
@@ -318,7 +381,7 @@ def _forward_launch(N: int, K_out: int, y: torch.Tensor, bias: torch.Tensor | No
     P, Q = y.shape[2:]
     M = N * P * Q
     m_tiles = triton.cdiv(M, config.block_m)
-    epilogue = epilogue_operands(y, bias, scale, shift, relu, stats, m_tiles)
+    epilogue = epilogue_operands(y, bias, scale, shift, relu, stats, m_tiles, residual)
     return Launch(
         conv2d_forward_kernel, (m_tiles * triton.cdiv(K_out, config.block_n),),
         args={**args, "y_ptr": y, **epilogue.args, "M": M, "P": P, "Q": Q, "K_OUT": K_out,
@@ -328,7 +391,16 @@ def _forward_launch(N: int, K_out: int, y: torch.Tensor, bias: torch.Tensor | No
         constexprs={**constexprs, **epilogue.constexprs,
                     **gemm_constexprs(operand, dtype, config)},
         num_warps=config.num_warps, num_stages=config.num_stages,
-        name=f"conv2d_forward[{config.name},{epilogue.name_suffix(dtype)}]")
+        name=f"conv2d_forward[{config.name},{epilogue.name_suffix(dtype)}"
+             f"{prologue_suffix(constexprs)}]")
+
+
+def prologue_suffix(constexprs: dict[str, Any], separator: str = "+") -> str:
+    """A launch name's mark of an input prologue (its PROLOGUE and IN_RELU constexprs):
+    "prologue" or "prologue_relu" after ``separator``, or nothing."""
+    if not constexprs["PROLOGUE"]:
+        return ""
+    return separator + ("prologue_relu" if constexprs["IN_RELU"] else "prologue")
 
 
 def run_channels(channels: int, dtype: torch.dtype) -> int:
@@ -349,36 +421,42 @@ def run_copy_shape(x_shape: tuple[int, ...], geometry: ConvGeometry, dtype: torc
 
 class EpilogueOperands(NamedTuple):
     """What a forward kernel's fused epilogue adds to its launch: the bias, scale and shift
-    vectors (an absent one passes y, never read) and the STATS partials, as arguments,
-    extents and constexpr flags."""
+    vectors and the residual (an absent one passes y, never read) and the STATS partials, as
+    arguments, extents and constexpr flags."""
     args: dict[str, Any]
     extents: dict[str, Extent]
     constexprs: dict[str, bool]
 
     def name_suffix(self, dtype: torch.dtype) -> str:
         flags = (("bias", "HAS_BIAS"), ("stats", "STATS"), ("scale_shift", "HAS_SCALE_SHIFT"),
-                 ("relu", "RELU"))
+                 ("residual", "HAS_RESIDUAL"), ("relu", "RELU"))
         return _DTYPE_NAMES[dtype] + "".join(f"+{flag}" for flag, constexpr in flags
                                              if self.constexprs[constexpr])
 
 
 def epilogue_operands(y: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None,
                       shift: torch.Tensor | None, relu: bool, stats: torch.Tensor | None,
-                      m_tiles: int) -> EpilogueOperands:
+                      m_tiles: int, residual: torch.Tensor | None = None) -> EpilogueOperands:
     """The epilogue's share of a forward launch writing y [N, K_out, P, Q] in ``m_tiles``
-    M tiles (the STATS partials are [3, m_tiles, K_out] fp32)."""
+    M tiles (the STATS partials are [3, m_tiles, K_out] fp32), adding ``residual`` (y's
+    shape and dtype, any strides) where given."""
     K_out = y.shape[1]
     vectors = {"bias": bias, "scale": scale, "shift": shift}
     args = {**{f"{name}_ptr": y if t is None else t for name, t in vectors.items()},
             "stats_ptr": stats if stats is not None else y,
-            **{f"{name}_s": 0 if t is None else t.stride(0) for name, t in vectors.items()}}
+            **{f"{name}_s": 0 if t is None else t.stride(0) for name, t in vectors.items()},
+            "residual_ptr": y if residual is None else residual,
+            **strided_args("res", y if residual is None else residual)}
     extents = {"bias_ptr": vector(bias, K_out, "bias_s"),
                "scale_ptr": vector(scale, K_out, "scale_s", (torch.float32,)),
                "shift_ptr": vector(shift, K_out, "shift_s", (torch.float32,)),
                "stats_ptr": UNUSED if stats is None
-               else dense(3, m_tiles, K_out, dtypes=(torch.float32,))}
+               else dense(3, m_tiles, K_out, dtypes=(torch.float32,)),
+               "residual_ptr": UNUSED if residual is None
+               else strided_extent("res", tuple(y.shape), (y.dtype,))}
     constexprs = {"HAS_BIAS": bias is not None, "STATS": stats is not None,
-                  "HAS_SCALE_SHIFT": scale is not None, "RELU": relu}
+                  "HAS_SCALE_SHIFT": scale is not None, "HAS_RESIDUAL": residual is not None,
+                  "RELU": relu}
     return EpilogueOperands(args, extents, constexprs)
 
 

@@ -26,6 +26,10 @@ elements, 16-byte vectors with no bounds check (72 columns for a 3x3 RGB layer, 
 c >= C ones, zeros, not stored); any other C flattens (r, s, c) across taps and gathers
 element by element.
 
+An input prologue (``conv2d``'s docstring) transforms the x tile as loaded, its elements
+outside x set back to 0; a program's columns have fixed channels, so their in_scale and
+in_shift load once. A first layer's padded copy applies it instead (dgrad needs none).
+
 The pixel reduction is long (N*P*Q, a million and more) while the output is small, so it is
 split across programs: split i reduces its own pixel range into an fp32 partial, and a second
 tiny kernel sums the partials in split order (``reduction.sum_in_order``). With one split the
@@ -43,9 +47,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .conv2d import ConvGeometry, gemm_constexprs, inside
+from .conv2d import ConvGeometry, gemm_constexprs, inside, prologue_suffix
 from .launch import UNUSED, Extent, Launch, TileConfig, dense
-from .nhwc import strided_args, strided_extent
+from .nhwc import (InputNormalization, input_prologue, prologue_operands, strided_args,
+                   strided_extent)
 from .reduction import sum_in_order
 from .tensor_cores import Operand, dot
 
@@ -181,10 +186,11 @@ def conv2d_dgrad_kernel(
 
 
 @triton.jit
-def wgrad_reduce(x_ptr, dy_ptr, x_cols, tap_h, tap_w, col_ok, k, k_ok, start, end, steps,
-                 H, W, P, Q, x_sn, x_sh, x_sw, dy_sn, dy_sh, dy_sw, dy_sc,
+def wgrad_reduce(x_ptr, dy_ptr, x_cols, tap_h, tap_w, col_ok, in_scale, in_shift, k, k_ok,
+                 start, end, steps, H, W, P, Q, x_sn, x_sh, x_sw, dy_sn, dy_sh, dy_sw, dy_sc,
                  SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                 ROW_RUN: tl.constexpr, CP: tl.constexpr,
+                 ROW_RUN: tl.constexpr, CP: tl.constexpr, PROLOGUE: tl.constexpr,
+                 IN_RELU: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
                  WITH_BIAS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -193,6 +199,8 @@ def wgrad_reduce(x_ptr, dy_ptr, x_cols, tap_h, tap_w, col_ok, k, k_ok, start, en
     ``tap_h``/``tap_w`` are the (r*DH, s*DW) tap offsets of the M columns: scalars when the
     tile lies in one tap, [BLOCK_M, 1] columns otherwise; ``x_cols`` their address offsets.
     ROW_RUN: x is the padded copy [N, H, W, CP] (no bounds to check), ``x_cols`` runs of CP.
+    PROLOGUE: the x tile goes through ``input_prologue`` with the [BLOCK_M, 1] ``in_scale``
+    and ``in_shift`` of its columns' channels (elements outside x, 0).
     A pixel's (n, p, q) is its step's first pixel's, carried from step to step, plus its
     lane's, split once: no division in the loop."""
     lanes = tl.arange(0, BLOCK_K)
@@ -219,6 +227,8 @@ def wgrad_reduce(x_ptr, dy_ptr, x_cols, tap_h, tap_w, col_ok, k, k_ok, start, en
             x_ok = (pix_ok[None, :] & col_ok & inside(h0[None, :] + tap_h, H)
                     & inside(w0[None, :] + tap_w, W))
         a = tl.load(x_ptr + x_cols + x_rows[None, :], mask=x_ok, other=0.0)
+        if PROLOGUE:
+            a = input_prologue(a, x_ok, in_scale, in_shift, IN_RELU)
         dy_rows = n.to(tl.int64) * dy_sn + p.to(tl.int64) * dy_sh + q.to(tl.int64) * dy_sw
         b = tl.load(dy_ptr + dy_rows[:, None] + (k * dy_sc)[None, :],
                     mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
@@ -231,13 +241,14 @@ def wgrad_reduce(x_ptr, dy_ptr, x_cols, tap_h, tap_w, col_ok, k, k_ok, start, en
 
 @triton.jit
 def conv2d_wgrad_kernel(
-    x_ptr, dy_ptr, out_ptr, bias_out_ptr,
+    x_ptr, dy_ptr, out_ptr, bias_out_ptr, in_scale_ptr, in_shift_ptr,
     H, W, P, Q, C, K_out, pixels, split_pixels_count,
     x_sn, x_sh, x_sw, x_sc, dy_sn, dy_sh, dy_sw, dy_sc,
-    o_split, o_sr, o_ss, o_sc, o_sk, b_split,
+    o_split, o_sr, o_ss, o_sc, o_sk, b_split, in_scale_s, in_shift_s,
     R: tl.constexpr, S: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     TAP_ALIGNED: tl.constexpr, ROW_RUN: tl.constexpr, CP: tl.constexpr,
+    PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_OPERANDS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -275,6 +286,12 @@ def conv2d_wgrad_kernel(
                   + (c.to(tl.int64) * x_sc)[:, None])
     k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok = k < K_out
+    if PROLOGUE:  # the columns' channels are fixed: their vectors load once (never ROW_RUN)
+        in_scale = tl.load(in_scale_ptr + c[:, None] * in_scale_s, mask=col_ok, other=0.0)
+        in_shift = tl.load(in_shift_ptr + c[:, None] * in_shift_s, mask=col_ok, other=0.0)
+    else:  # unused
+        in_scale = 0.0
+        in_shift = 0.0
 
     start = split.to(tl.int64) * split_pixels_count
     end = tl.minimum(start + split_pixels_count, pixels)
@@ -283,16 +300,18 @@ def conv2d_wgrad_kernel(
     # the sum, one without, so the other programs pay nothing for it.
     with_bias = (pid_m == 0) if HAS_BIAS else False
     if with_bias:
-        acc, bias = wgrad_reduce(x_ptr, dy_ptr, x_cols, tap_h, tap_w, col_ok, k, k_ok, start,
-                                 end, steps, H, W, P, Q, x_sn, x_sh, x_sw, dy_sn, dy_sh, dy_sw,
-                                 dy_sc, SH, SW, PH, PW, ROW_RUN, CP, DOT_PRECISION,
+        acc, bias = wgrad_reduce(x_ptr, dy_ptr, x_cols, tap_h, tap_w, col_ok, in_scale,
+                                 in_shift, k, k_ok, start, end, steps, H, W, P, Q, x_sn, x_sh,
+                                 x_sw, dy_sn, dy_sh, dy_sw, dy_sc, SH, SW, PH, PW, ROW_RUN, CP,
+                                 PROLOGUE, IN_RELU, DOT_PRECISION,
                                  UPCAST_OPERANDS, True, BLOCK_M, BLOCK_N, BLOCK_K)
         tl.store(bias_out_ptr + split * b_split + k, bias.to(bias_out_ptr.dtype.element_ty),
                  mask=k_ok)
     else:
-        acc, bias = wgrad_reduce(x_ptr, dy_ptr, x_cols, tap_h, tap_w, col_ok, k, k_ok, start,
-                                 end, steps, H, W, P, Q, x_sn, x_sh, x_sw, dy_sn, dy_sh, dy_sw,
-                                 dy_sc, SH, SW, PH, PW, ROW_RUN, CP, DOT_PRECISION,
+        acc, bias = wgrad_reduce(x_ptr, dy_ptr, x_cols, tap_h, tap_w, col_ok, in_scale,
+                                 in_shift, k, k_ok, start, end, steps, H, W, P, Q, x_sn, x_sh,
+                                 x_sw, dy_sn, dy_sh, dy_sw, dy_sc, SH, SW, PH, PW, ROW_RUN, CP,
+                                 PROLOGUE, IN_RELU, DOT_PRECISION,
                                  UPCAST_OPERANDS, False, BLOCK_M, BLOCK_N, BLOCK_K)
     out = split.to(tl.int64) * o_split + r * o_sr + s * o_ss + c * o_sc
     tl.store(out_ptr + out[:, None] + (k * o_sk)[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -363,20 +382,22 @@ def dgrad_launch(dy: torch.Tensor, weight_rsck: torch.Tensor, dx: torch.Tensor,
 
 def wgrad_launch(x: torch.Tensor, dy: torch.Tensor, out: torch.Tensor,
                  bias_out: torch.Tensor | None, splits: int, per_split: int,
-                 geometry: ConvGeometry, operand: Operand, config: TileConfig) -> Launch:
+                 geometry: ConvGeometry, operand: Operand, config: TileConfig, *,
+                 prologue: InputNormalization | None = None) -> Launch:
     """``out`` [splits, R, S, C, K_out] (any strides) receives split i's dW, ``bias_out``
     [splits, K_out] (K_out contiguous) its db: partial buffers, or with one split views of
-    dW and db themselves. x [N, C, H, W] any strides; a first layer (C < SMALL_C) takes
-    ``row_run_wgrad_launch``."""
+    dW and db themselves. x [N, C, H, W] any strides, read through the input ``prologue``
+    where given; a first layer (C < SMALL_C) takes ``row_run_wgrad_launch``."""
     N, C, H, W = x.shape
     R, S = geometry.kernel
+    extra = prologue_operands(prologue, x, C)
     return _wgrad_launch(
         dy, out, bias_out, splits, per_split, geometry, operand, config, C,
         (triton.cdiv(R * S * C, config.block_m),),
-        args={"x_ptr": x, "H": H, "W": W, **strided_args("x", x)},
-        extents={"x_ptr": strided_extent("x", (N, C, H, W))},
+        args={"x_ptr": x, "H": H, "W": W, **strided_args("x", x), **extra.args},
+        extents={"x_ptr": strided_extent("x", (N, C, H, W)), **extra.extents},
         constexprs={**geometry.constexprs(), "TAP_ALIGNED": C % config.block_m == 0,
-                    "ROW_RUN": False, "CP": 1})
+                    "ROW_RUN": False, "CP": 1, **extra.constexprs})
 
 
 def row_run_wgrad_launch(x_run: torch.Tensor, dy: torch.Tensor, out: torch.Tensor,
@@ -385,16 +406,19 @@ def row_run_wgrad_launch(x_run: torch.Tensor, dy: torch.Tensor, out: torch.Tenso
                          ) -> Launch:
     """``wgrad_launch`` of a first layer reading ``x_run``, x's padded copy, dense
     [N, H', W', CP] (``conv2d.run_copy_shape``): M runs over (r, s, c) with c < CP, the
-    columns c >= C (zeros in x) are not stored."""
+    columns c >= C (zeros in x) are not stored. An input prologue is the copy's
+    (``nhwc.padded_copy_launch``)."""
     N, HP, WP, CP = x_run.shape
     R, S = geometry.kernel
+    extra = prologue_operands(None, x_run, CP)
     return _wgrad_launch(
         dy, out, bias_out, splits, per_split, geometry, operand, config, out.shape[3],
         (triton.cdiv(R * S * CP, config.block_m),),
-        args={"x_ptr": x_run, "H": HP, "W": WP, "x_sn": 0, "x_sh": 0, "x_sw": 0, "x_sc": 0},
-        extents={"x_ptr": dense(N, HP, WP, CP)},
+        args={"x_ptr": x_run, "H": HP, "W": WP, "x_sn": 0, "x_sh": 0, "x_sw": 0, "x_sc": 0,
+              **extra.args},
+        extents={"x_ptr": dense(N, HP, WP, CP), **extra.extents},
         constexprs={**geometry.constexprs(), "PH": 0, "PW": 0, "TAP_ALIGNED": False,
-                    "ROW_RUN": True, "CP": CP})
+                    "ROW_RUN": True, "CP": CP, **extra.constexprs})
 
 
 def _wgrad_launch(dy: torch.Tensor, out: torch.Tensor, bias_out: torch.Tensor | None,
@@ -422,7 +446,7 @@ def _wgrad_launch(dy: torch.Tensor, out: torch.Tensor, bias_out: torch.Tensor | 
         constexprs={"R": R, "S": S, **constexprs, "HAS_BIAS": bias_out is not None,
                     **gemm_constexprs(operand, dy.dtype, config)},
         num_warps=config.num_warps, num_stages=config.num_stages,
-        name=f"conv2d_wgrad[{config.name}]")
+        name=f"conv2d_wgrad[{config.name}{prologue_suffix(constexprs, ',')}]")
 
 
 def merge_launch(partial: torch.Tensor, out: torch.Tensor, config: TileConfig) -> Launch:

@@ -13,6 +13,11 @@ reads, in [BLOCK_N, BLOCK_K] boxes; BLOCK_K divides C, so a K step never crosses
 A row's last tile reaches past Q: those pixels read zeros or real neighbours and are
 neither stored nor counted.
 
+With an input prologue (PROLOGUE, ``conv2d``'s docstring) the x box is loaded to
+registers, transformed there, its pixels outside [0, H) x [0, W) (where TMA's zero fill
+would otherwise become relu?(shift)) set back to 0, and fed to wgmma as its register A
+operand; the weight stays in shared memory (wgmma asynchronous, no C7515).
+
 The M tiles are N * P * ceil(Q / BLOCK_M) (``tma_m_tiles``), not ceil(N*P*Q / BLOCK_M):
 the STATS partials have one row per M tile. The epilogue is the pointer kernel's
 (``conv2d.forward_epilogue``).
@@ -37,10 +42,11 @@ import triton.language as tl
 from triton.runtime import _allocation  # Triton's allocator has no public getter
 
 from .conv2d import (ConvGeometry, epilogue_operands, forward_epilogue, gemm_constexprs,
-                     next_channel_step)
+                     inside, next_channel_step, prologue_suffix)
 from .conv2d_backward import phase_steps
 from .launch import Launch, TileConfig, dense
-from .nhwc import strided_args, strided_extent
+from .nhwc import (InputNormalization, input_prologue, prologue_operands, strided_args,
+                   strided_extent)
 from .runtime import INTERPRETER, sm_count
 from .tensor_cores import Operand, dot
 
@@ -60,15 +66,18 @@ PROGRAMS_PER_SM = 2
 
 @triton.jit
 def conv2d_forward_tma_kernel(
-    x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, y_ptr, stats_ptr,
+    x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, residual_ptr, y_ptr, stats_ptr,
+    in_scale_ptr, in_shift_ptr,
     N, C, C_TILES, H, W, P, Q, Q_PADDED, K_OUT, K_TOTAL, NUM_M_TILES, NUM_PROGRAMS,
-    bias_s, scale_s, shift_s, y_sn, y_sh, y_sw, y_sc,
+    bias_s, scale_s, shift_s, res_sn, res_sh, res_sw, res_sc, y_sn, y_sh, y_sw, y_sc,
+    in_scale_s, in_shift_s,
     R: tl.constexpr, S: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr,
     HAS_BIAS: tl.constexpr, STATS: tl.constexpr, HAS_SCALE_SHIFT: tl.constexpr,
-    RELU: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[N, H, W, C],
                                        strides=[H * W * C, W * C, C, 1],
@@ -94,24 +103,32 @@ def conv2d_forward_tma_kernel(
             n = image_row // P
             p = image_row % P
             k_out0 = tile_n * BLOCK_N
-            acc = _tile_product(x_desc, w_desc, n, p - PH, q0 - PW, k_out0, C, C_TILES, R, S,
-                                DH, DW, DOT_PRECISION, UPCAST_OPERANDS, BLOCK_M, BLOCK_N,
-                                BLOCK_K)
+            acc = _tile_product(x_desc, w_desc, in_scale_ptr, in_shift_ptr, n, p - PH, q0 - PW,
+                                k_out0, C, C_TILES, H, W, in_scale_s, in_shift_s, R, S, DH, DW,
+                                PROLOGUE, IN_RELU, DOT_PRECISION, UPCAST_OPERANDS, BLOCK_M,
+                                BLOCK_N, BLOCK_K)
             q = q0 + tl.arange(0, BLOCK_M)
-            forward_epilogue(acc, bias_ptr, scale_ptr, shift_ptr, y_ptr, stats_ptr,
-                             n.to(tl.int64), p.to(tl.int64), q.to(tl.int64), q < Q, Q - q0,
-                             k_out0 + tl.arange(0, BLOCK_N), K_OUT, tile_m, NUM_M_TILES,
-                             bias_s, scale_s, shift_s, y_sn, y_sh, y_sw, y_sc, HAS_BIAS, STATS,
-                             HAS_SCALE_SHIFT, RELU, BLOCK_M)
+            forward_epilogue(acc, bias_ptr, scale_ptr, shift_ptr, residual_ptr, y_ptr,
+                             stats_ptr, n.to(tl.int64), p.to(tl.int64), q.to(tl.int64), q < Q,
+                             Q - q0, k_out0 + tl.arange(0, BLOCK_N), K_OUT, tile_m,
+                             NUM_M_TILES, bias_s, scale_s, shift_s, res_sn, res_sh, res_sw,
+                             res_sc, y_sn, y_sh, y_sw, y_sc, HAS_BIAS, STATS, HAS_SCALE_SHIFT,
+                             HAS_RESIDUAL, RELU, BLOCK_M)
 
 
 @triton.jit
-def _tile_product(x_desc, w_desc, n, h0, w0, k_out0, C, C_TILES,
+def _tile_product(x_desc, w_desc, in_scale_ptr, in_shift_ptr, n, h0, w0, k_out0, C, C_TILES,
+                  H, W, in_scale_s, in_shift_s,
                   R: tl.constexpr, S: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                  PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The fp32 [BLOCK_M, BLOCK_N] product of one tile: pixels (n, h0 + PH, w0 + PW ..) by
-    output channels k_out0 .., over every (tap, channel step)."""
+    output channels k_out0 .., over every (tap, channel step). PROLOGUE: the x box goes
+    through ``input_prologue`` in registers, its pixels outside [0, H) x [0, W) (TMA's zero
+    fill, the padding) set back to 0, and reaches wgmma as a register operand."""
+    lanes = tl.arange(0, BLOCK_K)
+    pixels = tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     tap_h = 0
     tap_w = 0
@@ -120,6 +137,11 @@ def _tile_product(x_desc, w_desc, n, h0, w0, k_out0, C, C_TILES,
     # At least one step, though C_TILES >= 1 (``conv2d``'s module docstring says why).
     for _ in range(tl.maximum(R * S * C_TILES, 1)):
         a = x_desc.load([n, h0 + tap_h, w0 + tap_w, c0]).reshape(BLOCK_M, BLOCK_K)
+        if PROLOGUE:
+            scale = tl.load(in_scale_ptr + (c0 + lanes) * in_scale_s)
+            shift = tl.load(in_shift_ptr + (c0 + lanes) * in_shift_s)
+            ok = inside(h0 + tap_h, H) & inside(w0 + tap_w + pixels, W)
+            a = input_prologue(a, ok[:, None], scale[None, :], shift[None, :], IN_RELU)
         b = w_desc.load([k_out0, tap_column + c0])
         acc = dot(a, b.T, acc, DOT_PRECISION, UPCAST_OPERANDS)
         c0, tap_column, tap_w, tap_h = next_channel_step(c0, tap_column, tap_w, tap_h, C, S,
@@ -170,11 +192,14 @@ def _set_scratch_allocator() -> None:
 def tma_forward_launch(x: torch.Tensor, weight_rsc: torch.Tensor, bias: torch.Tensor | None,
                        scale: torch.Tensor | None, shift: torch.Tensor | None, relu: bool,
                        y: torch.Tensor, stats: torch.Tensor | None, geometry: ConvGeometry,
-                       operand: Operand, config: TileConfig) -> Launch:
+                       operand: Operand, config: TileConfig, *,
+                       prologue: InputNormalization | None = None,
+                       residual: torch.Tensor | None = None) -> Launch:
     """The TMA launch for a ``tma_supported`` x [N, C, H, W] (channels_last), ``weight_rsc``
     [K_out, R, S, C] contiguous, [K_out] bias, scale and shift (any stride), y [N, K_out, P,
-    Q] (any strides) and, for the STATS epilogue, a dense [3, ``tma_m_tiles``, K_out] fp32
-    ``stats``. ``config.block_k`` must divide C."""
+    Q] (any strides), for the STATS epilogue a dense [3, ``tma_m_tiles``, K_out] fp32
+    ``stats``, the input ``prologue`` and the epilogue's ``residual`` (y's shape and dtype,
+    any strides) where given. ``config.block_k`` must divide C."""
     N, C, H, W = x.shape
     K_out, R, S, _ = weight_rsc.shape
     P, Q = y.shape[2:]
@@ -182,7 +207,8 @@ def tma_forward_launch(x: torch.Tensor, weight_rsc: torch.Tensor, bias: torch.Te
     m_tiles = N * P * q_tiles
     if x.is_cuda and not INTERPRETER:
         _set_scratch_allocator()
-    epilogue = epilogue_operands(y, bias, scale, shift, relu, stats, m_tiles)
+    epilogue = epilogue_operands(y, bias, scale, shift, relu, stats, m_tiles, residual)
+    extra = prologue_operands(prologue, x, C)
     programs = min(PROGRAMS_PER_SM * sm_count(x.device),
                    m_tiles * triton.cdiv(K_out, config.block_n))
     return Launch(
@@ -191,14 +217,17 @@ def tma_forward_launch(x: torch.Tensor, weight_rsc: torch.Tensor, bias: torch.Te
               "N": N, "C": C, "C_TILES": C // config.block_k, "H": H, "W": W, "P": P,
               "Q": Q, "Q_PADDED": q_tiles * config.block_m, "K_OUT": K_out,
               "K_TOTAL": R * S * C, "NUM_M_TILES": m_tiles, "NUM_PROGRAMS": programs,
-              **strided_args("y", y)},
+              **strided_args("y", y), **extra.args},
         extents={"x_ptr": strided_extent("x", (N, C, H, W), dense_nhwc=True),
                  "w_ptr": dense(K_out, R * S * C),
-                 "y_ptr": strided_extent("y", (N, K_out, P, Q)), **epilogue.extents},
+                 "y_ptr": strided_extent("y", (N, K_out, P, Q)), **epilogue.extents,
+                 **extra.extents},
         constexprs={"R": R, "S": S, **geometry.constexprs(), **epilogue.constexprs,
-                    **gemm_constexprs(operand, x.dtype, config), "GROUP_M": GROUP_M},
+                    **extra.constexprs, **gemm_constexprs(operand, x.dtype, config),
+                    "GROUP_M": GROUP_M},
         num_warps=config.num_warps, num_stages=config.num_stages,
-        name=f"conv2d_forward_tma[{config.name},{epilogue.name_suffix(x.dtype)}]")
+        name=f"conv2d_forward_tma[{config.name},{epilogue.name_suffix(x.dtype)}"
+             f"{prologue_suffix(extra.constexprs)}]")
 
 
 # ----------------------------------------------------------------------------- input gradient

@@ -26,6 +26,11 @@ fp32 partial, merged in split order by ``conv2d_backward.merge_launch``; with on
 kernel writes dW (and db) directly, as the pointer kernel does. The bias gradient rides on
 the pid_m == 0 programs, which also sum each dy tile.
 
+With an input prologue (``conv2d``'s docstring) the x box goes through registers: it is
+transformed there, its pixels outside [0, H) x [0, W) set back to 0 (TMA's zero fill would
+become relu?(shift)), and the tile's fixed channels load their in_scale/in_shift once.
+Without one:
+
 Both operands reach wgmma from shared memory as TMA wrote them: x^T is M-major (channels
 contiguous) and dy is N-major, the transposed layouts wgmma takes for 16-bit operands
 (``HGMMA ... tnspA.tnspB``, asynchronous). TF32 wgmma takes K-major operands only: Triton
@@ -38,27 +43,35 @@ import torch
 import triton
 import triton.language as tl
 
-from .conv2d import ConvGeometry, gemm_constexprs
+from .conv2d import ConvGeometry, gemm_constexprs, inside, prologue_suffix
 from .conv2d_tma import _set_scratch_allocator, tma_supported
 from .launch import UNUSED, Extent, Launch, TileConfig
-from .nhwc import is_dense_nhwc, strided_extent
+from .nhwc import (InputNormalization, input_prologue, is_dense_nhwc, prologue_operands,
+                   strided_extent)
 from .runtime import INTERPRETER
 from .tensor_cores import Operand, dot
 
 
 @triton.jit
-def _tma_wgrad_reduce(x_desc, dy_desc, n, p, c0, k0, tap_h, tap_w, steps, P, Q,
+def _tma_wgrad_reduce(x_desc, dy_desc, n, p, c0, k0, tap_h, tap_w, steps, H, W, P, Q,
+                      in_scale, in_shift, PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr,
                       DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
                       WITH_BIAS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Sum of x_box^T @ dy_box (and of dy_box itself, WITH_BIAS) over ``steps`` K steps from
-    the start of output row (n, p); ``tap_h``/``tap_w`` are the tap's offsets less padding."""
+    the start of output row (n, p); ``tap_h``/``tap_w`` are the tap's offsets less padding.
+    PROLOGUE: the x box goes through ``input_prologue`` with the [1, BLOCK_M] ``in_scale``
+    and ``in_shift`` of its channels, its pixels outside [0, H) x [0, W) set back to 0."""
+    pixels = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     bias = tl.zeros((BLOCK_N,), tl.float32)
     q0 = tl.cast(0, tl.int32)
     # At least one step (``conv2d``'s module docstring says why); the host makes none empty.
     for _ in range(tl.maximum(steps, 1)):
         a = x_desc.load([n, p + tap_h, q0 + tap_w, c0]).reshape(BLOCK_K, BLOCK_M)
+        if PROLOGUE:
+            ok = inside(p + tap_h, H) & inside(q0 + tap_w + pixels, W)
+            a = input_prologue(a, ok[:, None], in_scale, in_shift, IN_RELU)
         b = dy_desc.load([n, p, q0, k0]).reshape(BLOCK_K, BLOCK_N)
         acc = dot(a.T, b, acc, DOT_PRECISION, UPCAST_OPERANDS)
         if WITH_BIAS:
@@ -75,11 +88,12 @@ def _tma_wgrad_reduce(x_desc, dy_desc, n, p, c0, k0, tap_h, tap_w, steps, P, Q,
 
 @triton.jit
 def conv2d_wgrad_tma_kernel(
-    x_ptr, dy_ptr, out_ptr, bias_out_ptr,
+    x_ptr, dy_ptr, out_ptr, bias_out_ptr, in_scale_ptr, in_shift_ptr,
     N, H, W, C, P, Q, K_OUT, ROWS, ROWS_PER_SPLIT, Q_TILES,
-    o_split, o_sr, o_ss, o_sc, o_sk, b_split,
+    o_split, o_sr, o_ss, o_sc, o_sk, b_split, in_scale_s, in_shift_s,
     S: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr,
-    DW: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DW: tl.constexpr, PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_OPERANDS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -105,17 +119,25 @@ def conv2d_wgrad_tma_kernel(
     with_bias = (pid_m == 0) if HAS_BIAS else False
     k = k0 + tl.arange(0, BLOCK_N)
     k_ok = k < K_OUT
+    c = c0 + tl.arange(0, BLOCK_M)
+    if PROLOGUE:  # the tile's channels are fixed: their vectors load once
+        in_scale = tl.load(in_scale_ptr + c * in_scale_s)[None, :]
+        in_shift = tl.load(in_shift_ptr + c * in_shift_s)[None, :]
+    else:
+        in_scale = 0.0
+        in_shift = 0.0
     if with_bias:
         acc, bias = _tma_wgrad_reduce(x_desc, dy_desc, n, p, c0, k0, r * DH - PH,
-                                      s * DW - PW, steps, P, Q, DOT_PRECISION,
+                                      s * DW - PW, steps, H, W, P, Q, in_scale,
+                                      in_shift, PROLOGUE, IN_RELU, DOT_PRECISION,
                                       UPCAST_OPERANDS, True, BLOCK_M, BLOCK_N, BLOCK_K)
         tl.store(bias_out_ptr + split * b_split + k, bias.to(bias_out_ptr.dtype.element_ty),
                  mask=k_ok)
     else:
         acc, bias = _tma_wgrad_reduce(x_desc, dy_desc, n, p, c0, k0, r * DH - PH,
-                                      s * DW - PW, steps, P, Q, DOT_PRECISION,
+                                      s * DW - PW, steps, H, W, P, Q, in_scale,
+                                      in_shift, PROLOGUE, IN_RELU, DOT_PRECISION,
                                       UPCAST_OPERANDS, False, BLOCK_M, BLOCK_N, BLOCK_K)
-    c = c0 + tl.arange(0, BLOCK_M)
     out = split.to(tl.int64) * o_split + r * o_sr + s * o_ss + c * o_sc
     tl.store(out_ptr + out[:, None] + (k * o_sk)[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=k_ok[None, :])
@@ -136,8 +158,10 @@ def tma_wgrad_supported(x: torch.Tensor, dy: torch.Tensor, geometry: ConvGeometr
 
 def tma_wgrad_launch(x: torch.Tensor, dy: torch.Tensor, out: torch.Tensor,
                      bias_out: torch.Tensor | None, splits: int, rows_per_split: int,
-                     geometry: ConvGeometry, operand: Operand, config: TileConfig) -> Launch:
-    """The TMA wgrad of a ``tma_wgrad_supported`` x [N, C, H, W] and dy [N, K_out, P, Q]:
+                     geometry: ConvGeometry, operand: Operand, config: TileConfig, *,
+                     prologue: InputNormalization | None = None) -> Launch:
+    """The TMA wgrad of a ``tma_wgrad_supported`` x [N, C, H, W] (read through the input
+    ``prologue`` where given) and dy [N, K_out, P, Q]:
     ``out`` [splits, R, S, C, K_out] (any strides) receives split i's dW, ``bias_out``
     [splits, K_out] (K_out contiguous) its db, split i reducing output rows (n, p) i *
     ``rows_per_split`` onwards. ``config.block_m`` must divide C."""
@@ -147,6 +171,7 @@ def tma_wgrad_launch(x: torch.Tensor, dy: torch.Tensor, out: torch.Tensor,
     o_split, o_sr, o_ss, o_sc, o_sk = out.stride()
     if x.is_cuda and not INTERPRETER:
         _set_scratch_allocator()
+    extra = prologue_operands(prologue, x, C)
     return Launch(
         conv2d_wgrad_tma_kernel,
         (R * S * C // config.block_m, triton.cdiv(K_out, config.block_n), splits),
@@ -155,8 +180,9 @@ def tma_wgrad_launch(x: torch.Tensor, dy: torch.Tensor, out: torch.Tensor,
               "N": N, "H": H, "W": W, "C": C, "P": P, "Q": Q, "K_OUT": K_out, "ROWS": N * P,
               "ROWS_PER_SPLIT": rows_per_split, "Q_TILES": triton.cdiv(Q, config.block_k),
               "o_split": o_split, "o_sr": o_sr, "o_ss": o_ss, "o_sc": o_sc, "o_sk": o_sk,
-              "b_split": bias_out.stride(0) if bias_out is not None else 0},
+              "b_split": bias_out.stride(0) if bias_out is not None else 0, **extra.args},
         extents={"x_ptr": strided_extent("x", (N, C, H, W), dense_nhwc=True),
+                 **extra.extents,
                  "dy_ptr": strided_extent("dy", (N, K_out, P, Q), dense_nhwc=True),
                  "out_ptr": Extent((splits, R, S, C, K_out),
                                    ("o_split", "o_sr", "o_ss", "o_sc", "o_sk")),
@@ -164,7 +190,7 @@ def tma_wgrad_launch(x: torch.Tensor, dy: torch.Tensor, out: torch.Tensor,
                  else Extent((splits, K_out), ("b_split", 1))},
         constexprs={"S": S, "PH": geometry.padding[0], "PW": geometry.padding[1],
                     "DH": geometry.dilation[0], "DW": geometry.dilation[1],
-                    "HAS_BIAS": bias_out is not None,
+                    "HAS_BIAS": bias_out is not None, **extra.constexprs,
                     **gemm_constexprs(operand, x.dtype, config)},
         num_warps=config.num_warps, num_stages=config.num_stages,
-        name=f"conv2d_wgrad_tma[{config.name}]")
+        name=f"conv2d_wgrad_tma[{config.name}{prologue_suffix(extra.constexprs, ',')}]")

@@ -2,7 +2,9 @@
 strided addressing): the [pixels x channels] tile and its grid, and its addressing, and the
 on-the-fly BatchNorm (+ ReLU) a pool can apply to each tap. Also the copy a first
 convolution layer reads (``padded_copy_launch``): x as a dense [N, H', W', CP] tensor, its
-channels zero-padded to CP and its border to the convolution's padding.
+channels zero-padded to CP and its border to the convolution's padding (x through the
+convolution's input prologue where it has one). And that prologue's pieces, which every
+convolution kernel shares: ``InputNormalization``, ``input_prologue``, ``prologue_operands``.
 
 Addressing has two paths, one constexpr switch (``DENSE_NHWC``) chosen by the launcher
 (``layout_constexprs``):
@@ -20,6 +22,8 @@ the launcher's check (``layout_constexprs``).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -28,6 +32,50 @@ from .launch import FLOATING, UNUSED, Extent, Launch, TileConfig, dense
 
 # The (mean, scale, shift) fp32 [C] vectors of a BatchNorm a kernel applies on the fly.
 Normalization = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class InputNormalization(NamedTuple):
+    """A convolution's input prologue: each element x[n, c, h, w] is read as
+    ``relu?(x * scale[c] + shift[c])`` (fp32 math, rounded back to x's dtype for the MMA),
+    and the positions outside the input (padding) stay 0 after it. ``scale`` and ``shift``
+    are fp32 [C] vectors of any stride (a BatchNorm with its statistics folded in)."""
+    scale: torch.Tensor
+    shift: torch.Tensor
+    relu: bool
+
+
+class PrologueOperands(NamedTuple):
+    """What an ``InputNormalization`` adds to a launch: the ``in_scale``/``in_shift``
+    vectors (absent: x, never read) and their strides, their extents, and the PROLOGUE and
+    IN_RELU constexprs."""
+    args: dict
+    extents: dict
+    constexprs: dict
+
+
+def prologue_operands(prologue: InputNormalization | None, x: torch.Tensor,
+                      channels: int) -> PrologueOperands:
+    """The launch operands of ``prologue`` for an input ``x`` of ``channels`` channels."""
+    vectors = {"in_scale": None, "in_shift": None} if prologue is None else \
+        {"in_scale": prologue.scale, "in_shift": prologue.shift}
+    args = {**{f"{name}_ptr": x if t is None else t for name, t in vectors.items()},
+            **{f"{name}_s": 0 if t is None else t.stride(0) for name, t in vectors.items()}}
+    extents = {f"{name}_ptr": UNUSED if t is None
+               else Extent((channels,), (f"{name}_s",), (torch.float32,))
+               for name, t in vectors.items()}
+    return PrologueOperands(args, extents, {"PROLOGUE": prologue is not None,
+                                            "IN_RELU": prologue is not None and prologue.relu})
+
+
+@triton.jit
+def input_prologue(value, ok, scale, shift, RELU: tl.constexpr):
+    """relu?(value * scale + shift) in fp32 where ``ok`` (the element lies inside the input),
+    else 0 (padding stays zero after the transform), in value's dtype; ``scale``/``shift``
+    fp32, broadcast to value's shape. ReLU keeps NaN, as torch."""
+    z = value.to(tl.float32) * scale + shift
+    if RELU:
+        z = tl.where(z < 0.0, 0.0, z)
+    return tl.where(ok, z, 0.0).to(value.dtype)
 
 
 @triton.jit
@@ -149,10 +197,13 @@ def store_tile(ptr, value, offsets, mask):
 
 
 @triton.jit
-def padded_copy_kernel(x_ptr, out_ptr, total, C, H, W, HP, WP, x_sn, x_sc, x_sh, x_sw,
-                       PH, PW, CP: tl.constexpr, BLOCK_M: tl.constexpr):
-    """out[n, hp, wp, c] = x[n, c, hp - PH, wp - PW] (any strides) where c < C and the pixel
-    is inside x, else 0; out dense [N, HP, WP, CP], ``total`` = N*HP*WP pixels."""
+def padded_copy_kernel(x_ptr, out_ptr, in_scale_ptr, in_shift_ptr, total, C, H, W, HP, WP,
+                       x_sn, x_sc, x_sh, x_sw, in_scale_s, in_shift_s, PH, PW,
+                       PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr, CP: tl.constexpr,
+                       BLOCK_M: tl.constexpr):
+    """out[n, hp, wp, c] = x[n, c, hp - PH, wp - PW] (any strides; with PROLOGUE, through
+    ``input_prologue``) where c < C and the pixel is inside x, else 0; out dense
+    [N, HP, WP, CP], ``total`` = N*HP*WP pixels."""
     start = tl.program_id(0).to(tl.int64) * BLOCK_M
     n0, n, hp, wp = tile_pixels(start, HP, WP, BLOCK_M)
     h = hp - PH
@@ -161,28 +212,36 @@ def padded_copy_kernel(x_ptr, out_ptr, total, C, H, W, HP, WP, x_sn, x_sc, x_sh,
     pixel_ok = pixel_block(start, total, BLOCK_M)
     inside = pixel_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
     source = nhwc_offsets(n0, n, h, w, c, H, W, C, x_sn, x_sh, x_sw, x_sc, False)
-    value = tl.load(x_ptr + source, mask=inside[:, None] & (c < C)[None, :], other=0.0)
+    ok = inside[:, None] & (c < C)[None, :]
+    value = tl.load(x_ptr + source, mask=ok, other=0.0)
+    if PROLOGUE:
+        scale = channel_vector(in_scale_ptr, c * in_scale_s, c < C)
+        shift = channel_vector(in_shift_ptr, c * in_shift_s, c < C)
+        value = input_prologue(value, ok, scale[None, :], shift[None, :], IN_RELU)
     target = start * CP + (tl.arange(0, BLOCK_M)[:, None] * CP + c[None, :])
     tl.store(out_ptr + target, value, mask=pixel_ok[:, None])
 
 
 def padded_copy_launch(x: torch.Tensor, out: torch.Tensor, padding: tuple[int, int],
-                       tile: TileConfig) -> Launch:
-    """The launch copying x [N, C, H, W] (any strides) into ``out``, a dense [N, H', W', CP]
-    tensor (CP >= C; H' >= H + the top ``padding``, likewise W'), ``tile.block_m`` pixels of
-    ``out`` a program: ``padded_copy_kernel``."""
+                       tile: TileConfig, prologue: InputNormalization | None = None) -> Launch:
+    """The launch copying x [N, C, H, W] (any strides), through ``prologue`` where given,
+    into ``out``, a dense [N, H', W', CP] tensor (CP >= C; H' >= H + the top ``padding``,
+    likewise W'), ``tile.block_m`` pixels of ``out`` a program: ``padded_copy_kernel``. The
+    border and the channels past C stay 0 after the prologue."""
     N, C, H, W = x.shape
     _, HP, WP, CP = out.shape
     total = N * HP * WP
+    extra = prologue_operands(prologue, x, C)
     return Launch(padded_copy_kernel, (triton.cdiv(total, tile.block_m),),
-                  args={"x_ptr": x, "out_ptr": out, "total": total, "C": C, "H": H, "W": W,
-                        "HP": HP, "WP": WP, "x_sn": x.stride(0), "x_sc": x.stride(1),
-                        "x_sh": x.stride(2), "x_sw": x.stride(3),
+                  args={"x_ptr": x, "out_ptr": out, **extra.args, "total": total, "C": C,
+                        "H": H, "W": W, "HP": HP, "WP": WP, "x_sn": x.stride(0),
+                        "x_sc": x.stride(1), "x_sh": x.stride(2), "x_sw": x.stride(3),
                         "PH": padding[0], "PW": padding[1]},
                   extents={"x_ptr": Extent((N, C, H, W), ("x_sn", "x_sc", "x_sh", "x_sw")),
-                           "out_ptr": dense(N, HP, WP, CP)},
-                  constexprs={"CP": CP, "BLOCK_M": tile.block_m},
-                  num_warps=tile.num_warps, name=f"padded_copy[{tile.name}]")
+                           "out_ptr": dense(N, HP, WP, CP), **extra.extents},
+                  constexprs={**extra.constexprs, "CP": CP, "BLOCK_M": tile.block_m},
+                  num_warps=tile.num_warps,
+                  name=f"padded_copy[{tile.name}{'+prologue' if prologue else ''}]")
 
 
 def grid(pixels: int, channels: int, tile: TileConfig) -> tuple[int, int]:

@@ -53,7 +53,12 @@ def test_layer_cases_are_the_distinct_layers_at_real_shapes(cases):
         ("alexnet", "conv"): 5, ("alexnet", "pool"): 3, ("alexnet", "fc"): 3,
         # 13 convs, 13 BNs: conv3_2 = conv3_3, conv4_2 = conv4_3, conv5_1..3 alike
         ("vgg16_bn", "conv"): 9, ("vgg16_bn", "bn"): 5, ("vgg16_bn", "pool"): 5,
-        ("vgg16_bn", "fc"): 3, ("vgg16_bn", "block"): 12}
+        ("vgg16_bn", "fc"): 3, ("vgg16_bn", "block"): 12,
+        ("resnet18", "model"): 1, ("resnet50", "model"): 1,
+        # 53 convs, 53 BNs, by (channels, kernel, stride, input); the stem is the one block
+        ("resnet50", "conv"): 23, ("resnet50", "bn"): 12, ("resnet50", "pool"): 1,
+        ("resnet50", "fc"): 1, ("resnet50", "block"): 1}
+    assert by_name["resnet50.conv15"].describe(False) == "conv 256->512 1x1 s2 on 128x256x56x56"
     assert by_name["vgg16_bn.conv6"].also == ("vgg16_bn.conv7",)
     assert by_name["vgg16_bn.conv11"].also == ("vgg16_bn.conv12", "vgg16_bn.conv13")
     assert by_name["vgg16_bn.conv2"].input_shape(False) == (64, 64, 224, 224)

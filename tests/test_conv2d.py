@@ -165,10 +165,11 @@ def test_every_gpu_config_computes_the_conv(name, device):
     geometry = ConvGeometry((k, k), (stride, stride), (pad, pad))
     y = backend.empty((shape[0], k_out, *geometry.output_size(*shape[2:])), dtype, device,
                       torch.channels_last)
-    if shape[1] < conv_kernels.SMALL_C:  # the first-layer loop over the padded copies
+    if shape[1] < conv_kernels.SMALL_C:  # the first-layer loop over x's padded copy
+        weight = weight.to(memory_format=torch.channels_last)  # read through its strides
         conv_kernels.row_run_forward_launch(
-            conv_ops.run_copy(x, geometry), conv_ops.run_copy(weight, ConvGeometry((k, k))),
-            bias, None, None, False, y, None, geometry, operand, config)()
+            conv_ops.run_copy(x, geometry), weight, bias, None, None, False, y, None,
+            geometry, operand, config)()
     else:
         conv_kernels.forward_launch(x, conv_ops.weight_matrix(weight), bias, None, None, False,
                                     y, None, geometry, operand, config)()
@@ -285,6 +286,104 @@ def test_relu_epilogue_keeps_nan_like_torch(device):
     y, _ = fastarch.functional.conv2d_fused(x, weight, relu=True)
     expected = torch.relu(F.conv2d(x, weight))
     assert torch.equal(torch.isnan(y), torch.isnan(expected)) and torch.isnan(y).any()
+
+
+# ----------------------------------------------------------------------------- residual
+
+def _residual(shape, dtype, device, layout: str) -> torch.Tensor:
+    """A residual of ``shape``: dense NCHW or NHWC ("nchw", "nhwc"), or ("slice") every other
+    column of a wider channels_last tensor, in neither format."""
+    if layout == "slice":
+        wide = random_input((*shape[:3], 2 * shape[3]), dtype, device, channels_last=True)
+        return wide[..., 1::2]
+    return random_input(shape, dtype, device, LAYOUTS[layout])
+
+
+# (case, x's layout, dtype, the residual's layout, scale/shift, ReLU, stats): the channel
+# loop and a first layer's row runs, each in both formats, the residual in another layout.
+RESIDUAL_EPILOGUES = [
+    ("vgg_c3_3x3_p1_ragged_c", "nhwc", "bf16", "nchw", True, True, False),
+    ("vgg_c3_3x3_p1_ragged_c", "nchw", "fp16", "slice", False, False, True),
+    ("stride2_odd_size", "nhwc", "tf32", "slice", True, False, False),
+    ("vgg_c1_1_3to64_3x3_p1", "nchw", "bf16", "nhwc", True, True, True),
+    ("first_layer_c12_7x7_p3", "nhwc", "fp32", "nchw", False, True, False),
+]
+
+
+@pytest.mark.parametrize("case_id, layout, dtype_id, residual_layout, scale_shift, relu, stats",
+                         RESIDUAL_EPILOGUES)
+def test_residual_epilogue(case_id, layout, dtype_id, residual_layout, scale_shift, relu,
+                           stats, device):
+    """relu?((conv + bias) * scale + shift + residual) against float64 torch, the residual
+    read through its strides; the statistics stay those of conv + bias."""
+    case = CONV_CASES[case_id]
+    dtype, tf32, tolerance = DTYPES[dtype_id]
+    x, weight, bias = _operands(case, dtype, device, LAYOUTS[layout])
+    conv_ref = _reference_conv(x, weight, bias, case[3])
+    residual = _residual(conv_ref.shape, dtype, device, residual_layout)
+    scale = random_input((case[1],), torch.float32, device) if scale_shift else None
+    shift = random_input((case[1],), torch.float32, device) if scale_shift else None
+    with cudnn_tf32(tf32):
+        y, partials = fastarch.functional.conv2d_fused(x, weight, bias, **case[3], scale=scale,
+                                                       shift=shift, relu=relu, stats=stats,
+                                                       residual=residual)
+    y_ref = _epilogue_reference(conv_ref, scale, shift, False) + residual.cpu().double()
+    assert_close(y, torch.relu(y_ref) if relu else y_ref, tolerance, _reduction(case))
+    _expect_channels_last(y, LAYOUTS[layout], case[0][1])
+    if stats:
+        _merged_stats_match(partials, conv_ref, _reduction(case))
+
+
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no_relu"])
+def test_residual_epilogue_gradients(relu, device):
+    """The residual's gradient is dy through the ReLU (the scale does not reach it); input,
+    weight and bias get theirs as without it."""
+    case = CONV_CASES["alexnet_c3_3x3_p1"]
+    x, weight, bias = _operands(case, torch.float32, device, requires_grad=True)
+    scale, shift = (random_input((case[1],), torch.float32, device) for _ in range(2))
+    with cudnn_tf32(False):
+        residual = _residual(_reference_conv(x, weight, bias, case[3]).shape, torch.float32,
+                             device, "nhwc").requires_grad_()
+        y, _ = fastarch.functional.conv2d_fused(x, weight, bias, **case[3], scale=scale,
+                                                shift=shift, relu=relu, residual=residual)
+        dy = random_input(y.shape, torch.float32, device)
+        y.backward(dy)
+
+    def reference(x64, w64, b64, r64):
+        out = _epilogue_reference(F.conv2d(x64, w64, b64, **case[3]), scale, shift, False)
+        return torch.relu(out + r64) if relu else out + r64
+    y_ref, grads_ref = reference_grads(reference, [x, weight, bias, residual], dy)
+    pixels = y.numel() // y.shape[1]
+    assert_close(y, y_ref, torch.float32, _reduction(case))
+    for name, grad, ref, length in (("grad input", x.grad, grads_ref[0], 9 * case[1]),
+                                    ("grad weight", weight.grad, grads_ref[1], pixels),
+                                    ("grad bias", bias.grad, grads_ref[2], pixels),
+                                    ("grad residual", residual.grad, grads_ref[3], 1)):
+        assert_close(grad, ref, torch.float32, length, name=name)
+    if relu:
+        assert (residual.grad == 0).any() and (residual.grad != 0).any()
+
+
+def test_residual_epilogue_gradient_alone(device):
+    """A frozen conv: only the residual gets a gradient, dy where the output is positive."""
+    x = random_input((1, 16, 4, 4), torch.float32, device, channels_last=True)
+    weight = random_input((8, 16, 3, 3), torch.float32, device)
+    residual = random_input((1, 8, 4, 4), torch.float32, device, requires_grad=True)
+    y, _ = fastarch.functional.conv2d_fused(x, weight, padding=1, relu=True, residual=residual)
+    dy = random_input(y.shape, torch.float32, device)
+    y.backward(dy)
+    assert torch.equal(residual.grad, torch.where(y > 0, dy, 0))
+    assert (y == 0).any() and (y > 0).any()
+
+
+def test_residual_epilogue_refuses_another_shape_or_dtype(device):
+    case = CONV_CASES["alexnet_c3_3x3_p1"]
+    x, weight, _ = _operands(case, torch.float32, device)
+    y_shape = (*case[0][:1], case[1], *case[0][2:])  # padding 1: the input's size
+    for residual in (torch.zeros(y_shape[:-1] + (4,), device=device),
+                     torch.zeros(y_shape, dtype=torch.bfloat16, device=device)):
+        with pytest.raises(ValueError, match="expected a residual of its output's shape"):
+            fastarch.functional.conv2d_fused(x, weight, **case[3], residual=residual)
 
 
 # ----------------------------------------------------------------------------- determinism

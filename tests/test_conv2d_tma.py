@@ -113,6 +113,37 @@ def test_tma_epilogue_flags(dtype_id, every_flag, tma_launches, device):
     assert_close(y, y_ref, tolerance, 144)
 
 
+# dtype id, the residual's layout, every other flag (bias, scale/shift, ReLU, STATS) or none
+TMA_RESIDUALS = [("bf16", "nchw", True), ("fp16", "slice", False), ("tf32", "nhwc", True)]
+
+
+@pytest.mark.parametrize("dtype_id, residual_layout, every_flag", TMA_RESIDUALS)
+def test_tma_residual_epilogue(dtype_id, residual_layout, every_flag, tma_launches, device):
+    """relu?((conv + bias) * scale + shift + residual), the residual through its strides
+    (NCHW, NHWC, or a slice in neither format); the statistics stay those of conv + bias."""
+    dtype, tf32, tolerance = DTYPES[dtype_id]
+    x, weight, bias = _operands((2, 16, 3, 5), 24, (3, 3), dtype, device, bias=every_flag)
+    if residual_layout == "slice":
+        residual = random_input((2, 24, 3, 10), dtype, device, channels_last=True)[..., 1::2]
+    else:
+        residual = random_input((2, 24, 3, 5), dtype, device,
+                                channels_last=residual_layout == "nhwc")
+    scale = random_input((24,), torch.float32, device) if every_flag else None
+    shift = random_input((24,), torch.float32, device) if every_flag else None
+    with cudnn_tf32(tf32):
+        y, partials = fastarch.functional.conv2d_fused(x, weight, bias, padding=1, scale=scale,
+                                                       shift=shift, relu=every_flag,
+                                                       stats=every_flag, residual=residual)
+    assert len(tma_launches) == 1 and tma_launches[0].constexprs["HAS_RESIDUAL"]
+    conv = _reference(x, weight, bias, dict(padding=1))
+    y_ref = conv + residual.cpu().double()
+    if every_flag:
+        y_ref = torch.relu(conv * scale.double().view(1, -1, 1, 1)
+                           + shift.double().view(1, -1, 1, 1) + residual.cpu().double())
+        _merged_stats_match(partials, conv)
+    assert_close(y, y_ref, tolerance, 144)
+
+
 def test_tma_stats_feed_batch_norm_training(tma_launches, device):
     """conv (bias, STATS) -> BatchNorm + ReLU in training, on the conv's partials."""
     x, weight, bias = _operands((2, 16, 3, 5), 24, (3, 3), torch.bfloat16, device)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastarch import functional, fusion
+from fastarch import functional, fusion, models
 from fastarch.testing import assert_close, random_input
 from tiny_net import CLASSES, INPUT_SHAPE, TinyNet, randomize_batch_norm
 
@@ -85,12 +85,27 @@ def test_every_launcher_runs_without_host_sync(device, process_group):
             model(x.requires_grad_(True)).sum().backward()
             with torch.no_grad():
                 model.eval()(x)
+        resnet = models.resnet18(num_classes=CLASSES, widths=(8, 8, 16, 16)).to(device)
+        resnet(x).sum().backward()  # a block's BN + add + ReLU pass
+        with torch.no_grad():
+            resnet.eval()(x)  # the residual in the conv epilogue
+        _batch_norm_into_conv(x).sum().backward()
         functional.relu(x).sum().backward()
         functional.sync_batch_norm(x, None, None, None, None, 0.1, 1e-5,
                                    process_group).sum().backward()
         with torch.no_grad():
             functional.dropout(x.clone(), 0.5, inplace=True)
     assert detector.fastarch_ops == _fastarch_op_names()
+
+
+def _batch_norm_into_conv(x: torch.Tensor) -> torch.Tensor:
+    """A training BatchNorm + ReLU applied in the next conv's prologue."""
+    channels = x.shape[1]
+    weight = random_input((4, channels, 3, 3), x.dtype, x.device, requires_grad=True)
+    y, _ = functional.batch_norm_conv2d_fused(
+        x, torch.zeros(channels, device=x.device), torch.ones(channels, device=x.device),
+        training=True, weight=weight, padding=1)
+    return y
 
 
 # ----------------------------------------------------------------------------- GPU capture

@@ -34,7 +34,7 @@ def _cases(device: str, channels_last: bool, group_name: str) -> dict:
     seed = torch.tensor([1234], dtype=torch.int64, device=device)
     conv_window = ([1, 1], [1, 1], [1, 1], [1, 1])
     conv_y, _ = torch.ops.fastarch.conv2d(x.detach(), w.detach(), b.detach(), None, None,
-                                          *conv_window, True, False)
+                                          *conv_window, True, False, None)
     a, weight = t(5, 6, grad=True), t(4, 6, grad=True)
     linear_y = torch.ops.fastarch.linear(a.detach(), weight.detach(), None, True, 0.5, seed)
     return {
@@ -49,6 +49,7 @@ def _cases(device: str, channels_last: bool, group_name: str) -> dict:
                                 var.clone(), 0.1, 1e-5),
         "batch_norm_running_statistics": (mean, var, None, beta.detach(), 1e-3),
         "batch_norm": (x, gamma, beta, *stats, True, True),
+        "batch_norm_add_relu": (x, gamma, beta, *stats, True, t(*shape, grad=True)),
         "batch_norm_max_pool2d": (x, gamma, None, *stats, True, False, *WINDOW, True),
         "batch_norm_avg_pool2d": (x, None, beta, *stats, False, True, *AVG_WINDOW, True, None),
         "batch_norm_backward_reduce": (x.detach(), t(*shape), *stats, True, torch.float32,
@@ -58,9 +59,14 @@ def _cases(device: str, channels_last: bool, group_name: str) -> dict:
         "relu": (x,),
         "relu_": (x.detach().clone(),),
         "relu_backward": (y, t(*shape)),
-        "conv2d": (x, w, b, None, None, *conv_window, True, True),
+        "conv2d": (x, w, b, None, None, *conv_window, True, True, t(*conv_y.shape, grad=True)),
         "conv2d_backward": (t(*conv_y.shape), x.detach(), w.detach(), None, conv_y, shape, last,
                             list(w.shape), *conv_window, True, True, True),
+        "batch_norm_conv2d": (x, gamma, beta, *stats, True, True, w, b, None, None, *conv_window,
+                              False, True),
+        "batch_norm_conv2d_backward": (t(*conv_y.shape), x.detach(), w.detach(), None, conv_y,
+                                       stats[0], *stats[2:], True, list(w.shape), *conv_window,
+                                       True, True, True),
         "linear": (a, weight, t(4, grad=True), True, 0.5, seed),
         "linear_backward": (t(5, 4), a.detach(), weight.detach(), linear_y, seed, True, 0.5,
                             torch.float32),

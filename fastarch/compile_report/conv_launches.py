@@ -62,7 +62,8 @@ def conv2d_cases(choice: TileChoice) -> list[Case]:
     tma_dgrad = _tma_dgrad_cases() if choice.hopper else []
     tma_wgrad = _tma_wgrad_cases() if choice.hopper else []
     return (_forward_cases(choice) + tma + _dgrad_cases(choice) + tma_dgrad
-            + _wgrad_cases(choice) + tma_wgrad)
+            + _wgrad_cases(choice) + tma_wgrad + _prologue_cases(choice.hopper)
+            + _residual_cases(choice.hopper))
 
 
 def _forward_cases(choice: TileChoice) -> list[Case]:
@@ -81,9 +82,9 @@ def _forward_cases(choice: TileChoice) -> list[Case]:
             x, y = meta_tensor((64, C, size, size), dtype), meta_tensor((64, K_out, P, Q), dtype)
             bias = matrix(K_out, dtype=dtype)
             x_in, weight_in, build = x, matrix(K_out, k, k, C, dtype=dtype), conv2d.forward_launch
-            if C < conv2d.SMALL_C:  # the row-run loop over padded copies
+            if C < conv2d.SMALL_C:  # the row-run loop over x's padded copy, the weight itself
                 x_in = matrix(*conv2d.run_copy_shape(x.shape, geometry, dtype), dtype=dtype)
-                weight_in = matrix(K_out, k, k, conv2d.run_channels(C, dtype), dtype=dtype)
+                weight_in = matrix(K_out, C, k, k, dtype=dtype)
                 build = conv2d.row_run_forward_launch
             for stats, scale, relu in _forward_epilogues(dtype, K_out):
                 candidates = partial(conv_ops.forward_candidates, static, K_out, 64 * P * Q,
@@ -123,7 +124,7 @@ def _tma_forward_cases() -> list[Case]:
         for base in conv_ops.TMA_FORWARD.values():
             tile = conv_ops.tma_tile(base, C, operand)
             for stats, scale, relu in _forward_epilogues(dtype, K_out):
-                if stats and not conv_ops.tma_takes_stats(tile):
+                if stats and not conv_ops.tma_takes_heavy_epilogue(tile):
                     continue  # never chosen with STATS
                 partials = (matrix(3, conv_ops.forward_m_tiles(tile, 64, P, Q), K_out,
                                    dtype=torch.float32) if stats else None)
@@ -131,6 +132,63 @@ def _tma_forward_cases() -> list[Case]:
                     x, weight_rsc, bias, scale, scale, relu, y, partials, geometry, operand,
                     tile), dtype))
     return found
+
+
+def _residual_cases(hopper: bool) -> list[Case]:
+    """A residual block's end in eval, in bf16 on VGG conv3_3: the folded BatchNorm's
+    scale/shift, the identity added (channels_last, as y) and the ReLU, on the pointer
+    forward's chan_n128 tile and on Hopper on the TMA tiles that may take it
+    (``tma_takes_heavy_epilogue``)."""
+    C, K_out, size, k, pad = FORWARD_LAYERS["chan_n128"]
+    geometry = ConvGeometry((k, k), padding=(pad, pad))
+    operand, dtype = OPERANDS[0]
+    x, y = meta_tensor((64, C, size, size), dtype), meta_tensor((64, K_out, size, size), dtype)
+    residual = meta_tensor(y.shape, dtype)
+    weight_rsc, per_channel = matrix(K_out, k, k, C, dtype=dtype), matrix(K_out,
+                                                                          dtype=torch.float32)
+    tma_tiles = [conv_ops.tma_tile(base, C, operand) for base in conv_ops.TMA_FORWARD.values()]
+    tiles = [conv_ops.CONV_FORWARD["chan_n128_16bit"]] + (
+        [tile for tile in tma_tiles if conv_ops.tma_takes_heavy_epilogue(tile)]
+        if hopper else [])
+    return [Case((conv2d_tma.tma_forward_launch if tile.tma else conv2d.forward_launch)(
+        x, weight_rsc, None, per_channel, per_channel, True, y, None, geometry, operand, tile,
+        residual=residual), dtype) for tile in tiles]
+
+
+def _prologue_cases(hopper: bool) -> list[Case]:
+    """The input prologue (with its ReLU) in bf16 on VGG conv3_3, where a following
+    BatchNorm's normalization is folded into the next conv: the pointer forward's chan_n128
+    tile (bias) and the pointer wgrad's static tile; on Hopper also the TMA forward's
+    m128_n128 and m128_n256 tiles and the TMA wgrad's m128_n128 (its register operand must
+    keep wgmma asynchronous)."""
+    C, K_out, size, k, pad = FORWARD_LAYERS["chan_n128"]
+    geometry = ConvGeometry((k, k), padding=(pad, pad))
+    operand, dtype = OPERANDS[0]
+    x, y = meta_tensor((64, C, size, size), dtype), meta_tensor((64, K_out, size, size), dtype)
+    weight_rsc, bias = matrix(K_out, k, k, C, dtype=dtype), matrix(K_out, dtype=dtype)
+    per_channel = matrix(C, dtype=torch.float32)
+    prologue = conv2d.InputNormalization(per_channel, per_channel, True)
+    weight_shape = torch.Size((K_out, C, k, k))
+    wgrad_tile = conv_ops.wgrad_tile(C, K_out, operand, k * k, 64 * size * size,
+                                     interpreter=False)
+    launches = [
+        conv2d.forward_launch(x, weight_rsc, bias, None, None, False, y, None, geometry,
+                              operand, conv_ops.CONV_FORWARD["chan_n128_16bit"],
+                              prologue=prologue),
+        conv_ops.wgrad_launches(x, y, weight_shape, True, geometry, operand, wgrad_tile,
+                                interpreter=False, prologue=prologue)[0][0]]
+    if hopper:
+        for name in ("tma_m128_n128", "tma_m128_n256"):
+            tile = conv_ops.tma_tile(conv_ops.TMA_FORWARD[name], C, operand)
+            launches.append(conv2d_tma.tma_forward_launch(
+                x, weight_rsc, bias, None, None, False, y, None, geometry, operand, tile,
+                prologue=prologue))
+        tile = conv_ops.tma_wgrad_fit(conv_ops.TMA_WGRAD["tma_wgrad_m128_n128"], C, size,
+                                      operand)
+        launches.append(conv_ops.wgrad_launches(x, y, weight_shape, True, geometry, operand,
+                                                tile, interpreter=False,
+                                                prologue=prologue)[0][0])
+    return [Case(launch, dtype) for launch in launches]
 
 
 def _dgrad_cases(choice: TileChoice) -> list[Case]:

@@ -7,7 +7,12 @@ lists of its children, LeNet-5's) run what it yields.
 * Conv runs in training: the conv kernel writes its output and the BatchNorm Welford partials
   in its epilogue (no statistics pass), a tiny finalize updates the running statistics, and
   one pass normalises + ReLUs, fused into the pool when one follows (the normalised tensor is
-  never written). Backward runs from the saved fp32 mean / inverse std.
+  never written). Backward runs from the saved fp32 mean / inverse std. A run without a pool
+  whose BatchNorm uses batch statistics, directly followed by another conv run, hands that
+  run its conv output and Welford partials instead (``PendingBatchNorm``): the next conv applies
+  the BatchNorm and ReLU to its input tiles as it loads them, and its weight gradient
+  recomputes them (``fastarch::batch_norm_conv2d``), so the normalised tensor is never
+  written, forward or backward. Followed by anything else (or nothing), it is written.
 * Conv runs in inference (running statistics, no gradient needed for the BatchNorm or conv
   bias): the BatchNorm and the conv bias fold into the conv epilogue as per-channel fp32
   scale and shift, with the ReLU: one kernel. The fold is recomputed at every call from the
@@ -31,7 +36,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Optional, Union
+from itertools import pairwise
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import nn
@@ -59,6 +65,16 @@ _DROPOUTS = (nn.Dropout, Dropout)
 class Run:
     """A fusable run of ``length`` modules; calling it on an input runs them fused."""
     length: int
+
+
+class PendingBatchNorm(NamedTuple):
+    """A conv run's output ``y`` before its BatchNorm (batch statistics, ``partials`` from
+    the conv epilogue) and ReLU, handed to the conv run that follows: that conv normalises
+    its input as it loads it. The BatchNorm's forward (its mode, counting the batch, and the
+    running statistics' update) runs there, once."""
+    y: torch.Tensor
+    bn: nn.BatchNorm2d
+    partials: Optional[functional.WelfordPartials]
 
 
 @dataclass(frozen=True)
@@ -100,9 +116,13 @@ def walk(modules: Sequence[nn.Module]) -> Iterator[tuple[int, Union[Run, nn.Modu
 
 
 def run_fused(modules: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    """``modules`` applied in order to ``x``, their fusable runs fused."""
-    for _, step in walk(modules):
-        x = step(x)
+    """``modules`` applied in order to ``x``, their fusable runs fused; a conv run followed
+    directly by another hands it a ``PendingBatchNorm`` where it can (``_run_conv``)."""
+    for (_, step), (_, following) in pairwise((*walk(modules), (len(modules), None))):
+        if isinstance(step, ConvRun):
+            x = _run_conv(step, x, hand_on=isinstance(following, ConvRun))
+        else:
+            x = step(x)
     return x
 
 
@@ -218,20 +238,40 @@ def _batch_norm_relu_pool(bn: nn.BatchNorm2d, pool: Optional[Pool], y: torch.Ten
     return functional.batch_norm_relu(*args, partials=partials)
 
 
-def _run_conv(run: ConvRun, x: torch.Tensor) -> torch.Tensor:
-    """Execute one conv run on ``x`` (see the module docstring for what fuses when)."""
+def _run_conv(run: ConvRun, x: Union[torch.Tensor, PendingBatchNorm], hand_on: bool = False
+              ) -> Union[torch.Tensor, PendingBatchNorm]:
+    """Execute one conv run on ``x`` (see the module docstring for what fuses when); with
+    ``hand_on`` (a conv run follows) a run without a pool whose BatchNorm uses batch
+    statistics returns its ``PendingBatchNorm``."""
     conv, bn = run.conv, run.bn
     if bn is None:
-        y, _ = functional.conv2d_fused(x, conv.weight, conv.bias, *_conv_args(conv), relu=True)
+        y, _ = _conv2d(conv, x, conv.bias, relu=True)
         return y
     if _can_fold(conv, bn):
         scale, shift = fold_batch_norm(conv, bn)
-        y, _ = functional.conv2d_fused(x, conv.weight, None, *_conv_args(conv), scale=scale,
-                                       shift=shift, relu=True)
+        y, _ = _conv2d(conv, x, None, scale=scale, shift=shift, relu=True)
         return _pool(run.pool, y)
-    y, partials = functional.conv2d_fused(x, conv.weight, conv.bias, *_conv_args(conv),
-                                          stats=uses_batch_statistics(bn))
+    batch_statistics = uses_batch_statistics(bn)
+    y, partials = _conv2d(conv, x, conv.bias, stats=batch_statistics)
+    if hand_on and batch_statistics and run.pool is None:
+        return PendingBatchNorm(y, bn, partials)
     return _batch_norm_relu_pool(bn, run.pool, y, partials)
+
+
+def _conv2d(conv: nn.Conv2d, x: Union[torch.Tensor, PendingBatchNorm],
+            bias: Optional[torch.Tensor], **epilogue
+            ) -> tuple[torch.Tensor, Optional[functional.WelfordPartials]]:
+    """``conv`` with the fused ``epilogue`` on x, or on the pending BatchNorm's output,
+    normalised and ReLU'd as the conv loads it."""
+    if not isinstance(x, PendingBatchNorm):
+        return functional.conv2d_fused(x, conv.weight, bias, *_conv_args(conv), **epilogue)
+    bn = x.bn
+    bn._check_input_dim(x.y)
+    mode = batch_norm_mode(bn)
+    return functional.batch_norm_conv2d_fused(
+        x.y, mode.running_mean, mode.running_var, bn.weight, bn.bias, mode.training,
+        mode.momentum, bn.eps, weight=conv.weight, bias=bias, stride=conv.stride,
+        padding=conv.padding, dilation=conv.dilation, partials=x.partials, **epilogue)
 
 
 class FusedSequential(nn.Sequential):

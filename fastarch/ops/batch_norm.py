@@ -1,12 +1,14 @@
-"""BatchNorm's operators and host side: BatchNorm (+ ReLU) and BatchNorm fused into a
-following max or average pool (SyncBatchNorm, built on them: ``ops.sync_batch_norm``); the
-statistics flow, output allocation and the tiles of ``kernels.batch_norm``.
+"""BatchNorm's operators and host side: BatchNorm (+ ReLU), BatchNorm + a residual + ReLU
+(a ResNet block's end) and BatchNorm fused into a following max or average pool
+(SyncBatchNorm, built on them: ``ops.sync_batch_norm``); the statistics flow, output
+allocation and the tiles of ``kernels.batch_norm``.
 
 Training runs two steps. The statistics: Welford partials of x (``batch_norm_welford_partials``,
 or the conv epilogue's), merged by ``batch_norm_finalize``, which also updates the running
 statistics in place (a mutable op: no autograd formula; it reads detached values). Then a
 normalising op (``batch_norm``, ``batch_norm_max_pool2d``, ``batch_norm_avg_pool2d``,
-``sync_batch_norm``) takes the statistics as inputs and differentiates through them itself:
+``sync_batch_norm``, ``batch_norm_conv2d``: the next conv normalising its input tiles,
+``ops.batch_norm_conv2d``) takes the statistics as inputs and differentiates through them itself:
 weight and bias are its inputs only for their gradients (their values are in scale and
 shift), and its backward recomputes x_hat from x (``batch_norm_backward_reduce``, then
 ``batch_norm_backward_input``; SyncBatchNorm all-reduces the sums in between).
@@ -35,6 +37,7 @@ from fastarch.ops.common import (absent, fake_empty, is_channels_last, nhwc_tile
                                  no_double_backward, or_absent, pool_geometry, pool_window,
                                  pooled_shape, run_nhwc)
 from fastarch.ops.max_pool import max_pool2d_backward, max_pool_outputs, output_empty
+from fastarch.ops.relu import relu_backward
 
 # ----------------------------------------------------------------------------- tiles
 # The elementwise passes (normalise, dx, the pools that normalise their taps) take the NHWC
@@ -186,18 +189,21 @@ def normalized(x: Tensor, stats: BatchNormStatistics, relu: bool) -> Tensor:
     return y
 
 
-def batch_norm_setup(ctx, inputs, output, offsets: Optional[Tensor] = None) -> None:
+def batch_norm_setup(ctx, inputs, output, offsets: Optional[Tensor] = None,
+                     kept: tuple[Optional[Tensor], ...] = ()) -> None:
+    """Saves what ``batch_norm_grads`` reads (``ctx.saved_tensors[:5]``), then ``offsets``
+    and ``kept``: what the fused op's own formula reads."""
     x, weight, bias, mean, invstd, scale, shift, training, relu = inputs[:9]
     ctx.training, ctx.relu, ctx.group_name = training, relu, None
     ctx.grad_dtypes = (None if weight is None else weight.dtype,
                        None if bias is None else bias.dtype)
-    ctx.save_for_backward(x, mean, invstd, scale, shift, offsets)
+    ctx.save_for_backward(x, mean, invstd, scale, shift, offsets, *kept)
 
 
 def batch_norm_grads(ctx, dy: Tensor) -> tuple[Optional[Tensor], ...]:
     """(dx, dweight, dbias) of a normalising op from dy, the gradient of its normalised
     (and ReLU'd) output; SyncBatchNorm's dx from the sums over the global batch."""
-    x, mean, invstd, scale, shift, _ = ctx.saved_tensors
+    x, mean, invstd, scale, shift = ctx.saved_tensors[:5]
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     sums = dw = db = None
     if (need_dx and ctx.training) or need_dw or need_db:
@@ -235,6 +241,41 @@ def _batch_norm_apply_grads(ctx, dy: Tensor):
 
 
 batch_norm.register_autograd(_batch_norm_apply_grads, setup_context=batch_norm_setup)
+
+
+@torch.library.custom_op("fastarch::batch_norm_add_relu", mutates_args=())
+def batch_norm_add_relu(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                        mean: Tensor, invstd: Tensor, scale: Tensor, shift: Tensor,
+                        training: bool, residual: Tensor) -> Tensor:
+    """relu(``batch_norm``'s output + residual) in one pass (a ResNet block's end): the sum
+    in fp32, y in x's dtype and memory format; residual has x's shape and dtype, any
+    strides."""
+    y = empty(x.shape, x.dtype, x.device, memory_format_of(x))
+    stats = BatchNormStatistics(mean, invstd, scale, shift)
+    run_nhwc("batch_norm_add_relu", x, x.shape[1], _pixels(x),
+             lambda tile: kernels.apply_launch(x, y, stats, True, tile, residual), (y,))
+    return y
+
+
+@batch_norm_add_relu.register_fake
+def _(x, weight, bias, mean, invstd, scale, shift, training, residual):
+    return fake_empty(x.shape, x.dtype, x, memory_format_of(x))
+
+
+def _batch_norm_add_relu_setup(ctx, inputs, output) -> None:
+    # The BatchNorm itself runs without ReLU; the slot of a max pool's offsets keeps y, whose
+    # sign is the ReLU's mask.
+    batch_norm_setup(ctx, (*inputs[:8], False), output, offsets=output)
+
+
+@profiling.op_range("batch_norm_add_relu.backward")
+def _batch_norm_add_relu_grads(ctx, dy: Tensor):
+    dz = relu_backward(ctx.saved_tensors[5], dy)  # the gradient of bn(x) + residual
+    return *batch_norm_grads(ctx, dz), *no_grads(5), dz if ctx.needs_input_grad[8] else None
+
+
+batch_norm_add_relu.register_autograd(_batch_norm_add_relu_grads,
+                                      setup_context=_batch_norm_add_relu_setup)
 
 
 def _pooled_grads(op: str, pool_input_grad):
@@ -277,6 +318,7 @@ def _batch_norm_max_pool2d_setup(ctx, inputs, output) -> None:
     batch_norm_setup(ctx, inputs, output, offsets=output[1])
     ctx.window = inputs[9:14]
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero gradient written for the offsets
 
 
 def _max_pool_input_grad(ctx, dy: Tensor) -> Tensor:
@@ -461,6 +503,16 @@ def forward(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Ten
     stats = statistics(x, running_mean, running_var, weight, bias, training, momentum, eps,
                        partials)
     return normalize(x, weight, bias, stats, training, relu, pool)
+
+
+def forward_add_relu(x: Tensor, residual: Tensor, running_mean: Optional[Tensor],
+                     running_var: Optional[Tensor], weight: Optional[Tensor],
+                     bias: Optional[Tensor], training: bool, momentum: float, eps: float,
+                     partials: Optional[WelfordPartials]) -> Tensor:
+    """relu(BatchNorm(x) + residual) of a 4-D x on our kernels: statistics, then one pass."""
+    stats = statistics(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                       partials)
+    return batch_norm_add_relu(x, weight, bias, *stats, training, residual)
 
 
 def torch_forward(input: Tensor, running_mean: Optional[Tensor],

@@ -1,11 +1,13 @@
 """Convolution (groups=1) as operators: ``fastarch::conv2d`` (forward with its fused epilogue:
-bias, BatchNorm statistics, scale/shift, ReLU) and ``fastarch::conv2d_backward`` (dgrad,
-wgrad, the bias gradient), their shape and autograd formulas, and the host side of the
-kernels in ``kernels.conv2d`` / ``kernels.conv2d_backward``: output allocation, the config
-tables and their choice, the wgrad split policy, and the TF32 decision (``backend``'s
-``conv_operand``, read once per op, forward and backward alike)."""
+bias, BatchNorm statistics, scale/shift, a residual add, ReLU) and
+``fastarch::conv2d_backward`` (dgrad, wgrad, the bias gradient), their shape and autograd
+formulas, and the host side of the kernels in ``kernels.conv2d`` /
+``kernels.conv2d_backward``: output allocation, the config tables and their choice, the
+wgrad split policy, and the TF32 decision (``backend``'s ``conv_operand``, read once per
+op, forward and backward alike)."""
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import replace
@@ -18,8 +20,9 @@ from torch import Tensor
 
 from fastarch import arguments, backend, profiling
 from fastarch.autotune import Generation, gemm_candidates
-from fastarch.kernels.conv2d import (SMALL_C, ConvGeometry, forward_launch,
-                                     row_run_forward_launch, run_channels, run_copy_shape)
+from fastarch.kernels.conv2d import (SMALL_C, ConvGeometry, InputNormalization,
+                                     forward_launch, row_run_forward_launch, run_channels,
+                                     run_copy_shape)
 from fastarch.kernels.conv2d_tma import (tma_block_k, tma_dgrad_launches, tma_dgrad_supported,
                                          tma_forward_launch, tma_m_tiles, tma_supported)
 from fastarch.kernels.conv2d_backward import (dgrad_launch, merge_launch, phase_pixels,
@@ -30,7 +33,7 @@ from fastarch.kernels.nhwc import padded_copy_launch
 from fastarch.kernels.runtime import INTERPRETER, empty, memory_format_of, sm_count
 from fastarch.kernels.tensor_cores import Operand
 from fastarch.kernels.welford import WelfordPartials
-from fastarch.ops.common import (absent, conv_geometry, conv_window, fake_empty,
+from fastarch.ops.common import (ConvWindow, absent, conv_geometry, conv_window, fake_empty,
                                  is_channels_last, memory_format_for, no_double_backward,
                                  no_grads, or_absent, split_reduction, tuned_tile)
 
@@ -71,15 +74,17 @@ CONV_FORWARD = _table("",
 # output row x BLOCK_N channels; one warpgroup (4 warps) for 64-pixel tiles, two for 128.
 # Their depth is set per layer (``tma_tile``): a channel row of at most 128 bytes that
 # divides C. The STATS epilogue's per-channel reductions spill beside an accumulator of 128
-# registers a thread (64x256 and 128x256; 128x128 on 4 warps in tf32), so with STATS a tile
-# holds at most TMA_STATS_ACCUMULATOR registers of it a thread.
+# registers a thread (64x256 and 128x256; 128x128 on 4 warps in tf32), and so do the
+# residual's loaded values (bf16, sm_90a: 1196 and 1496 spilled bytes at 128x256 and 64x256,
+# none at 128x128 with 219 registers), so with either a tile holds at most
+# TMA_HEAVY_EPILOGUE_ACCUMULATOR registers of it a thread.
 TMA_FORWARD = {tile.name: tile for tile in (
     TileConfig("tma_m128_n256", 128, 256, 64, num_warps=8, num_stages=3, tma=True),
     TileConfig("tma_m128_n128", 128, 128, 64, num_warps=8, num_stages=3, tma=True),
     TileConfig("tma_m64_n256", 64, 256, 64, num_warps=4, num_stages=4, tma=True),
     TileConfig("tma_m64_n128", 64, 128, 64, num_warps=4, num_stages=4, tma=True),
     TileConfig("tma_m128_n64", 128, 64, 64, num_warps=8, num_stages=4, tma=True))}
-TMA_STATS_ACCUMULATOR = 64
+TMA_HEAVY_EPILOGUE_ACCUMULATOR = 64
 
 # FASTARCH_CONV_ALGO, read per call: ``pointer`` the pointer kernel, ``tma`` the TMA kernel
 # wherever ``tma_supported``, ``auto`` both as candidates of the Hopper autotuner (the
@@ -126,7 +131,10 @@ TMA_WGRAD = {tile.name: tile for tile in (
     TileConfig("tma_wgrad_m64_n128", 64, 128, 64, num_warps=4, num_stages=4, tma=True),
     TileConfig("tma_wgrad_m64_n64", 64, 64, 64, num_warps=4, num_stages=4, tma=True))}
 
-# The padded copy of a first layer's input (and weight): 256 pixels a program.
+# The pointer wgrad's pipeline depth with an input prologue (``wgrad_launches``).
+PROLOGUE_WGRAD_STAGES = 2
+
+# The padded copy of a first layer's input: 256 pixels a program.
 RUN_COPY = TileConfig("run_copy", block_m=256, num_warps=4)
 
 # The merge of wgrad's split partials: an elementwise pass, 1024 elements a program.
@@ -180,15 +188,16 @@ def tma_tile(base: TileConfig, channels: int, operand: Operand) -> TileConfig:
 
 
 def tma_forward_tile(channels: int, out_channels: int, out_width: int, operand: Operand,
-                     stats: bool, interpreter: bool = INTERPRETER) -> TileConfig:
+                     stats: bool, interpreter: bool = INTERPRETER, *,
+                     residual: bool = False) -> TileConfig:
     """The static TMA tile (``FASTARCH_CONV_ALGO=tma``): 128 pixels of a row where rows are
-    wider than 64, else 64; 256 channels where there are as many (without ``stats``), 64
-    beside 128 pixels where there are at most 64, else 128."""
+    wider than 64, else 64; 256 channels where there are as many (without ``stats`` or a
+    ``residual``), 64 beside 128 pixels where there are at most 64, else 128."""
     if interpreter:
         return replace(interpreter_tile(out_width, out_channels), name="interpreter_tma",
                        block_k=tma_block_k(channels, 128), tma=True)
     width = 128 if out_width > 64 else 64
-    if out_channels >= 256 and not stats:
+    if out_channels >= 256 and not stats and not residual:
         height = 256
     elif out_channels <= 64 and width == 128:
         height = 64
@@ -335,11 +344,11 @@ def dgrad_weight(weight: Tensor) -> Tensor:
 
 
 def _forward_tile(x: Tensor, weight: Tensor, geometry: ConvGeometry, operand: Operand,
-                  algo: str, stats: bool) -> TileConfig:
+                  algo: str, stats: bool, residual: bool = False) -> TileConfig:
     N, C, H, W = x.shape
     P, Q = geometry.output_size(H, W)
     if algo == "tma" and tma_supported(x, weight, geometry, operand):
-        return tma_forward_tile(C, weight.shape[0], Q, operand, stats)
+        return tma_forward_tile(C, weight.shape[0], Q, operand, stats, residual=residual)
     R, S = weight.shape[2:]
     depth = S * run_channels(C, x.dtype) if C < SMALL_C else R * S * C
     return forward_tile(C, weight.shape[0], depth, operand, N * P * Q)
@@ -355,21 +364,25 @@ def forward_candidates(static: TileConfig, out_channels: int, pixels: int, stats
 
 
 def tma_candidates(static: TileConfig, channels: int, out_channels: int, out_width: int,
-                   out_m_tiles: Callable[[TileConfig], int], stats: bool, operand: Operand
-                   ) -> tuple[TileConfig, ...]:
+                   out_m_tiles: Callable[[TileConfig], int], stats: bool, operand: Operand,
+                   residual: bool = False) -> tuple[TileConfig, ...]:
     """The TMA tiles tried beside ``static``: 128 pixels wide only on rows wider than 64, no
     wider than the next power of two of ``out_channels`` (at least 64); with ``stats`` only
-    those of static's M-tile count, ``out_m_tiles(tile)``, that ``tma_takes_stats``."""
+    those of static's M-tile count, ``out_m_tiles(tile)``; with ``stats`` or a ``residual``
+    only those that ``tma_takes_heavy_epilogue``."""
     max_n = max(64, triton.next_power_of_2(out_channels))
     tiles = (tma_tile(base, channels, operand) for base in TMA_FORWARD.values()
              if (base.block_m == 64 or out_width > 64) and base.block_n <= max_n)
-    return tuple(tile for tile in tiles if tile.name != static.name and (
-        not stats or (out_m_tiles(tile) == out_m_tiles(static) and tma_takes_stats(tile))))
+    return tuple(tile for tile in tiles if tile.name != static.name
+                 and (not stats or out_m_tiles(tile) == out_m_tiles(static))
+                 and (not (stats or residual) or tma_takes_heavy_epilogue(tile)))
 
 
-def tma_takes_stats(tile: TileConfig) -> bool:
-    """Whether the TMA ``tile`` may run the STATS epilogue (TMA_STATS_ACCUMULATOR)."""
-    return tile.block_m * tile.block_n // (32 * tile.num_warps) <= TMA_STATS_ACCUMULATOR
+def tma_takes_heavy_epilogue(tile: TileConfig) -> bool:
+    """Whether the TMA ``tile`` may run the STATS or the residual epilogue
+    (TMA_HEAVY_EPILOGUE_ACCUMULATOR)."""
+    return (tile.block_m * tile.block_n // (32 * tile.num_warps)
+            <= TMA_HEAVY_EPILOGUE_ACCUMULATOR)
 
 
 def dgrad_candidates(static: TileConfig, channels: int, pixels: int,
@@ -397,34 +410,40 @@ def stats_tiles(x: Tensor, weight: Tensor, geometry: ConvGeometry) -> int:
 
 def conv2d_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: ConvGeometry,
                    scale: Optional[Tensor], shift: Optional[Tensor], relu: bool,
-                   stats: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """y = conv2d(x, weight) (+ bias) [* scale + shift] [ReLU] of a 4-D x, in x's dtype and
-    memory format, and when ``stats`` the Welford partials of conv + bias as one
-    [3, tiles, K_out] fp32 buffer of (count, mean, M2)."""
+                   stats: bool, prologue: Optional[InputNormalization] = None, *,
+                   residual: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """y = conv2d(x, weight) (+ bias) [* scale + shift] [+ residual] [ReLU] of a 4-D x, in
+    x's dtype and memory format (``residual``: y's shape and dtype, any strides), and when
+    ``stats`` the Welford partials of conv + bias as one [3, tiles, K_out] fp32 buffer of
+    (count, mean, M2). With ``prologue`` the conv reads x as relu?(x * scale[c] + shift[c]),
+    applied as its tiles are loaded (a first layer's padded copy applies it), the padding
+    still 0."""
     N, _, H, W = x.shape
     K_out = weight.shape[0]
     P, Q = geometry.output_size(H, W)
     y = empty((N, K_out, P, Q), x.dtype, x.device, memory_format_of(x))
     operand = backend.conv_operand(x.dtype)
     row_run = x.shape[1] < SMALL_C
-    if row_run:  # a first layer reads padded copies of x and the weight
-        weight_rsc = run_copy(weight, ConvGeometry(geometry.kernel))
-        x_in = run_copy(x, geometry)
+    if row_run:  # a first layer reads a padded copy of x, and the weight as it is
+        weight_in, x_in = weight, run_copy(x, geometry, prologue)
     else:
-        weight_rsc, x_in = weight_matrix(weight), x
+        weight_in, x_in = weight_matrix(weight), x
 
     def m_tiles(tile: TileConfig) -> int:
         return forward_m_tiles(tile, N, P, Q)
 
     def launch(tile: TileConfig) -> tuple[Launch, Optional[Tensor]]:
         partials = empty((3, m_tiles(tile), K_out), torch.float32, x.device) if stats else None
-        build = (tma_forward_launch if tile.tma else
-                 row_run_forward_launch if row_run else forward_launch)
-        return build(x_in, weight_rsc, bias, scale, shift, relu, y, partials, geometry,
-                     operand, tile), partials
+        arguments = (x_in, weight_in, bias, scale, shift, relu, y, partials, geometry,
+                     operand, tile)
+        if row_run and not tile.tma:  # the copy applied the prologue
+            return row_run_forward_launch(*arguments, residual=residual), partials
+        build = tma_forward_launch if tile.tma else forward_launch
+        return build(*arguments, prologue=prologue, residual=residual), partials
 
     def candidates(generation: Generation) -> tuple[TileConfig, ...]:
-        tma = tma_candidates(static, x.shape[1], K_out, Q, m_tiles, stats, operand)
+        tma = tma_candidates(static, x.shape[1], K_out, Q, m_tiles, stats, operand,
+                             residual is not None)
         if static.tma:
             return (static, *tma)
         pointer = forward_candidates(static, K_out, N * P * Q, stats, generation)
@@ -434,14 +453,17 @@ def conv2d_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: 
         return pointer
 
     algo = conv_algo()
-    static = _forward_tile(x, weight, geometry, operand, algo, stats)
+    static = _forward_tile(x, weight, geometry, operand, algo, stats, residual is not None)
     epilogue = "".join(flag for flag, on in (("+bias", bias is not None), ("+stats", stats),
-                                              ("+scale", scale is not None), ("+relu", relu))
+                                              ("+scale", scale is not None),
+                                              ("+residual", residual is not None),
+                                              ("+relu", relu))
                        if on)
     shape = {"C": x.shape[1], "K": K_out, "RS": f"{weight.shape[2]}x{weight.shape[3]}",
              "stride": geometry.stride, "pixels": triton.next_power_of_2(N * P * Q),
              "operand": operand.value, "epilogue": epilogue,
-             **({} if algo == "auto" else {"algo": algo})}  # auto keeps the keys it had
+             **({} if algo == "auto" else {"algo": algo}),  # auto keeps the keys it had
+             **prologue_key(prologue)}
     tile = tuned_tile("conv2d_forward", shape, x, static, candidates,
                       lambda tile: [launch(tile)[0]], (y,))
     main, partials = launch(tile)
@@ -449,18 +471,27 @@ def conv2d_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: 
     return y, partials
 
 
-def run_copy_launch(t: Tensor, geometry: ConvGeometry) -> tuple[Launch, Tensor]:
-    """The launch writing the padded copy a first layer reads of ``t`` [N, C, H, W] (x, or
-    the weight with a padding-free ``geometry``; ``conv2d.run_copy_shape``), and the copy."""
+def prologue_key(prologue: Optional[InputNormalization]) -> dict[str, str]:
+    """The autotune key's "prologue" entry: none without one (the keys stay as they were)."""
+    if prologue is None:
+        return {}
+    return {"prologue": "relu" if prologue.relu else "affine"}
+
+
+def run_copy_launch(t: Tensor, geometry: ConvGeometry,
+                    prologue: Optional[InputNormalization] = None) -> tuple[Launch, Tensor]:
+    """The launch writing the padded copy a first layer reads of x [N, C, H, W] (``t``,
+    through ``prologue`` where given; ``conv2d.run_copy_shape``), and the copy."""
     copy = empty(run_copy_shape(t.shape, geometry, t.dtype), t.dtype, t.device)
     tile = interpreter_tile(copy.shape[0] * copy.shape[1] * copy.shape[2]) if INTERPRETER \
         else RUN_COPY
-    return padded_copy_launch(t, copy, geometry.padding, tile), copy
+    return padded_copy_launch(t, copy, geometry.padding, tile, prologue), copy
 
 
-def run_copy(t: Tensor, geometry: ConvGeometry) -> Tensor:
+def run_copy(t: Tensor, geometry: ConvGeometry,
+             prologue: Optional[InputNormalization] = None) -> Tensor:
     """``run_copy_launch``'s copy, written."""
-    launch, copy = run_copy_launch(t, geometry)
+    launch, copy = run_copy_launch(t, geometry, prologue)
     launch()
     return copy
 
@@ -507,10 +538,12 @@ def conv2d_input_grad(dy: Tensor, weight: Tensor, input_shape: torch.Size,
 
 
 def wgrad_plan(x: Tensor, dy: Tensor, weight_shape: torch.Size, need_bias_grad: bool,
-               geometry: ConvGeometry, operand: Operand, interpreter: bool = INTERPRETER
+               geometry: ConvGeometry, operand: Operand, interpreter: bool = INTERPRETER,
+               prologue: Optional[InputNormalization] = None
                ) -> tuple[list[Launch], Tensor, Optional[Tensor]]:
     """The launches of one weight gradient and the dW, db they fill (dW and db are
-    allocated here; so is the fp32 partial buffer when the reduction is split)."""
+    allocated here; so is the fp32 partial buffer when the reduction is split); x is read
+    through ``prologue`` where given."""
     K_out, C, R, S = weight_shape
     N, _, P, Q = dy.shape
     tma = tma_wgrad_supported(x, dy, geometry, operand)
@@ -530,20 +563,24 @@ def wgrad_plan(x: Tensor, dy: Tensor, weight_shape: torch.Size, need_bias_grad: 
               else wgrad_tile(C, K_out, operand, R * S, N * P * Q, interpreter))
     shape = {"C": C, "K": K_out, "RS": f"{R}x{S}", "stride": geometry.stride,
              "pixels": triton.next_power_of_2(N * P * Q), "operand": operand.value,
-             **({} if algo == "auto" else {"algo": algo})}  # auto keeps the keys it had
+             **({} if algo == "auto" else {"algo": algo}),  # auto keeps the keys it had
+             **prologue_key(prologue)}
     tile = tuned_tile("conv2d_wgrad", shape, x, static, candidates,
                       lambda tile: wgrad_launches(x, dy, weight_shape, need_bias_grad,
-                                                   geometry, operand, tile, interpreter)[0], ())
+                                                   geometry, operand, tile, interpreter,
+                                                   prologue)[0], ())
     return wgrad_launches(x, dy, weight_shape, need_bias_grad, geometry, operand, tile,
-                           interpreter)
+                           interpreter, prologue)
 
 
 def wgrad_launches(x: Tensor, dy: Tensor, weight_shape: torch.Size, need_bias_grad: bool,
                     geometry: ConvGeometry, operand: Operand, tile: TileConfig,
-                    interpreter: bool) -> tuple[list[Launch], Tensor, Optional[Tensor]]:
+                    interpreter: bool, prologue: Optional[InputNormalization] = None
+                    ) -> tuple[list[Launch], Tensor, Optional[Tensor]]:
     """``wgrad_plan`` on a given tile (its split-K policy, dW, db and partials allocated).
     A TMA tile splits the N*P output rows, each row ceil(Q / BLOCK_K) steps: the policy
-    counts its steps as pixels."""
+    counts its steps as pixels. x is read through ``prologue`` where given (a pointer tile
+    then at most ``PROLOGUE_WGRAD_STAGES`` deep; a first layer's copy applies it)."""
     K_out, C, R, S = weight_shape
     N, _, P, Q = dy.shape
     row_run = C < SMALL_C and not tile.tma  # a first layer reads a padded copy of x
@@ -555,15 +592,20 @@ def wgrad_launches(x: Tensor, dy: Tensor, weight_shape: torch.Size, need_bias_gr
         wanted = wgrad_splits(tiles, steps_pixels, tile.block_k, sm_count(x.device),
                               interpreter)
         splits, per_split = split_reduction(N * P, wanted, 1)
-        build = tma_wgrad_launch
+        build = functools.partial(tma_wgrad_launch, prologue=prologue)
     else:
         splits, per_split = split_reduction(
             N * P * Q,
             wgrad_splits(tiles, N * P * Q, tile.block_k, sm_count(x.device), interpreter),
             tile.block_k)
-        build = row_run_wgrad_launch if row_run else wgrad_launch
+        build = (row_run_wgrad_launch if row_run  # the copy applies the prologue
+                 else functools.partial(wgrad_launch, prologue=prologue))
+        if prologue is not None and not row_run:
+            # With the transform, 3 or 4 stages take the 16-bit 128x128 tile to 255
+            # registers and spills on sm_80, 2 to 171 (``python -m fastarch compile-report``).
+            tile = replace(tile, num_stages=min(tile.num_stages, PROLOGUE_WGRAD_STAGES))
         if row_run:
-            copy, x_in = run_copy_launch(x, geometry)
+            copy, x_in = run_copy_launch(x, geometry, prologue)
             copies = [copy]
     dw = empty(weight_shape, x.dtype, x.device)
     db = empty((K_out,), x.dtype, x.device) if need_bias_grad else None
@@ -588,10 +630,13 @@ def wgrad_launches(x: Tensor, dy: Tensor, weight_shape: torch.Size, need_bias_gr
 
 def conv2d_weight_grad(x: Tensor, dy: Tensor, weight_shape: torch.Size,
                        geometry: ConvGeometry, need_bias_grad: bool,
-                       operand: Operand) -> tuple[Tensor, Optional[Tensor]]:
+                       operand: Operand, prologue: Optional[InputNormalization] = None
+                       ) -> tuple[Tensor, Optional[Tensor]]:
     """dW (``weight_shape``, contiguous) and, if asked, db of a conv2d, both in x's dtype,
-    accumulated in fp32."""
-    launches, dw, db = wgrad_plan(x, dy, weight_shape, need_bias_grad, geometry, operand)
+    accumulated in fp32; with ``prologue``, of the conv reading x through it (as
+    ``conv2d_forward``)."""
+    launches, dw, db = wgrad_plan(x, dy, weight_shape, need_bias_grad, geometry, operand,
+                                  prologue=prologue)
     for launch in launches:
         launch()
     return dw, db
@@ -603,17 +648,19 @@ def conv2d_weight_grad(x: Tensor, dy: Tensor, weight_shape: torch.Size,
 def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
            shift: Optional[Tensor], stride: list[int], padding: list[int],
            dilation: list[int], padding_end: list[int], relu: bool,
-           stats: bool) -> tuple[Tensor, Tensor]:
+           stats: bool, residual: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """conv2d (groups=1) of a 4-D x with the fused epilogue: y = relu?((conv + bias) * scale +
-    shift); with ``stats`` also the Welford partials of conv + bias ([3, tiles, K_out] fp32,
-    not differentiable)."""
+    shift + residual); with ``stats`` also the Welford partials of conv + bias
+    ([3, tiles, K_out] fp32, not differentiable). ``residual``: y's shape and dtype."""
     geometry = conv_geometry(weight.shape, stride, padding, dilation, padding_end)
-    y, partials = conv2d_forward(x, weight, bias, geometry, scale, shift, relu, stats)
+    y, partials = conv2d_forward(x, weight, bias, geometry, scale, shift, relu, stats,
+                                 residual=residual)
     return y, or_absent(partials, x)
 
 
 @conv2d.register_fake
-def _(x, weight, bias, scale, shift, stride, padding, dilation, padding_end, relu, stats):
+def _(x, weight, bias, scale, shift, stride, padding, dilation, padding_end, relu, stats,
+      residual):
     geometry = conv_geometry(weight.shape, stride, padding, dilation, padding_end)
     shape = (x.shape[0], weight.shape[0], *geometry.output_size(*x.shape[2:]))
     y = fake_empty(shape, x.dtype, x, memory_format_of(x))
@@ -624,11 +671,12 @@ def _(x, weight, bias, scale, shift, stride, padding, dilation, padding_end, rel
 
 
 def _conv2d_setup(ctx, inputs, output) -> None:
-    x, weight, _, scale, _, *window, relu, _ = inputs
+    x, weight, _, scale, _, *window, relu, _, _ = inputs
     ctx.window = window
     ctx.input_shape, ctx.channels_last = list(x.shape), is_channels_last(x)
     ctx.weight_shape = list(weight.shape)
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero gradient written for the partials
     need_dx, need_dw = ctx.needs_input_grad[:2]
     ctx.save_for_backward(x if need_dw else None, weight if need_dx else None, scale,
                           output[0] if relu else None)
@@ -638,10 +686,17 @@ def _conv2d_setup(ctx, inputs, output) -> None:
 def _conv2d_grads(ctx, dy: Tensor, unused_partials_grad):
     x, weight, scale, y = ctx.saved_tensors
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-    dx, dw, db = conv2d_backward(dy, x, weight, scale, y, ctx.input_shape, ctx.channels_last,
-                                 ctx.weight_shape, *ctx.window, need_dx, need_dw, need_db)
+    need_residual = ctx.needs_input_grad[11]
+    if need_residual and y is not None:
+        # The residual's gradient is dy through the ReLU (not the scale): mask it once, here.
+        dy, y = dy.masked_fill(y <= 0, 0), None
+    dx = dw = db = None
+    if need_dx or need_dw or need_db:
+        dx, dw, db = conv2d_backward(dy, x, weight, scale, y, ctx.input_shape,
+                                     ctx.channels_last, ctx.weight_shape, *ctx.window, need_dx,
+                                     need_dw, need_db)
     return (dx if need_dx else None, dw if need_dw else None, db if need_db else None,
-            *no_grads(8))
+            *no_grads(8), dy if need_residual else None)
 
 
 conv2d.register_autograd(_conv2d_grads, setup_context=_conv2d_setup)
@@ -654,14 +709,28 @@ def conv2d_backward(dy: Tensor, x: Optional[Tensor], weight: Optional[Tensor],
                     padding: list[int], dilation: list[int], padding_end: list[int],
                     input_grad: bool, weight_grad: bool,
                     bias_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias) of ``conv2d``, each a placeholder unless asked for; dy goes back
-    through the ReLU (``y``, the output, given when it ran) and the constant ``scale``. dx
-    needs ``weight``, dweight needs ``x``."""
+    """(dx, dweight, dbias) of ``conv2d``, each a placeholder unless asked for
+    (``conv_grads``)."""
+    grads = conv_grads(dy, x, weight, scale, y, input_shape, channels_last, weight_shape,
+                       (stride, padding, dilation, padding_end), input_grad, weight_grad,
+                       bias_grad)
+    return tuple(or_absent(grad, dy) for grad in grads)
+
+
+def conv_grads(dy: Tensor, x: Optional[Tensor], weight: Optional[Tensor],
+               scale: Optional[Tensor], y: Optional[Tensor], input_shape: list[int],
+               channels_last: bool, weight_shape: list[int], window: ConvWindow,
+               input_grad: bool, weight_grad: bool, bias_grad: bool,
+               prologue: Optional[InputNormalization] = None
+               ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """(dx, dweight, dbias) of a conv2d forward, None unless asked for; dy goes back through
+    the ReLU (``y``, the output, given when it ran) and the constant ``scale``. dx needs
+    ``weight``, dweight needs ``x`` (read through the forward's input ``prologue``)."""
     if y is not None:
         dy = dy.masked_fill(y <= 0, 0)  # ReLU: torch's threshold_backward (NaN passes)
     if scale is not None:
         dy = (dy.float() * scale.view(1, -1, 1, 1)).to(dy.dtype)
-    geometry = conv_geometry(weight_shape, stride, padding, dilation, padding_end)
+    geometry = conv_geometry(weight_shape, *window)
     operand = backend.conv_operand(dy.dtype)
     dx = dw = db = None
     if input_grad:
@@ -669,10 +738,10 @@ def conv2d_backward(dy: Tensor, x: Optional[Tensor], weight: Optional[Tensor],
                                memory_format_for(channels_last), geometry, operand)
     if weight_grad:
         dw, db = conv2d_weight_grad(x, dy, torch.Size(weight_shape), geometry, bias_grad,
-                                    operand)
+                                    operand, prologue=prologue)
     elif bias_grad:
         db = dy.sum((0, 2, 3), dtype=torch.float32).to(dy.dtype)
-    return or_absent(dx, dy), or_absent(dw, dy), or_absent(db, dy)
+    return dx, dw, db
 
 
 @conv2d_backward.register_fake
@@ -689,22 +758,37 @@ conv2d_backward.register_autograd(no_double_backward("conv2d"))
 
 # ----------------------------------------------------------------------------- functional
 
+def check_residual(x: Tensor, weight: Tensor, geometry: ConvGeometry,
+                   residual: Optional[Tensor]) -> None:
+    """Raise ValueError unless ``residual`` is None or a tensor of the conv's output shape,
+    x's dtype, on x's device."""
+    if residual is None:
+        return
+    shape = [*x.shape[:-3], weight.shape[0], *geometry.output_size(*x.shape[-2:])]
+    if list(residual.shape) != shape or residual.dtype != x.dtype or \
+            residual.device != x.device:
+        raise ValueError(f"conv2d_fused: expected a residual of its output's shape {shape}, "
+                         f"dtype {x.dtype} and device {x.device}, but got "
+                         f"{list(residual.shape)}, {residual.dtype} on {residual.device}")
+
+
 def conv2d_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: ConvGeometry,
                  scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
-                 relu: bool = False, stats: bool = False
+                 relu: bool = False, stats: bool = False, residual: Optional[Tensor] = None
                  ) -> tuple[Tensor, Optional[WelfordPartials]]:
     """The ``fastarch::conv2d`` operator on a 4-D x (checked arguments), with the statistics
     as ``WelfordPartials`` (None without ``stats``)."""
     y, partials = conv2d(x, weight, bias, scale, shift, *conv_window(geometry), bool(relu),
-                         bool(stats))
+                         bool(stats), residual)
     return y, WelfordPartials(*partials.unbind(0)) if stats else None
 
 
 def conv2d_fused_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor],
                        stride: arguments.IntOrPair, padding: arguments.ConvPadding,
                        dilation: arguments.IntOrPair, scale: Optional[Tensor],
-                       shift: Optional[Tensor], relu: bool,
-                       stats: bool) -> tuple[Tensor, Optional[WelfordPartials]]:
+                       shift: Optional[Tensor], relu: bool, stats: bool,
+                       residual: Optional[Tensor] = None
+                       ) -> tuple[Tensor, Optional[WelfordPartials]]:
     """The fallback of ``functional.conv2d_fused``: torch's conv2d, then the epilogue as
     torch ops; the partials are one tile holding the whole output."""
     y = F.conv2d(arguments.batched(x), weight, bias, stride, padding, dilation)
@@ -717,6 +801,8 @@ def conv2d_fused_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor],
     if scale is not None:
         channel = (1, -1, 1, 1)
         y = (y * scale.view(channel) + shift.view(channel)).to(y.dtype)
+    if residual is not None:
+        y = y + arguments.batched(residual)
     if relu:
         y = torch.relu(y)
     return arguments.unbatched_like(x, y), partials

@@ -63,6 +63,7 @@ def _max_pool2d_setup(ctx, inputs, output) -> None:
     ctx.window = window
     ctx.input_shape, ctx.channels_last = list(x.shape), is_channels_last(x)
     ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # no zero gradients written for the offsets, indices
     ctx.save_for_backward(output[1])
 
 

@@ -1,0 +1,201 @@
+"""Training across conv runs (issue 15): a conv -> BatchNorm -> ReLU run directly followed by
+another conv run hands it its conv output and batch statistics, and the next conv applies the
+BatchNorm and ReLU to its input tiles as it loads them (``fastarch::batch_norm_conv2d``): the
+normalised tensor is never written, forward or backward. Checked against torch.nn in float64
+over training steps (outputs, every gradient, running statistics), bitwise across runs, by
+the kernels a forward launches, and under torch.compile."""
+import copy
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import pytest
+import torch
+from torch import nn
+
+from fastarch import fusion
+from fastarch.testing import assert_close, cudnn_tf32, random_input
+from variants import alternating
+
+LEARNING_RATE = 0.005
+
+
+def conv_bn_relu(c_in: int, c_out: int, kernel: int = 3, stride: int = 1, padding: int = 1,
+                 bias: bool = True) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=bias), nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True)]
+
+
+class Case(NamedTuple):
+    modules: Callable[[], list[nn.Module]]
+    output_shape: tuple[int, ...]  # of a (2, 3, 8, 8) input
+
+
+# Each case hands every normalisation on to the next conv run or pool. An 8-channel input is a
+# first-layer conv (C < 16: its padded copy applies the prologue); 16 channels take the
+# channel loop (its tiles apply it).
+CASES = {
+    # -> BN -> ReLU -> max pool after the consumer; both convs with a bias
+    "bias-copy-pool": Case(lambda: [*conv_bn_relu(3, 8), *conv_bn_relu(8, 16),
+                                    nn.MaxPool2d(2)], (2, 16, 4, 4)),
+    # no conv bias, the consumer strided
+    "nobias-stride2": Case(lambda: [*conv_bn_relu(3, 16, bias=False),
+                                    *conv_bn_relu(16, 16, stride=2, bias=False),
+                                    nn.MaxPool2d(2)], (2, 16, 2, 2)),
+    # three runs in a chain (two hand-offs), unpadded and 1x1 consumers, an avg pool last
+    "chain-unpadded": Case(lambda: [*conv_bn_relu(3, 16, padding=0),
+                                    *conv_bn_relu(16, 16, padding=0, bias=False),
+                                    *conv_bn_relu(16, 8, kernel=1, padding=0),
+                                    nn.AvgPool2d(2)], (2, 8, 2, 2)),
+    # the consumer is a conv -> ReLU run (bias + ReLU epilogue), dilated, the sequence's end
+    "into-conv-relu": Case(lambda: [*conv_bn_relu(3, 16),
+                                    nn.Conv2d(16, 8, 3, padding=2, dilation=2), nn.ReLU()],
+                           (2, 8, 8, 8)),
+}
+
+DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16,
+          "fp16": torch.float16}
+
+
+def _models(case: str, dtype: torch.dtype, device: str) -> tuple[nn.Sequential, nn.Sequential]:
+    """(fused in ``dtype``, the torch.nn reference in float64), with the same parameters. The
+    reference rounds each conv output to ``dtype``, as the fused model stores it: else a
+    16-bit rounding near 0 flips a ReLU's mask, which no tolerance covers."""
+    model = nn.Sequential(*CASES[case].modules()).to(device=device, dtype=dtype)
+    with torch.no_grad():  # BatchNorm away from its identity initialisation
+        for module in model:
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+    reference = copy.deepcopy(model).double()
+    for module in reference:
+        if isinstance(module, nn.Conv2d):
+            module.register_forward_hook(lambda _, inputs, y: y.to(dtype).double())
+    return fusion.fuse(model), reference
+
+
+def _step(model: nn.Module, x: torch.Tensor, dy: torch.Tensor):
+    """One forward and backward: (output, input grad, parameter grads), then an SGD step."""
+    x = x.detach().requires_grad_(True)
+    y = model(x)
+    y.backward(dy)
+    grads = [p.grad.clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sub_(LEARNING_RATE * p.grad)
+    model.zero_grad(set_to_none=True)
+    return y.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("case, layout, dtype_name",
+                         alternating(CASES, ["nchw", "nhwc"], list(DTYPES)))
+def test_conv_batch_norm_relu_into_conv_trains_as_torch(case, layout, dtype_name, device,
+                                                        kernels_run):
+    dtype = DTYPES[dtype_name]
+    fused, reference = _models(case, dtype, device)
+    x = random_input((2, 3, 8, 8), dtype, device, channels_last=layout == "nhwc")
+    tolerance_dtype = dtype_name if dtype_name == "tf32" else dtype
+    with cudnn_tf32(dtype_name == "tf32"):
+        for step in range(2):
+            dy = random_input(CASES[case].output_shape, dtype, device)
+            y, dx, grads = _step(fused, x, dy)
+            y_ref, dx_ref, grads_ref = _step(reference, x.double(), dy.double())
+            assert_close(y, y_ref, tolerance_dtype, 144, name=f"step {step} output")
+            _assert_grad_close(dx, dx_ref, tolerance_dtype, f"step {step} grad input")
+            names = [name for name, _ in fused.named_parameters()]
+            for name, g, g_ref in zip(names, grads, grads_ref, strict=True):
+                _assert_grad_close(g, g_ref, tolerance_dtype, f"step {step} {name}.grad")
+            _same_parameters(reference, fused)
+    assert "batch_norm_apply_kernel" not in kernels_run  # no normalised tensor written
+    for (name, a), (_, b) in zip(fused.state_dict().items(), reference.state_dict().items()):
+        if a.dtype.is_floating_point:
+            assert_close(a, b, tolerance_dtype, 288, name=name)
+        else:
+            assert torch.equal(a, b), name  # num_batches_tracked counted once a step
+
+
+def _assert_grad_close(grad: torch.Tensor, reference: torch.Tensor, dtype, name: str) -> None:
+    """A gradient against float64, in units of the reference's largest element for 16-bit
+    dtypes (a power of two: exact): their ReLU masks can differ from float64's where the
+    normalised value rounds near 0 (the statistics come from the fp32 accumulator, the
+    reference's from the rounded output), and such an element's gradient is the size of
+    any other's, not of a rounding error."""
+    unit = 1.0
+    if grad.dtype != torch.float32:
+        unit = 2.0 ** math.ceil(math.log2(max(reference.abs().max().item(), 1.0)))
+    assert_close(grad / unit, reference / unit, dtype, 288, name=name)
+
+
+def _same_parameters(reference: nn.Module, fused: nn.Module) -> None:
+    """The reference takes the fused model's parameters: each step compares one step's
+    kernels from the same start (a 16-bit SGD update rounds away from float64's)."""
+    with torch.no_grad():
+        for p_ref, p in zip(reference.parameters(), fused.parameters(), strict=True):
+            p_ref.copy_(p)
+
+
+def test_training_steps_are_bitwise_reproducible(device):
+    first, _ = _models("chain-unpadded", torch.bfloat16, device)
+    second = copy.deepcopy(first)
+    x = random_input((2, 3, 8, 8), torch.bfloat16, device, channels_last=True)
+    dy = random_input((2, 8, 2, 2), torch.bfloat16, device)
+    outcomes = [_step(model, x, dy) for model in (first, second)]
+    for a, b in zip(*(torch.utils._pytree.tree_leaves(o) for o in outcomes), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def vgg_like(end_with_pool: bool) -> nn.Sequential:
+    """VGG-BN's blocks, shrunk: two conv runs, a max pool, two more runs (then a pool)."""
+    return nn.Sequential(*conv_bn_relu(3, 8), *conv_bn_relu(8, 16), nn.MaxPool2d(2),
+                         *conv_bn_relu(16, 16), *conv_bn_relu(16, 16),
+                         *([nn.MaxPool2d(2)] if end_with_pool else []))
+
+
+# Ending in a pool, every normalised tensor is read by the next conv or pool as it loads it;
+# ending in a conv run (nothing follows to take it), the last one is written.
+@pytest.mark.parametrize("end_with_pool, written", [(True, 0), (False, 1)],
+                         ids=["pool-last", "conv-run-last"])
+def test_training_forward_writes_no_normalised_tensor(end_with_pool, written, device,
+                                                      kernels_run):
+    model = fusion.fuse(vgg_like(end_with_pool).to(device))
+    x = random_input((2, 3, 8, 8), torch.float32, device, channels_last=True)
+    model(x)
+    assert kernels_run.count("batch_norm_apply_kernel") == written
+    assert kernels_run.count("relu_forward_kernel") == 0
+    assert kernels_run.count("conv2d_forward_kernel") == 4
+    assert kernels_run.count("batch_norm_finalize_kernel") == 4
+
+
+def test_eval_keeps_the_folded_single_kernel(device, kernels_run):
+    model = fusion.fuse(vgg_like(end_with_pool=True).to(device)).eval()
+    with torch.no_grad():
+        model(random_input((2, 3, 8, 8), torch.float32, device))
+    assert kernels_run.count("conv2d_forward_kernel") == 4
+    assert not {"batch_norm_apply_kernel", "batch_norm_finalize_kernel",
+                "relu_forward_kernel"} & set(kernels_run)
+
+
+def test_compiles_to_one_graph_equal_to_eager(device):
+    torch._dynamo.reset()
+    graphs = []
+
+    def recording_backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+    eager, _ = _models("bias-copy-pool", torch.float32, device)
+    twin = copy.deepcopy(eager)
+    compiled = torch.compile(twin, backend=recording_backend, fullgraph=True)
+    x = random_input((2, 3, 8, 8), torch.float32, device)
+    dy = random_input((2, 16, 4, 4), torch.float32, device)
+    try:
+        ours, theirs = _step(compiled, x, dy), _step(eager, x, dy)
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1
+    ops = {str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"}
+    assert "fastarch.batch_norm_conv2d.default" in ops
+    for a, b in zip(torch.utils._pytree.tree_leaves(ours), torch.utils._pytree.tree_leaves(theirs),
+                    strict=True):
+        assert torch.equal(a, b)
