@@ -72,6 +72,7 @@ QUICK = (
     ("lenet5", "eval"),
     ("lenet5", "train_step"),
     ("vgg16_bn", "train_step"),
+    ("resnet50", "eval"),
     ("vgg16_bn.conv7_block", "eval"),     # conv3_3 + bn + relu + pool, fused vs eager
     ("vgg16_bn.conv7_block", "fwd_bwd"),
     ("vgg16_bn.conv6", "eval"),           # conv3_2 = conv3_3 alone vs cuDNN

@@ -245,29 +245,38 @@ def test_auto_and_pointer_keep_the_pointer_kernel_here(value, monkeypatch, devic
     assert not static.tma
 
 
-def test_auto_tunes_tma_beside_pointer_tiles_on_hopper(monkeypatch, tmp_path, device):
-    """``auto`` with tuning on a Hopper (the CPU stands in for one; the interpreter runs the
-    GPU tiles): the TMA tiles are timed right after the static one, and a TMA winner runs."""
+@pytest.fixture
+def tuning_on_a_hopper(monkeypatch, tmp_path, device):
+    """``auto`` with tuning on, the CPU standing in for a Hopper GPU (the interpreter runs the
+    GPU tiles), timed by a clock that makes the static tile take 2 ms, the first candidate 1
+    ms and every other 3: yields the one cache entry the test's call writes."""
     if device != "cpu":
         pytest.skip("the CPU stands in for a Hopper GPU")
     monkeypatch.setenv("FASTARCH_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("FASTARCH_AUTOTUNE", "on")
     monkeypatch.delenv("FASTARCH_CONV_ALGO", raising=False)
     monkeypatch.setattr(autotune, "runs_kernels", lambda device: True)
-    times = iter([2.0, 1.0] + [3.0] * 10)  # the static tile, then the first TMA tile wins
+    times = iter([2.0, 1.0] + [3.0] * 10)
 
     def clock(run):
         run()
         return next(times)
     monkeypatch.setattr(autotune, "TIMER", clock)
     autotune.forget_loaded_caches()
-    try:
-        # 64 channels on 65-pixel rows: one TMA candidate, tma_m128_n64.
-        x, weight, bias = _operands((1, 16, 1, 65), 64, (1, 1), torch.bfloat16, device)
-        y = fastarch.functional.conv2d(x, weight, bias)
-        (entry,) = json.loads(next(tmp_path.glob("autotune-*.json")).read_text()).values()
-    finally:
-        autotune.forget_loaded_caches()
+
+    def entry() -> dict:
+        (written,) = json.loads(next(tmp_path.glob("autotune-*.json")).read_text()).values()
+        return written
+    yield entry
+    autotune.forget_loaded_caches()
+
+
+def test_auto_tunes_tma_beside_pointer_tiles_on_hopper(tuning_on_a_hopper, device):
+    """The TMA tiles are timed right after the static one, and a TMA winner runs."""
+    # 64 channels on 65-pixel rows: one TMA candidate, tma_m128_n64.
+    x, weight, bias = _operands((1, 16, 1, 65), 64, (1, 1), torch.bfloat16, device)
+    y = fastarch.functional.conv2d(x, weight, bias)
+    entry = tuning_on_a_hopper()
     assert entry["config"] == "tma_m128_n64_k16" and entry["tile"]["tma"]
     assert sum(not name.startswith("tma_") for name in entry["times_ms"]) > 1  # pointer
     assert_close(y, _reference(x, weight, bias, {}), torch.bfloat16, 16)
@@ -364,32 +373,16 @@ def test_dgrad_of_an_nchw_dy_keeps_the_pointer_kernel(tma_dgrad_launches, device
     assert_close(x.grad, x_ref.grad, torch.bfloat16, 16 * 9, name="dx")
 
 
-def test_auto_tunes_tma_dgrad_beside_pointer_tiles_on_hopper(monkeypatch, tmp_path, device):
-    """``auto`` with tuning on a Hopper (the CPU stands in for one): the TMA dgrad tiles are
-    timed right after the static pointer tile, and a TMA winner runs, phase by phase."""
-    if device != "cpu":
-        pytest.skip("the CPU stands in for a Hopper GPU")
-    monkeypatch.setenv("FASTARCH_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("FASTARCH_AUTOTUNE", "on")
-    monkeypatch.delenv("FASTARCH_CONV_ALGO", raising=False)
-    monkeypatch.setattr(autotune, "runs_kernels", lambda device: True)
-    times = iter([2.0, 1.0] + [3.0] * 10)  # the static tile, then the first TMA tile wins
-
-    def clock(run):
-        run()
-        return next(times)
-    monkeypatch.setattr(autotune, "TIMER", clock)
-    autotune.forget_loaded_caches()
-    try:
-        # 64 input channels, stride-2 phases 65 pixels wide: one TMA candidate, tma_m128_n64.
-        geometry = ConvGeometry((1, 1), stride=(2, 2))
-        weight = random_input((16, 64, 1, 1), torch.bfloat16, device)
-        dy = random_input((1, 16, 1, 65), torch.bfloat16, device, channels_last=True)
-        dx = conv_ops.conv2d_input_grad(dy, weight, torch.Size((1, 64, 2, 130)),
-                                        torch.channels_last, geometry, Operand.SIXTEEN_BIT)
-        (entry,) = json.loads(next(tmp_path.glob("autotune-*.json")).read_text()).values()
-    finally:
-        autotune.forget_loaded_caches()
+def test_auto_tunes_tma_dgrad_beside_pointer_tiles_on_hopper(tuning_on_a_hopper, device):
+    """The TMA dgrad tiles are timed right after the static pointer tile, and a TMA winner
+    runs, phase by phase."""
+    # 64 input channels, stride-2 phases 65 pixels wide: one TMA candidate, tma_m128_n64.
+    geometry = ConvGeometry((1, 1), stride=(2, 2))
+    weight = random_input((16, 64, 1, 1), torch.bfloat16, device)
+    dy = random_input((1, 16, 1, 65), torch.bfloat16, device, channels_last=True)
+    dx = conv_ops.conv2d_input_grad(dy, weight, torch.Size((1, 64, 2, 130)),
+                                    torch.channels_last, geometry, Operand.SIXTEEN_BIT)
+    entry = tuning_on_a_hopper()
     assert entry["config"] == "tma_m128_n64_k16" and entry["tile"]["tma"]
     assert sum(not name.startswith("tma_") for name in entry["times_ms"]) > 1  # pointer
     dx_ref = F.conv_transpose2d(dy.double(), weight.double(), stride=2, output_padding=(1, 1))

@@ -25,7 +25,8 @@ from fastarch.kernels.welford import WelfordPartials
 from fastarch.ops.batch_norm import batch_norm_grads, batch_norm_setup, statistics
 from fastarch.ops.common import (absent, conv_geometry, conv_window, fake_empty,
                                  is_channels_last, no_double_backward, no_grads, or_absent)
-from fastarch.ops.conv2d import conv2d_forward, conv2d_fused_torch, conv_grads, stats_tiles
+from fastarch.ops.conv2d import (conv2d_forward, conv2d_fused_torch, conv_grads,
+                                 fake_conv2d_outputs)
 
 
 def input_normalization(mean: Tensor, scale: Tensor, shift: Tensor,
@@ -58,13 +59,7 @@ def batch_norm_conv2d(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[
 @batch_norm_conv2d.register_fake
 def _(x, bn_weight, bn_bias, mean, invstd, bn_scale, bn_shift, training, bn_relu, weight, bias,
       scale, shift, stride, padding, dilation, padding_end, relu, stats):
-    geometry = conv_geometry(weight.shape, stride, padding, dilation, padding_end)
-    shape = (x.shape[0], weight.shape[0], *geometry.output_size(*x.shape[2:]))
-    y = fake_empty(shape, x.dtype, x, memory_format_of(x))
-    if not stats:
-        return y, absent(x)
-    return y, fake_empty((3, stats_tiles(x, weight, geometry), weight.shape[0]), torch.float32,
-                         x)
+    return fake_conv2d_outputs(x, weight, [stride, padding, dilation, padding_end], stats)
 
 
 # The op's conv arguments follow batch_norm's nine (x .. bn_relu): weight, then bias.

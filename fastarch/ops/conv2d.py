@@ -658,16 +658,23 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Te
     return y, or_absent(partials, x)
 
 
-@conv2d.register_fake
-def _(x, weight, bias, scale, shift, stride, padding, dilation, padding_end, relu, stats,
-      residual):
-    geometry = conv_geometry(weight.shape, stride, padding, dilation, padding_end)
+def fake_conv2d_outputs(x: Tensor, weight: Tensor, window: list[list[int]],
+                        stats: bool) -> tuple[Tensor, Tensor]:
+    """The fake (y, partials) of a conv2d operator on x with ``weight`` and ``window``
+    (stride, padding, dilation, padding_end)."""
+    geometry = conv_geometry(weight.shape, *window)
     shape = (x.shape[0], weight.shape[0], *geometry.output_size(*x.shape[2:]))
     y = fake_empty(shape, x.dtype, x, memory_format_of(x))
     if not stats:
         return y, absent(x)
     return y, fake_empty((3, stats_tiles(x, weight, geometry), weight.shape[0]), torch.float32,
                          x)
+
+
+@conv2d.register_fake
+def _(x, weight, bias, scale, shift, stride, padding, dilation, padding_end, relu, stats,
+      residual):
+    return fake_conv2d_outputs(x, weight, [stride, padding, dilation, padding_end], stats)
 
 
 def _conv2d_setup(ctx, inputs, output) -> None:
