@@ -33,6 +33,7 @@ from fastarch.kernels.nhwc import padded_copy_launch
 from fastarch.kernels.runtime import INTERPRETER, empty, memory_format_of, sm_count
 from fastarch.kernels.tensor_cores import Operand
 from fastarch.kernels.welford import WelfordPartials
+from fastarch.ops import relu as relu_ops
 from fastarch.ops.common import (ConvWindow, absent, conv_geometry, conv_window, fake_empty,
                                  is_channels_last, memory_format_for, no_double_backward,
                                  no_grads, or_absent, split_reduction, tuned_tile)
@@ -696,7 +697,7 @@ def _conv2d_grads(ctx, dy: Tensor, unused_partials_grad):
     need_residual = ctx.needs_input_grad[11]
     if need_residual and y is not None:
         # The residual's gradient is dy through the ReLU (not the scale): mask it once, here.
-        dy, y = dy.masked_fill(y <= 0, 0), None
+        dy, y = relu_ops.relu_backward(y, dy), None
     dx = dw = db = None
     if need_dx or need_dw or need_db:
         dx, dw, db = conv2d_backward(dy, x, weight, scale, y, ctx.input_shape,
@@ -734,7 +735,7 @@ def conv_grads(dy: Tensor, x: Optional[Tensor], weight: Optional[Tensor],
     the ReLU (``y``, the output, given when it ran) and the constant ``scale``. dx needs
     ``weight``, dweight needs ``x`` (read through the forward's input ``prologue``)."""
     if y is not None:
-        dy = dy.masked_fill(y <= 0, 0)  # ReLU: torch's threshold_backward (NaN passes)
+        dy = relu_ops.relu_backward(y, dy)  # one pass, NaN passes as in threshold_backward
     if scale is not None:
         dy = (dy.float() * scale.view(1, -1, 1, 1)).to(dy.dtype)
     geometry = conv_geometry(weight_shape, *window)
