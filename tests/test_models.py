@@ -322,8 +322,10 @@ def test_a_fused_training_step_launches_no_relu_dropout_or_statistics_kernel(nam
     """VGG11-BN (an eighth of its channels, dropout 0.5) and LeNet-5 as built: the only
     kernels of a training step are the convs (with the BatchNorm partials and ReLU in their
     epilogue), the finalize, the normalise (+ ReLU + pool) passes, the GEMMs (ReLU and
-    dropout in their epilogue), the pools and their backward passes. Unfused, the same model
-    launches each ReLU, dropout and statistics pass of its own."""
+    dropout in their epilogue), the pools and their backward passes, and for a conv -> ReLU
+    run without BatchNorm (LeNet-5's) one pass masking its output gradient, which its dgrad
+    and wgrad both read. Unfused, the same model launches each ReLU, dropout and statistics
+    pass of its own."""
     case = CASES[name]
     model = case.ours(0.5)
     if not fused:
@@ -332,7 +334,9 @@ def test_a_fused_training_step_launches_no_relu_dropout_or_statistics_kernel(nam
     assert any(kernel.startswith("conv2d") for kernel in launched), launched
     standalone = _standalone(launched)
     if fused:
-        assert not standalone, f"standalone kernels: {standalone}"
+        conv_relu_masks = launched["relu_backward"]
+        assert conv_relu_masks == (2 if name == "lenet5" else 0), launched  # conv1, conv2
+        assert not standalone - {"relu_backward"}, f"standalone kernels: {standalone}"
         return
     expected = {"relu_forward", "relu_backward"}
     if name == "vgg11_bn":
