@@ -158,12 +158,24 @@ def tma_supported(x: torch.Tensor, weight: torch.Tensor, geometry: ConvGeometry,
     weight starting 16-byte aligned in their storage (TMA's global addresses must be; the
     weight matrix is a view of a channels_last weight), on a Hopper or later GPU (or no GPU:
     the interpreter, the compile report's meta tensors)."""
-    on_hopper = x.device.type != "cuda" or torch.cuda.get_device_capability(x.device)[0] >= 9
-    aligned = all(t.storage_offset() * t.element_size() % 16 == 0 for t in (x, weight))
-    return (on_hopper and aligned and operand is not Operand.IEEE and x.dim() == 4
-            and x.shape[1] % TMA_CHANNEL_MULTIPLE == 0
-            and x.is_contiguous(memory_format=torch.channels_last)
+    return (tma_activation(x, operand) and _aligned(weight)
             and geometry.stride == (1, 1))
+
+
+def tma_activation(t: torch.Tensor, operand: Operand) -> bool:
+    """What a TMA kernel needs of the activation it reads through a 4-D NHWC descriptor (x in
+    the forward, dy in the input gradient): tensor-core operands, a dense channels_last 4-D
+    tensor with C a multiple of ``TMA_CHANNEL_MULTIPLE`` starting 16-byte aligned, on a
+    Hopper or later GPU (or no GPU)."""
+    on_hopper = t.device.type != "cuda" or torch.cuda.get_device_capability(t.device)[0] >= 9
+    return (on_hopper and operand is not Operand.IEEE and t.dim() == 4 and _aligned(t)
+            and t.shape[1] % TMA_CHANNEL_MULTIPLE == 0
+            and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """Whether t starts 16-byte aligned in its storage (TMA's global addresses must)."""
+    return t.storage_offset() * t.element_size() % 16 == 0
 
 
 def tma_m_tiles(batch: int, out_height: int, out_width: int, block_m: int) -> int:
@@ -280,19 +292,6 @@ def dgrad_phase_taps(phase: int, padding: int, taps: int, stride: int, dilation:
     return PhaseTaps(first, count, step, dstep, (count - 1) * dstep - base)
 
 
-def tma_dgrad_supported(dy: torch.Tensor, operand: Operand) -> bool:
-    """Whether the TMA input gradient takes this dy (any stride, padding, dilation): the
-    ``tma_supported`` conditions on its input, which is dy here: tensor-core operands, dy
-    dense channels_last with K_out a multiple of ``TMA_CHANNEL_MULTIPLE`` and 16-byte
-    aligned, on a Hopper or later GPU (or no GPU). The weights it reads are its own fresh
-    contiguous copies, and dx is stored through its strides."""
-    on_hopper = dy.device.type != "cuda" or torch.cuda.get_device_capability(dy.device)[0] >= 9
-    return (on_hopper and operand is not Operand.IEEE and dy.dim() == 4
-            and dy.storage_offset() * dy.element_size() % 16 == 0
-            and dy.shape[1] % TMA_CHANNEL_MULTIPLE == 0
-            and dy.is_contiguous(memory_format=torch.channels_last))
-
-
 def tma_dgrad_phase(weight: torch.Tensor, rows: PhaseTaps, cols: PhaseTaps
                     ) -> tuple[torch.Tensor, ConvGeometry]:
     """One stride phase of dx as a stride-1 forward convolution of dy: its weight
@@ -323,8 +322,9 @@ def tma_dgrad_launches(dy: torch.Tensor, weight: torch.Tensor, dx: torch.Tensor,
                        geometry: ConvGeometry, operand: Operand,
                        config: TileConfig) -> list[Launch]:
     """The input gradient dx [N, C, H, W] (any strides) of a convolution with ``geometry``,
-    from a ``tma_dgrad_supported`` dy [N, K_out, P, Q] and the weight [K_out, C, R, S] (any
-    strides), on the TMA forward kernel: one launch per stride phase (ph, pw), a stride-1
+    from dy [N, K_out, P, Q] (``tma_activation``: the only operand read through a
+    descriptor that the caller gives) and the weight [K_out, C, R, S] (any strides, copied
+    per phase), on the TMA forward kernel: one launch per stride phase (ph, pw), a stride-1
     convolution of dy (``tma_dgrad_phase``, ``dgrad_phase_taps``) written to the view
     dx[:, :, ph::SH, pw::SW]; a phase no tap reaches gets zeros (``zero_fill_launch``), a
     phase past the input's end (H < SH) nothing. ``config.block_k`` must divide K_out."""

@@ -162,15 +162,22 @@ def test_tma_stats_feed_batch_norm_training(tma_launches, device):
     assert_close(running_var, var_ref.float(), torch.float32, 144, name="running var")
 
 
+def _same_padded_3x3(shape, k_out, dtype, device):
+    """x, weight and bias of a 3x3 padding-1 conv, and its NaN-filled outputs for a direct
+    TMA launch on 16-pixel tiles: y (channels_last) and the STATS partials."""
+    N, _, H, W = shape
+    x, weight, bias = _operands(shape, k_out, (3, 3), dtype, device)
+    y = torch.full((N, k_out, H, W), float("nan"), dtype=dtype,
+                   device=device).to(memory_format=torch.channels_last)
+    stats = torch.full((3, tma_m_tiles(N, H, W, 16), k_out), float("nan"), device=device)
+    return x, weight, bias, y, stats
+
+
 def test_several_tiles_a_row_with_a_ragged_last(device):
     """Q = 37 in 16-pixel tiles: three M tiles per output row, the last 5 pixels wide, each
     a row of the STATS partials."""
-    N, C, H, W, K = 1, 16, 2, 37, 16
-    x, weight, bias = _operands((N, C, H, W), K, (3, 3), torch.float16, device)
-    y = torch.full((N, K, H, W), float("nan"), dtype=torch.float16,
-                   device=device).to(memory_format=torch.channels_last)
-    tiles = tma_m_tiles(N, H, W, 16)
-    stats = torch.full((3, tiles, K), float("nan"), device=device)
+    x, weight, bias, y, stats = _same_padded_3x3((1, 16, 2, 37), 16, torch.float16, device)
+    tiles = stats.shape[1]
     tile = TileConfig("test", 16, 16, 16, tma=True)
     tma_forward_launch(x, conv_ops.weight_matrix(weight), bias, None, None, False, y, stats,
                        ConvGeometry((3, 3), padding=(1, 1)), Operand.SIXTEEN_BIT, tile)()
@@ -187,12 +194,8 @@ def test_persistent_programs_each_take_several_tiles(monkeypatch, device):
     tile still one row of the STATS partials."""
     monkeypatch.setattr(conv2d_tma, "sm_count", lambda device: 1)
     monkeypatch.setattr(conv2d_tma, "PROGRAMS_PER_SM", 3)
-    N, C, H, W, K = 1, 16, 3, 37, 24
-    x, weight, bias = _operands((N, C, H, W), K, (3, 3), torch.bfloat16, device)
-    y = torch.full((N, K, H, W), float("nan"), dtype=torch.bfloat16,
-                   device=device).to(memory_format=torch.channels_last)
-    tiles = tma_m_tiles(N, H, W, 16)
-    stats = torch.full((3, tiles, K), float("nan"), device=device)
+    x, weight, bias, y, stats = _same_padded_3x3((1, 16, 3, 37), 24, torch.bfloat16, device)
+    tiles = stats.shape[1]
     launch = tma_forward_launch(x, conv_ops.weight_matrix(weight), bias, None, None, False, y,
                                 stats, ConvGeometry((3, 3), padding=(1, 1)),
                                 Operand.SIXTEEN_BIT, TileConfig("test", 16, 16, 16, tma=True))

@@ -23,7 +23,7 @@ from fastarch.autotune import Generation, gemm_candidates
 from fastarch.kernels.conv2d import (SMALL_C, ConvGeometry, InputNormalization,
                                      forward_launch, row_run_forward_launch, run_channels,
                                      run_copy_shape)
-from fastarch.kernels.conv2d_tma import (tma_block_k, tma_dgrad_launches, tma_dgrad_supported,
+from fastarch.kernels.conv2d_tma import (tma_activation, tma_block_k, tma_dgrad_launches,
                                          tma_forward_launch, tma_m_tiles, tma_supported)
 from fastarch.kernels.conv2d_backward import (dgrad_launch, merge_launch, phase_pixels,
                                               row_run_wgrad_launch, wgrad_launch)
@@ -507,7 +507,7 @@ def conv2d_input_grad(dy: Tensor, weight: Tensor, input_shape: torch.Size,
     pixels = phase_pixels(N, H, W, geometry)
     phase_rows, phase_width = (triton.cdiv(size, stride)
                                for size, stride in zip((H, W), geometry.stride))
-    tma = tma_dgrad_supported(dy, operand)
+    tma = tma_activation(dy, operand)
 
     def launches(tile: TileConfig) -> list[Launch]:
         if tile.tma:
