@@ -61,8 +61,8 @@ import triton
 import triton.language as tl
 
 from .launch import UNUSED, Extent, Launch, TileConfig, dense, vector
-from .nhwc import (InputNormalization, input_prologue, prologue_operands, split_pixel,
-                   strided_args, strided_extent)
+from .nhwc import (InputNormalization, batch_norm_grad_epilogue, input_prologue,
+                   prologue_operands, split_pixel, strided_args, strided_extent)
 from .tensor_cores import Operand, dot, upcast_operands
 from .welford import store_statistics, tile_statistics
 
@@ -286,10 +286,18 @@ def forward_epilogue(acc, bias_ptr, scale_ptr, shift_ptr, residual_ptr, y_ptr, s
                      shift_s, res_sn, res_sh, res_sw, res_sc, y_sn, y_sh, y_sw, y_sc,
                      HAS_BIAS: tl.constexpr, STATS: tl.constexpr,
                      HAS_SCALE_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                     RELU: tl.constexpr, BLOCK_M: tl.constexpr):
+                     RELU: tl.constexpr, BLOCK_M: tl.constexpr,
+                     bn_x_ptr=None, bn_mean_ptr=None, bn_scale_ptr=None, bn_shift_ptr=None,
+                     sums_ptr=None, bn_x_sn=0, bn_x_sh=0, bn_x_sw=0, bn_x_sc=0, bn_mean_s=0,
+                     bn_scale_s=0, bn_shift_s=0, sums_row=0,
+                     BN_GRAD: tl.constexpr = False, BN_RELU: tl.constexpr = False):
     """The forward's epilogue (the module docstring's flags) on the [BLOCK_M, BLOCK_N] fp32
     ``acc`` of M tile ``tile_m``, whose rows are output pixels (n, p, q) (int64; scalars
-    broadcast), the valid ones (``m_ok``) the first ``rows_left``."""
+    broadcast), the valid ones (``m_ok``) the first ``rows_left``. BN_GRAD (off by default;
+    a TMA input gradient's, with no other flag: ``nhwc.BatchNormGradEpilogue``): acc is the
+    dgrad's dz, stored as du * scale, x read at the same pixels through the bn_x strides,
+    the tile's sums of du and du * (x - mean) written to row ``sums_row`` of the dense
+    [rows, 2, K_OUT] ``sums_ptr``; BN_RELU masks du where x * scale + shift <= 0."""
     k_out_ok = k_out < K_OUT
     if HAS_BIAS:
         acc += tl.load(bias_ptr + k_out * bias_s, mask=k_out_ok,
@@ -310,6 +318,19 @@ def forward_epilogue(acc, bias_ptr, scale_ptr, shift_ptr, residual_ptr, y_ptr, s
         acc += tl.load(residual_ptr + residual_offsets, mask=tile_ok, other=0.0).to(tl.float32)
     if RELU:
         acc = tl.where(acc < 0.0, 0.0, acc)  # NaN stays NaN, as in torch.relu
+    if BN_GRAD:
+        x_offsets = ((n * bn_x_sn + p * bn_x_sh + q * bn_x_sw)[:, None]
+                     + (k_out * bn_x_sc)[None, :])
+        x = tl.load(bn_x_ptr + x_offsets, mask=tile_ok, other=0.0)
+        mean = tl.load(bn_mean_ptr + k_out * bn_mean_s, mask=k_out_ok, other=0.0)
+        bn_scale = tl.load(bn_scale_ptr + k_out * bn_scale_s, mask=k_out_ok, other=0.0)
+        bn_shift = tl.load(bn_shift_ptr + k_out * bn_shift_s, mask=k_out_ok, other=0.0)
+        acc, du_sum, du_x_sum = batch_norm_grad_epilogue(acc, x, tile_ok, mean[None, :],
+                                                         bn_scale[None, :], bn_shift[None, :],
+                                                         BN_RELU)
+        sums = sums_ptr + sums_row.to(tl.int64) * 2 * K_OUT + k_out
+        tl.store(sums, du_sum, mask=k_out_ok)
+        tl.store(sums + K_OUT, du_x_sum, mask=k_out_ok)
     y_offsets = (n * y_sn + p * y_sh + q * y_sw)[:, None] + (k_out * y_sc)[None, :]
     tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=tile_ok)
 

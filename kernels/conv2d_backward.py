@@ -30,6 +30,14 @@ An input prologue (``conv2d``'s docstring) transforms the x tile as loaded, its 
 outside x set back to 0; a program's columns have fixed channels, so their in_scale and
 in_shift load once. A first layer's padded copy applies it instead (dgrad needs none).
 
+A BatchNorm's backward folds into both GEMMs (``nhwc.GradientPrologue``,
+``nhwc.BatchNormGradEpilogue``). Both can read dy through a gradient prologue: y's tile
+loads beside each dy tile, dy + scale[k] * y + shift[k] goes to the MMA (positions outside
+dy stay 0), and wgrad's db sums it; a wgrad program's k are fixed, so its vectors load once.
+dgrad's epilogue turns its dz tile into du * scale, stored as dx, and writes the channels'
+sums of du and du * (x - mean) to the program's own row of a [rows, 2, C] buffer (row
+phase * M tiles + M tile: ``dgrad_sum_rows``), which the caller sums in order: no atomics.
+
 The pixel reduction is long (N*P*Q, a million and more) while the output is small, so it is
 split across programs: split i reduces its own pixel range into an fp32 partial, and a second
 tiny kernel sums the partials in split order (``reduction.sum_in_order``). With one split the
@@ -42,6 +50,7 @@ bias partials, merged the same way. No extra pass over dy.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -49,10 +58,13 @@ import triton.language as tl
 
 from .conv2d import ConvGeometry, gemm_constexprs, inside, prologue_suffix
 from .launch import UNUSED, Extent, Launch, TileConfig, dense
-from .nhwc import (InputNormalization, input_prologue, prologue_operands, strided_args,
-                   strided_extent)
+from .nhwc import (BatchNormGradEpilogue, GradientPrologue, InputNormalization,
+                   batch_norm_grad_epilogue, gradient_prologue, input_prologue,
+                   prologue_operands, strided_args, strided_extent)
 from .reduction import sum_in_order
 from .tensor_cores import Operand, dot
+
+FP32 = (torch.float32,)  # the dtypes of the fp32-only operands' extents
 
 
 @triton.jit
@@ -103,14 +115,49 @@ def phase_taps(phase, PAD: tl.constexpr, TAPS: tl.constexpr, STRIDE: tl.constexp
 
 
 @triton.jit
+def prologue_gradient_tile(grad, ok, y_ptrs, scale_ptr, shift_ptr, k, k_ok, scale_s,
+                           shift_s):
+    """A dy tile [pixels, out-channels k] (``ok``: its elements inside dy) through
+    ``gradient_prologue`` with y's tile at ``y_ptrs`` and the channels' scale and shift."""
+    y = tl.load(y_ptrs, mask=ok, other=0.0)
+    scale = tl.load(scale_ptr + k * scale_s, mask=k_ok, other=0.0)
+    shift = tl.load(shift_ptr + k * shift_s, mask=k_ok, other=0.0)
+    return gradient_prologue(grad, y, ok, scale[None, :], shift[None, :])
+
+
+@triton.jit
+def batch_norm_grad_rows(dz, x_ptrs, mean_ptr, scale_ptr, shift_ptr, sums_ptr, m_ok, c, c_ok,
+                         C, row, mean_s, scale_s, shift_s, RELU: tl.constexpr):
+    """``batch_norm_grad_epilogue`` of the fp32 dz tile [pixels, channels c] (``m_ok``: its
+    pixels inside dx) with x's tile at ``x_ptrs``: writes the channels' sums of du and of
+    du * (x - mean) into ``row`` of the dense [rows, 2, C] ``sums_ptr`` (zeros without a
+    pixel) and returns du * scale, dx's tile."""
+    ok = m_ok[:, None] & c_ok[None, :]
+    x = tl.load(x_ptrs, mask=ok, other=0.0)
+    mean = tl.load(mean_ptr + c * mean_s, mask=c_ok, other=0.0)
+    scale = tl.load(scale_ptr + c * scale_s, mask=c_ok, other=0.0)
+    shift = tl.load(shift_ptr + c * shift_s, mask=c_ok, other=0.0)
+    dx, du_sum, du_x_sum = batch_norm_grad_epilogue(dz, x, ok, mean[None, :], scale[None, :],
+                                                    shift[None, :], RELU)
+    sums = sums_ptr + row.to(tl.int64) * (2 * C) + c
+    tl.store(sums, du_sum, mask=c_ok)
+    tl.store(sums + C, du_x_sum, mask=c_ok)
+    return dx
+
+
+@triton.jit
 def conv2d_dgrad_kernel(
-    dy_ptr, w_ptr, dx_ptr,
+    dy_ptr, w_ptr, dx_ptr, y_ptr, grad_scale_ptr, grad_shift_ptr,
+    x_ptr, mean_ptr, bn_scale_ptr, bn_shift_ptr, sums_ptr,
     N, H, W, P, Q, C, K_out,
     dy_sn, dy_sh, dy_sw, dy_sc, w_sk, w_sc, w_sr, w_ss, dx_sn, dx_sh, dx_sw, dx_sc,
+    y_sn, y_sh, y_sw, y_sc, grad_scale_s, grad_shift_s,
+    x_sn, x_sh, x_sw, x_sc, mean_s, bn_scale_s, bn_shift_s,
     R: tl.constexpr, S: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     STEP_R: tl.constexpr, STEP_S: tl.constexpr, DSTEP_R: tl.constexpr, DSTEP_S: tl.constexpr,
     INVERSE_R: tl.constexpr, INVERSE_S: tl.constexpr, EVEN_K: tl.constexpr,
+    GRAD_PROLOGUE: tl.constexpr, BN_GRAD: tl.constexpr, BN_RELU: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -133,11 +180,15 @@ def conv2d_dgrad_kernel(
     p0 = i_h + base_p
     q0 = i_w + base_q
     dy_rows = n.to(tl.int64) * dy_sn + p0.to(tl.int64) * dy_sh + q0.to(tl.int64) * dy_sw
+    if GRAD_PROLOGUE:
+        y_rows = n.to(tl.int64) * y_sn + p0.to(tl.int64) * y_sh + q0.to(tl.int64) * y_sw
     # dx's rows before the loop too: after it, their index math (redone in the store's
     # layout) sat beside the accumulator, and ptxas spilled it for sm_80.
     h = phase_h + i_h * SH
     w = phase_w + i_w * SW
     dx_rows = n.to(tl.int64) * dx_sn + h.to(tl.int64) * dx_sh + w.to(tl.int64) * dx_sw
+    if BN_GRAD:
+        x_rows = n.to(tl.int64) * x_sn + h.to(tl.int64) * x_sh + w.to(tl.int64) * x_sw
 
     c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     c_ok = c < C
@@ -165,12 +216,21 @@ def conv2d_dgrad_kernel(
         a_ptrs = dy_ptr + (dy_rows - dy_tap)[:, None] + ((k0 + k) * dy_sc)[None, :]
         b_ptrs = b_tile + (w_tap + k0 * w_sk)
         if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            a_ok = row_ok[:, None]
+            a = tl.load(a_ptrs, mask=a_ok, other=0.0)
             b = tl.load(b_ptrs, mask=columns_live[None, :], other=0.0)
         else:
             k_ok = k0 + k < K_out
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            a_ok = row_ok[:, None] & k_ok[None, :]
+            a = tl.load(a_ptrs, mask=a_ok, other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None] & columns_live[None, :], other=0.0)
+        if GRAD_PROLOGUE:  # y at dy's positions: the step's tap moves both by whole rows
+            y_tap = ((j_r * DSTEP_R).to(tl.int64) * y_sh
+                     + (j_s * DSTEP_S).to(tl.int64) * y_sw)
+            a = prologue_gradient_tile(a, a_ok, y_ptr + (y_rows - y_tap)[:, None]
+                                       + ((k0 + k) * y_sc)[None, :], grad_scale_ptr,
+                                       grad_shift_ptr, k0 + k, k0 + k < K_out,
+                                       grad_scale_s, grad_shift_s)
         acc = dot(a, b, acc, DOT_PRECISION, UPCAST_OPERANDS)
         k0 += BLOCK_K
         next_tap = k0 >= K_out
@@ -181,16 +241,25 @@ def conv2d_dgrad_kernel(
         j_s = tl.where(next_row, 0, tl.where(next_tap, j_s + 1, j_s))
         j_r = tl.where(next_row, j_r + 1, j_r)
 
+    dx = acc
+    if BN_GRAD:
+        x_tile = x_ptr + x_rows[:, None] + (c.to(tl.int64) * x_sc)[None, :]
+        # Sum rows are the programs': phase by phase, M tile by M tile.
+        row = phase * tl.num_programs(0) + tl.program_id(0)
+        dx = batch_norm_grad_rows(acc, x_tile, mean_ptr, bn_scale_ptr, bn_shift_ptr, sums_ptr,
+                                  m_ok, c, c_ok, C, row, mean_s, bn_scale_s, bn_shift_s,
+                                  BN_RELU)
     tl.store(dx_ptr + dx_rows[:, None] + (c.to(tl.int64) * dx_sc)[None, :],
-             acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+             dx.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
 
 @triton.jit
-def wgrad_reduce(x_ptr, dy_ptr, x_cols, tap_h, tap_w, col_ok, in_scale, in_shift, k, k_ok,
-                 start, end, steps, H, W, P, Q, x_sn, x_sh, x_sw, dy_sn, dy_sh, dy_sw, dy_sc,
+def wgrad_reduce(x_ptr, dy_ptr, y_ptr, x_cols, tap_h, tap_w, col_ok, in_scale, in_shift,
+                 grad_scale, grad_shift, k, k_ok, start, end, steps, H, W, P, Q, x_sn, x_sh,
+                 x_sw, dy_sn, dy_sh, dy_sw, dy_sc, y_sn, y_sh, y_sw, y_sc,
                  SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                  ROW_RUN: tl.constexpr, CP: tl.constexpr, PROLOGUE: tl.constexpr,
-                 IN_RELU: tl.constexpr,
+                 IN_RELU: tl.constexpr, GRAD_PROLOGUE: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
                  WITH_BIAS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -200,7 +269,9 @@ def wgrad_reduce(x_ptr, dy_ptr, x_cols, tap_h, tap_w, col_ok, in_scale, in_shift
     tile lies in one tap, [BLOCK_M, 1] columns otherwise; ``x_cols`` their address offsets.
     ROW_RUN: x is the padded copy [N, H, W, CP] (no bounds to check), ``x_cols`` runs of CP.
     PROLOGUE: the x tile goes through ``input_prologue`` with the [BLOCK_M, 1] ``in_scale``
-    and ``in_shift`` of its columns' channels (elements outside x, 0).
+    and ``in_shift`` of its columns' channels (elements outside x, 0). GRAD_PROLOGUE: the dy
+    tile goes through ``gradient_prologue`` with y's tile and the [1, BLOCK_N] ``grad_scale``
+    and ``grad_shift``, before the bias sums it.
     A pixel's (n, p, q) is its step's first pixel's, carried from step to step, plus its
     lane's, split once: no division in the loop."""
     lanes = tl.arange(0, BLOCK_K)
@@ -230,8 +301,12 @@ def wgrad_reduce(x_ptr, dy_ptr, x_cols, tap_h, tap_w, col_ok, in_scale, in_shift
         if PROLOGUE:
             a = input_prologue(a, x_ok, in_scale, in_shift, IN_RELU)
         dy_rows = n.to(tl.int64) * dy_sn + p.to(tl.int64) * dy_sh + q.to(tl.int64) * dy_sw
-        b = tl.load(dy_ptr + dy_rows[:, None] + (k * dy_sc)[None, :],
-                    mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
+        b_ok = pix_ok[:, None] & k_ok[None, :]
+        b = tl.load(dy_ptr + dy_rows[:, None] + (k * dy_sc)[None, :], mask=b_ok, other=0.0)
+        if GRAD_PROLOGUE:
+            y_rows = n.to(tl.int64) * y_sn + p.to(tl.int64) * y_sh + q.to(tl.int64) * y_sw
+            y = tl.load(y_ptr + y_rows[:, None] + (k * y_sc)[None, :], mask=b_ok, other=0.0)
+            b = gradient_prologue(b, y, b_ok, grad_scale, grad_shift)
         acc = dot(a, b, acc, DOT_PRECISION, UPCAST_OPERANDS)
         if WITH_BIAS:
             bias += tl.sum(b.to(tl.float32), axis=0)
@@ -242,13 +317,15 @@ def wgrad_reduce(x_ptr, dy_ptr, x_cols, tap_h, tap_w, col_ok, in_scale, in_shift
 @triton.jit
 def conv2d_wgrad_kernel(
     x_ptr, dy_ptr, out_ptr, bias_out_ptr, in_scale_ptr, in_shift_ptr,
+    y_ptr, grad_scale_ptr, grad_shift_ptr,
     H, W, P, Q, C, K_out, pixels, split_pixels_count,
     x_sn, x_sh, x_sw, x_sc, dy_sn, dy_sh, dy_sw, dy_sc,
     o_split, o_sr, o_ss, o_sc, o_sk, b_split, in_scale_s, in_shift_s,
+    y_sn, y_sh, y_sw, y_sc, grad_scale_s, grad_shift_s,
     R: tl.constexpr, S: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     TAP_ALIGNED: tl.constexpr, ROW_RUN: tl.constexpr, CP: tl.constexpr,
-    PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr,
+    PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr, GRAD_PROLOGUE: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_OPERANDS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -292,6 +369,12 @@ def conv2d_wgrad_kernel(
     else:  # unused
         in_scale = 0.0
         in_shift = 0.0
+    if GRAD_PROLOGUE:  # the program's output channels are fixed: their vectors load once
+        grad_scale = tl.load(grad_scale_ptr + k * grad_scale_s, mask=k_ok, other=0.0)[None, :]
+        grad_shift = tl.load(grad_shift_ptr + k * grad_shift_s, mask=k_ok, other=0.0)[None, :]
+    else:  # unused
+        grad_scale = 0.0
+        grad_shift = 0.0
 
     start = split.to(tl.int64) * split_pixels_count
     end = tl.minimum(start + split_pixels_count, pixels)
@@ -300,18 +383,20 @@ def conv2d_wgrad_kernel(
     # the sum, one without, so the other programs pay nothing for it.
     with_bias = (pid_m == 0) if HAS_BIAS else False
     if with_bias:
-        acc, bias = wgrad_reduce(x_ptr, dy_ptr, x_cols, tap_h, tap_w, col_ok, in_scale,
-                                 in_shift, k, k_ok, start, end, steps, H, W, P, Q, x_sn, x_sh,
-                                 x_sw, dy_sn, dy_sh, dy_sw, dy_sc, SH, SW, PH, PW, ROW_RUN, CP,
-                                 PROLOGUE, IN_RELU, DOT_PRECISION,
+        acc, bias = wgrad_reduce(x_ptr, dy_ptr, y_ptr, x_cols, tap_h, tap_w, col_ok,
+                                 in_scale, in_shift, grad_scale, grad_shift, k, k_ok, start,
+                                 end, steps, H, W, P, Q, x_sn, x_sh, x_sw, dy_sn, dy_sh, dy_sw,
+                                 dy_sc, y_sn, y_sh, y_sw, y_sc, SH, SW, PH, PW, ROW_RUN, CP,
+                                 PROLOGUE, IN_RELU, GRAD_PROLOGUE, DOT_PRECISION,
                                  UPCAST_OPERANDS, True, BLOCK_M, BLOCK_N, BLOCK_K)
         tl.store(bias_out_ptr + split * b_split + k, bias.to(bias_out_ptr.dtype.element_ty),
                  mask=k_ok)
     else:
-        acc, bias = wgrad_reduce(x_ptr, dy_ptr, x_cols, tap_h, tap_w, col_ok, in_scale,
-                                 in_shift, k, k_ok, start, end, steps, H, W, P, Q, x_sn, x_sh,
-                                 x_sw, dy_sn, dy_sh, dy_sw, dy_sc, SH, SW, PH, PW, ROW_RUN, CP,
-                                 PROLOGUE, IN_RELU, DOT_PRECISION,
+        acc, bias = wgrad_reduce(x_ptr, dy_ptr, y_ptr, x_cols, tap_h, tap_w, col_ok,
+                                 in_scale, in_shift, grad_scale, grad_shift, k, k_ok, start,
+                                 end, steps, H, W, P, Q, x_sn, x_sh, x_sw, dy_sn, dy_sh, dy_sw,
+                                 dy_sc, y_sn, y_sh, y_sw, y_sc, SH, SW, PH, PW, ROW_RUN, CP,
+                                 PROLOGUE, IN_RELU, GRAD_PROLOGUE, DOT_PRECISION,
                                  UPCAST_OPERANDS, False, BLOCK_M, BLOCK_N, BLOCK_K)
     out = split.to(tl.int64) * o_split + r * o_sr + s * o_ss + c * o_sc
     tl.store(out_ptr + out[:, None] + (k * o_sk)[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -349,9 +434,28 @@ def phase_pixels(N: int, H: int, W: int, geometry: ConvGeometry) -> int:
     return N * triton.cdiv(H, geometry.stride[0]) * triton.cdiv(W, geometry.stride[1])
 
 
+def dgrad_m_tiles(dx_shape: tuple[int, ...], geometry: ConvGeometry, config: TileConfig
+                  ) -> int:
+    """A dgrad's M tiles per stride phase: grid axis 0."""
+    N, _, H, W = dx_shape
+    return triton.cdiv(phase_pixels(N, H, W, geometry), config.block_m)
+
+
+def dgrad_sum_rows(dx_shape: tuple[int, ...], geometry: ConvGeometry, config: TileConfig
+                   ) -> int:
+    """The rows of a ``BatchNormGradEpilogue``'s ``sums`` [rows, 2, C] for a dgrad of dx
+    ``dx_shape`` on ``config``: one per stride phase and M tile (phase * M tiles + M tile),
+    each written by its programs (one per channel tile, disjoint channels)."""
+    return dgrad_m_tiles(dx_shape, geometry, config) * geometry.stride[0] * geometry.stride[1]
+
+
 def dgrad_launch(dy: torch.Tensor, weight_rsck: torch.Tensor, dx: torch.Tensor,
-                 geometry: ConvGeometry, operand: Operand, config: TileConfig) -> Launch:
-    """``weight_rsck`` is the [R, S, C, K_out]-shaped weight (any strides)."""
+                 geometry: ConvGeometry, operand: Operand, config: TileConfig, *,
+                 grad_prologue: GradientPrologue | None = None,
+                 epilogue: BatchNormGradEpilogue | None = None) -> Launch:
+    """``weight_rsck`` is the [R, S, C, K_out]-shaped weight (any strides). dy is read
+    through ``grad_prologue`` where given; with ``epilogue``, dx receives its du * scale and
+    its ``sums`` (``dgrad_sum_rows`` rows) the partial sums."""
     N, C, H, W = dx.shape
     K_out, P, Q = dy.shape[1:]
     R, S = geometry.kernel
@@ -359,35 +463,99 @@ def dgrad_launch(dy: torch.Tensor, weight_rsck: torch.Tensor, dx: torch.Tensor,
     (step_r, dstep_r, inverse_r), (step_s, dstep_s, inverse_s) = (phase_steps(SH, DH),
                                                                   phase_steps(SW, DW))
     w_sr, w_ss, w_sc, w_sk = weight_rsck.stride()
+    gradient = gradient_operands(grad_prologue, dy)
+    batch_norm = batch_norm_grad_operands(epilogue, dx, dgrad_sum_rows(dx.shape, geometry,
+                                                                       config))
     return Launch(
         conv2d_dgrad_kernel,
-        (triton.cdiv(phase_pixels(N, H, W, geometry), config.block_m),
-         triton.cdiv(C, config.block_n), SH * SW),
+        (dgrad_m_tiles(dx.shape, geometry, config), triton.cdiv(C, config.block_n), SH * SW),
         args={"dy_ptr": dy, "w_ptr": weight_rsck, "dx_ptr": dx,
               "N": N, "H": H, "W": W, "P": P, "Q": Q, "C": C, "K_out": K_out,
               **strided_args("dy", dy),
               "w_sk": w_sk, "w_sc": w_sc, "w_sr": w_sr, "w_ss": w_ss,
-              **strided_args("dx", dx)},
+              **strided_args("dx", dx), **gradient.args, **batch_norm.args},
         extents={"dy_ptr": strided_extent("dy", (N, K_out, P, Q)),
                  "w_ptr": Extent((R, S, C, K_out), ("w_sr", "w_ss", "w_sc", "w_sk")),
-                 "dx_ptr": strided_extent("dx", (N, C, H, W))},
+                 "dx_ptr": strided_extent("dx", (N, C, H, W)), **gradient.extents,
+                 **batch_norm.extents},
         constexprs={"R": R, "S": S, **geometry.constexprs(),
                     "STEP_R": step_r, "STEP_S": step_s, "DSTEP_R": dstep_r,
                     "DSTEP_S": dstep_s, "INVERSE_R": inverse_r, "INVERSE_S": inverse_s,
-                    "EVEN_K": K_out % config.block_k == 0,
-                    **gemm_constexprs(operand, dy.dtype, config)},
+                    "EVEN_K": K_out % config.block_k == 0, **gradient.constexprs,
+                    **batch_norm.constexprs, **gemm_constexprs(operand, dy.dtype, config)},
         num_warps=config.num_warps, num_stages=config.num_stages,
-        name=f"conv2d_dgrad[{config.name}]")
+        name=f"conv2d_dgrad[{config.name}{gradient.mark}{batch_norm.mark}]")
+
+
+class FusedOperands(NamedTuple):
+    """What an optional fused operand (``GradientPrologue``, ``BatchNormGradEpilogue``) adds
+    to a launch: its pointer and stride arguments (absent: a placeholder tensor, never read,
+    and zero strides), their extents, its constexprs, and its mark in the launch's name."""
+    args: dict
+    extents: dict
+    constexprs: dict
+    mark: str
+
+
+def gradient_operands(prologue: GradientPrologue | None, dy: torch.Tensor) -> FusedOperands:
+    """The operands of ``prologue`` on dy [N, K_out, P, Q]: y_ptr and grad_scale_ptr /
+    grad_shift_ptr with their strides, and GRAD_PROLOGUE."""
+    vectors = ("grad_scale", "grad_shift")
+    if prologue is None:
+        return FusedOperands(
+            {"y_ptr": dy, **{f"{name}_ptr": dy for name in vectors},
+             **dict.fromkeys(("y_sn", "y_sh", "y_sw", "y_sc"), 0),
+             **{f"{name}_s": 0 for name in vectors}},
+            {"y_ptr": UNUSED, **{f"{name}_ptr": UNUSED for name in vectors}},
+            {"GRAD_PROLOGUE": False}, "")
+    K_out = dy.shape[1]
+    tensors = dict(zip(vectors, (prologue.scale, prologue.shift)))
+    return FusedOperands(
+        {"y_ptr": prologue.y, **{f"{name}_ptr": t for name, t in tensors.items()},
+         **strided_args("y", prologue.y), **{f"{name}_s": t.stride(0)
+                                             for name, t in tensors.items()}},
+        {"y_ptr": strided_extent("y", tuple(dy.shape)),
+         **{f"{name}_ptr": Extent((K_out,), (f"{name}_s",), FP32) for name in vectors}},
+        {"GRAD_PROLOGUE": True}, ",grad_prologue")
+
+
+def batch_norm_grad_operands(epilogue: BatchNormGradEpilogue | None, dx: torch.Tensor,
+                             rows: int) -> FusedOperands:
+    """The operands of ``epilogue`` on dx [N, C, H, W] with ``rows`` sum rows: x_ptr,
+    mean_ptr, bn_scale_ptr, bn_shift_ptr with their strides and sums_ptr, and BN_GRAD,
+    BN_RELU."""
+    vectors = ("mean", "bn_scale", "bn_shift")
+    pointers = ("x_ptr", *(f"{name}_ptr" for name in vectors), "sums_ptr")
+    if epilogue is None:
+        return FusedOperands(
+            {**dict.fromkeys(pointers, dx),
+             **dict.fromkeys(("x_sn", "x_sh", "x_sw", "x_sc"), 0),
+             **{f"{name}_s": 0 for name in vectors}},
+            dict.fromkeys(pointers, UNUSED), {"BN_GRAD": False, "BN_RELU": False}, "")
+    C = dx.shape[1]
+    normalization = epilogue.normalization
+    tensors = dict(zip(vectors, (epilogue.mean, normalization.scale, normalization.shift)))
+    return FusedOperands(
+        {"x_ptr": epilogue.x, **{f"{name}_ptr": t for name, t in tensors.items()},
+         "sums_ptr": epilogue.sums, **strided_args("x", epilogue.x),
+         **{f"{name}_s": t.stride(0) for name, t in tensors.items()}},
+        {"x_ptr": strided_extent("x", tuple(dx.shape)),
+         **{f"{name}_ptr": Extent((C,), (f"{name}_s",), FP32) for name in vectors},
+         "sums_ptr": dense(rows, 2, C, dtypes=FP32)},
+        {"BN_GRAD": True, "BN_RELU": normalization.relu},
+        ",bn_grad_relu" if normalization.relu else ",bn_grad")
 
 
 def wgrad_launch(x: torch.Tensor, dy: torch.Tensor, out: torch.Tensor,
                  bias_out: torch.Tensor | None, splits: int, per_split: int,
                  geometry: ConvGeometry, operand: Operand, config: TileConfig, *,
-                 prologue: InputNormalization | None = None) -> Launch:
+                 prologue: InputNormalization | None = None,
+                 grad_prologue: GradientPrologue | None = None) -> Launch:
     """``out`` [splits, R, S, C, K_out] (any strides) receives split i's dW, ``bias_out``
     [splits, K_out] (K_out contiguous) its db: partial buffers, or with one split views of
     dW and db themselves. x [N, C, H, W] any strides, read through the input ``prologue``
-    where given; a first layer (C < SMALL_C) takes ``row_run_wgrad_launch``."""
+    where given, dy through ``grad_prologue`` (db too sums what it gives); a first layer
+    (C < SMALL_C) takes ``row_run_wgrad_launch``."""
     N, C, H, W = x.shape
     R, S = geometry.kernel
     extra = prologue_operands(prologue, x, C)
@@ -397,17 +565,18 @@ def wgrad_launch(x: torch.Tensor, dy: torch.Tensor, out: torch.Tensor,
         args={"x_ptr": x, "H": H, "W": W, **strided_args("x", x), **extra.args},
         extents={"x_ptr": strided_extent("x", (N, C, H, W)), **extra.extents},
         constexprs={**geometry.constexprs(), "TAP_ALIGNED": C % config.block_m == 0,
-                    "ROW_RUN": False, "CP": 1, **extra.constexprs})
+                    "ROW_RUN": False, "CP": 1, **extra.constexprs},
+        grad_prologue=grad_prologue)
 
 
 def row_run_wgrad_launch(x_run: torch.Tensor, dy: torch.Tensor, out: torch.Tensor,
                          bias_out: torch.Tensor | None, splits: int, per_split: int,
-                         geometry: ConvGeometry, operand: Operand, config: TileConfig
-                         ) -> Launch:
+                         geometry: ConvGeometry, operand: Operand, config: TileConfig, *,
+                         grad_prologue: GradientPrologue | None = None) -> Launch:
     """``wgrad_launch`` of a first layer reading ``x_run``, x's padded copy, dense
     [N, H', W', CP] (``conv2d.run_copy_shape``): M runs over (r, s, c) with c < CP, the
     columns c >= C (zeros in x) are not stored. An input prologue is the copy's
-    (``nhwc.padded_copy_launch``)."""
+    (``nhwc.padded_copy_launch``); dy is read through ``grad_prologue`` where given."""
     N, HP, WP, CP = x_run.shape
     R, S = geometry.kernel
     extra = prologue_operands(None, x_run, CP)
@@ -418,18 +587,22 @@ def row_run_wgrad_launch(x_run: torch.Tensor, dy: torch.Tensor, out: torch.Tenso
               **extra.args},
         extents={"x_ptr": dense(N, HP, WP, CP), **extra.extents},
         constexprs={**geometry.constexprs(), "PH": 0, "PW": 0, "TAP_ALIGNED": False,
-                    "ROW_RUN": True, "CP": CP, **extra.constexprs})
+                    "ROW_RUN": True, "CP": CP, **extra.constexprs},
+        grad_prologue=grad_prologue)
 
 
 def _wgrad_launch(dy: torch.Tensor, out: torch.Tensor, bias_out: torch.Tensor | None,
                   splits: int, per_split: int, geometry: ConvGeometry, operand: Operand,
                   config: TileConfig, C: int, m_tiles: tuple[int], args: dict,
-                  extents: dict, constexprs: dict) -> Launch:
+                  extents: dict, constexprs: dict, *,
+                  grad_prologue: GradientPrologue | None) -> Launch:
     """A wgrad launch of ``m_tiles`` M tiles: x's ``args``, ``extents`` and ``constexprs``
-    (those of one path) joined with dy's, the outputs' and the tile's."""
+    (those of one path) joined with dy's (through ``grad_prologue`` where given), the
+    outputs' and the tile's."""
     N, K_out, P, Q = dy.shape
     R, S = geometry.kernel
     o_split, o_sr, o_ss, o_sc, o_sk = out.stride()
+    gradient = gradient_operands(grad_prologue, dy)
     return Launch(
         conv2d_wgrad_kernel, (*m_tiles, triton.cdiv(K_out, config.block_n), splits),
         args={**args, "dy_ptr": dy, "out_ptr": out,
@@ -437,16 +610,18 @@ def _wgrad_launch(dy: torch.Tensor, out: torch.Tensor, bias_out: torch.Tensor | 
               "P": P, "Q": Q, "C": C, "K_out": K_out, "pixels": N * P * Q,
               "split_pixels_count": per_split, **strided_args("dy", dy),
               "o_split": o_split, "o_sr": o_sr, "o_ss": o_ss, "o_sc": o_sc, "o_sk": o_sk,
-              "b_split": bias_out.stride(0) if bias_out is not None else 0},
+              "b_split": bias_out.stride(0) if bias_out is not None else 0,
+              **gradient.args},
         extents={**extents, "dy_ptr": strided_extent("dy", (N, K_out, P, Q)),
                  "out_ptr": Extent((splits, R, S, C, K_out),
                                    ("o_split", "o_sr", "o_ss", "o_sc", "o_sk")),
                  "bias_out_ptr": UNUSED if bias_out is None
-                 else Extent((splits, K_out), ("b_split", 1))},
+                 else Extent((splits, K_out), ("b_split", 1)), **gradient.extents},
         constexprs={"R": R, "S": S, **constexprs, "HAS_BIAS": bias_out is not None,
-                    **gemm_constexprs(operand, dy.dtype, config)},
+                    **gradient.constexprs, **gemm_constexprs(operand, dy.dtype, config)},
         num_warps=config.num_warps, num_stages=config.num_stages,
-        name=f"conv2d_wgrad[{config.name}{prologue_suffix(constexprs, ',')}]")
+        name=f"conv2d_wgrad[{config.name}{prologue_suffix(constexprs, ',')}"
+             f"{gradient.mark}]")
 
 
 def merge_launch(partial: torch.Tensor, out: torch.Tensor, config: TileConfig) -> Launch:

@@ -29,7 +29,13 @@ in L2.
 
 The input gradient runs on the same kernel (``tma_dgrad_launches``): each stride phase of
 dx is a stride-1 convolution of dy (``tma_dgrad_phase``), and a phase no tap reaches is
-stored as zeros (``zero_fill_kernel``).
+stored as zeros (``zero_fill_kernel``). It may fold the BatchNorms around the conv in
+(``nhwc.GradientPrologue``, ``nhwc.BatchNormGradEpilogue``): with GRAD_PROLOGUE, y's box is
+loaded through a second descriptor at dy's coordinates and dy's box goes through
+``gradient_prologue`` in registers as x's through the input prologue (its pixels outside dy
+set back to 0; a register operand, wgmma asynchronous); with BN_GRAD, ``forward_epilogue``
+stores du * scale and each M tile of each phase writes its own row of the sums, a zero-filled
+phase one row of zeros (``tma_dgrad_sum_rows``).
 """
 from __future__ import annotations
 
@@ -44,8 +50,9 @@ from triton.runtime import _allocation  # Triton's allocator has no public gette
 from .conv2d import (ConvGeometry, epilogue_operands, forward_epilogue, gemm_constexprs,
                      inside, next_channel_step, prologue_suffix)
 from .conv2d_backward import phase_steps
-from .launch import Launch, TileConfig, dense
-from .nhwc import (InputNormalization, input_prologue, prologue_operands, strided_args,
+from .launch import UNUSED, Launch, TileConfig, dense, vector
+from .nhwc import (BatchNormGradEpilogue, GradientPrologue, InputNormalization,
+                   gradient_prologue, input_prologue, prologue_operands, strided_args,
                    strided_extent)
 from .runtime import INTERPRETER, sm_count
 from .tensor_cores import Operand, dot
@@ -67,21 +74,30 @@ PROGRAMS_PER_SM = 2
 @triton.jit
 def conv2d_forward_tma_kernel(
     x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, residual_ptr, y_ptr, stats_ptr,
-    in_scale_ptr, in_shift_ptr,
+    in_scale_ptr, in_shift_ptr, grad_y_ptr, grad_scale_ptr, grad_shift_ptr,
+    bn_x_ptr, bn_mean_ptr, bn_scale_ptr, bn_shift_ptr, sums_ptr,
     N, C, C_TILES, H, W, P, Q, Q_PADDED, K_OUT, K_TOTAL, NUM_M_TILES, NUM_PROGRAMS,
     bias_s, scale_s, shift_s, res_sn, res_sh, res_sw, res_sc, y_sn, y_sh, y_sw, y_sc,
-    in_scale_s, in_shift_s,
+    in_scale_s, in_shift_s, grad_scale_s, grad_shift_s,
+    bn_x_sn, bn_x_sh, bn_x_sw, bn_x_sc, bn_mean_s, bn_scale_s, bn_shift_s, sums_row0,
     R: tl.constexpr, S: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr,
+    PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr, GRAD_PROLOGUE: tl.constexpr,
     HAS_BIAS: tl.constexpr, STATS: tl.constexpr, HAS_SCALE_SHIFT: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, BN_GRAD: tl.constexpr,
+    BN_RELU: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_OPERANDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[N, H, W, C],
                                        strides=[H * W * C, W * C, C, 1],
                                        block_shape=[1, 1, BLOCK_M, BLOCK_K])
+    if GRAD_PROLOGUE:  # y's boxes, at x's coordinates
+        grad_y_desc = tl.make_tensor_descriptor(grad_y_ptr, shape=[N, H, W, C],
+                                                strides=[H * W * C, W * C, C, 1],
+                                                block_shape=[1, 1, BLOCK_M, BLOCK_K])
+    else:
+        grad_y_desc = x_desc  # never read
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K_OUT, K_TOTAL], strides=[K_TOTAL, 1],
                                        block_shape=[BLOCK_N, BLOCK_K])
     n_tiles = tl.cdiv(K_OUT, BLOCK_N)
@@ -103,30 +119,39 @@ def conv2d_forward_tma_kernel(
             n = image_row // P
             p = image_row % P
             k_out0 = tile_n * BLOCK_N
-            acc = _tile_product(x_desc, w_desc, in_scale_ptr, in_shift_ptr, n, p - PH, q0 - PW,
-                                k_out0, C, C_TILES, H, W, in_scale_s, in_shift_s, R, S, DH, DW,
-                                PROLOGUE, IN_RELU, DOT_PRECISION, UPCAST_OPERANDS, BLOCK_M,
-                                BLOCK_N, BLOCK_K)
+            acc = _tile_product(x_desc, w_desc, grad_y_desc, in_scale_ptr, in_shift_ptr,
+                                grad_scale_ptr, grad_shift_ptr, n, p - PH, q0 - PW, k_out0, C,
+                                C_TILES, H, W, in_scale_s, in_shift_s, grad_scale_s,
+                                grad_shift_s, R, S, DH, DW, PROLOGUE, IN_RELU, GRAD_PROLOGUE,
+                                DOT_PRECISION, UPCAST_OPERANDS, BLOCK_M, BLOCK_N, BLOCK_K)
             q = q0 + tl.arange(0, BLOCK_M)
             forward_epilogue(acc, bias_ptr, scale_ptr, shift_ptr, residual_ptr, y_ptr,
                              stats_ptr, n.to(tl.int64), p.to(tl.int64), q.to(tl.int64), q < Q,
                              Q - q0, k_out0 + tl.arange(0, BLOCK_N), K_OUT, tile_m,
                              NUM_M_TILES, bias_s, scale_s, shift_s, res_sn, res_sh, res_sw,
                              res_sc, y_sn, y_sh, y_sw, y_sc, HAS_BIAS, STATS, HAS_SCALE_SHIFT,
-                             HAS_RESIDUAL, RELU, BLOCK_M)
+                             HAS_RESIDUAL, RELU, BLOCK_M, bn_x_ptr=bn_x_ptr,
+                             bn_mean_ptr=bn_mean_ptr, bn_scale_ptr=bn_scale_ptr,
+                             bn_shift_ptr=bn_shift_ptr, sums_ptr=sums_ptr, bn_x_sn=bn_x_sn,
+                             bn_x_sh=bn_x_sh, bn_x_sw=bn_x_sw, bn_x_sc=bn_x_sc,
+                             bn_mean_s=bn_mean_s, bn_scale_s=bn_scale_s, bn_shift_s=bn_shift_s,
+                             sums_row=sums_row0 + tile_m, BN_GRAD=BN_GRAD, BN_RELU=BN_RELU)
 
 
 @triton.jit
-def _tile_product(x_desc, w_desc, in_scale_ptr, in_shift_ptr, n, h0, w0, k_out0, C, C_TILES,
-                  H, W, in_scale_s, in_shift_s,
+def _tile_product(x_desc, w_desc, grad_y_desc, in_scale_ptr, in_shift_ptr, grad_scale_ptr,
+                  grad_shift_ptr, n, h0, w0, k_out0, C, C_TILES, H, W, in_scale_s, in_shift_s,
+                  grad_scale_s, grad_shift_s,
                   R: tl.constexpr, S: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-                  PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr,
+                  PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr, GRAD_PROLOGUE: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The fp32 [BLOCK_M, BLOCK_N] product of one tile: pixels (n, h0 + PH, w0 + PW ..) by
     output channels k_out0 .., over every (tap, channel step). PROLOGUE: the x box goes
     through ``input_prologue`` in registers, its pixels outside [0, H) x [0, W) (TMA's zero
-    fill, the padding) set back to 0, and reaches wgmma as a register operand."""
+    fill, the padding) set back to 0, and reaches wgmma as a register operand.
+    GRAD_PROLOGUE (the input gradient's, x being dy): likewise through
+    ``gradient_prologue`` with y's box, loaded at the same coordinates."""
     lanes = tl.arange(0, BLOCK_K)
     pixels = tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -142,6 +167,12 @@ def _tile_product(x_desc, w_desc, in_scale_ptr, in_shift_ptr, n, h0, w0, k_out0,
             shift = tl.load(in_shift_ptr + (c0 + lanes) * in_shift_s)
             ok = inside(h0 + tap_h, H) & inside(w0 + tap_w + pixels, W)
             a = input_prologue(a, ok[:, None], scale[None, :], shift[None, :], IN_RELU)
+        if GRAD_PROLOGUE:
+            y = grad_y_desc.load([n, h0 + tap_h, w0 + tap_w, c0]).reshape(BLOCK_M, BLOCK_K)
+            scale = tl.load(grad_scale_ptr + (c0 + lanes) * grad_scale_s)
+            shift = tl.load(grad_shift_ptr + (c0 + lanes) * grad_shift_s)
+            ok = inside(h0 + tap_h, H) & inside(w0 + tap_w + pixels, W)
+            a = gradient_prologue(a, y, ok[:, None], scale[None, :], shift[None, :])
         b = w_desc.load([k_out0, tap_column + c0])
         acc = dot(a, b.T, acc, DOT_PRECISION, UPCAST_OPERANDS)
         c0, tap_column, tap_w, tap_h = next_channel_step(c0, tap_column, tap_w, tap_h, C, S,
@@ -173,6 +204,15 @@ def tma_activation(t: torch.Tensor, operand: Operand) -> bool:
             and t.is_contiguous(memory_format=torch.channels_last))
 
 
+def tma_gradient_supported(dy: torch.Tensor, operand: Operand,
+                           grad_prologue: GradientPrologue | None = None) -> bool:
+    """Whether a TMA input gradient reads this dy (``tma_activation``) and, where given, the
+    ``grad_prologue``'s y, whose boxes are loaded through a descriptor of their own at dy's
+    coordinates: y must be a TMA activation too."""
+    return tma_activation(dy, operand) and (grad_prologue is None
+                                            or tma_activation(grad_prologue.y, operand))
+
+
 def _aligned(t: torch.Tensor) -> bool:
     """Whether t starts 16-byte aligned in its storage (TMA's global addresses must)."""
     return t.storage_offset() * t.element_size() % 16 == 0
@@ -201,17 +241,91 @@ def _set_scratch_allocator() -> None:
         triton.set_allocator(_scratch)
 
 
+class FoldOperands(NamedTuple):
+    """What a backward fold (a ``GradientPrologue`` or a ``BatchNormGradEpilogue``) adds to
+    a TMA launch: its arguments (placeholders, never read, where absent), their extents, and
+    its constexprs."""
+    args: dict
+    extents: dict
+    constexprs: dict
+
+
+def gradient_prologue_operands(prologue: GradientPrologue | None,
+                               dy: torch.Tensor) -> FoldOperands:
+    """The launch operands of ``prologue`` on the dy [N, K, P, Q] a TMA kernel reads through
+    a descriptor: ``grad_y_ptr`` (y, read through a descriptor of dy's shape: dense
+    channels_last), the fp32 [K] ``grad_scale_ptr``/``grad_shift_ptr`` and their strides,
+    and GRAD_PROLOGUE."""
+    names = ("grad_y_ptr", "grad_scale_ptr", "grad_shift_ptr")
+    if prologue is None:
+        return FoldOperands({**dict.fromkeys(names, dy), "grad_scale_s": 0, "grad_shift_s": 0},
+                            dict.fromkeys(names, UNUSED), {"GRAD_PROLOGUE": False})
+    K = dy.shape[1]
+    return FoldOperands(
+        {"grad_y_ptr": prologue.y, "grad_scale_ptr": prologue.scale,
+         "grad_shift_ptr": prologue.shift, "grad_scale_s": prologue.scale.stride(0),
+         "grad_shift_s": prologue.shift.stride(0)},
+        {"grad_y_ptr": strided_extent("grad_y", tuple(dy.shape), dense_nhwc=True),
+         "grad_scale_ptr": vector(prologue.scale, K, "grad_scale_s", (torch.float32,)),
+         "grad_shift_ptr": vector(prologue.shift, K, "grad_shift_s", (torch.float32,))},
+        {"GRAD_PROLOGUE": True})
+
+
+def batch_norm_grad_operands(epilogue: BatchNormGradEpilogue | None, dx: torch.Tensor,
+                             sums_row: int) -> FoldOperands:
+    """The launch operands of ``epilogue`` (its x of dx's shape, any strides) on a TMA launch
+    writing dx [N, C, H, W] whose M tiles write the rows of ``epilogue.sums`` from
+    ``sums_row`` on (``forward_epilogue``'s BN_GRAD and BN_RELU)."""
+    names = ("bn_x_ptr", "bn_mean_ptr", "bn_scale_ptr", "bn_shift_ptr", "sums_ptr")
+    vectors = ("bn_mean_s", "bn_scale_s", "bn_shift_s")
+    if epilogue is None:
+        return FoldOperands({**dict.fromkeys(names, dx), **strided_args("bn_x", dx),
+                             **dict.fromkeys(vectors, 0), "sums_row0": 0},
+                            dict.fromkeys(names, UNUSED), {"BN_GRAD": False, "BN_RELU": False})
+    C = dx.shape[1]
+    normalization = epilogue.normalization
+    channel_vectors = {"bn_mean": epilogue.mean, "bn_scale": normalization.scale,
+                       "bn_shift": normalization.shift}
+    return FoldOperands(
+        {"bn_x_ptr": epilogue.x, **{f"{name}_ptr": t for name, t in channel_vectors.items()},
+         "sums_ptr": epilogue.sums, **strided_args("bn_x", epilogue.x),
+         **{f"{name}_s": t.stride(0) for name, t in channel_vectors.items()},
+         "sums_row0": sums_row},
+        {"bn_x_ptr": strided_extent("bn_x", tuple(dx.shape)),
+         **{f"{name}_ptr": vector(t, C, f"{name}_s", (torch.float32,))
+            for name, t in channel_vectors.items()},
+         "sums_ptr": dense(epilogue.sums.shape[0], 2, C, dtypes=(torch.float32,))},
+        {"BN_GRAD": True, "BN_RELU": normalization.relu})
+
+
+def fold_suffix(constexprs: dict, separator: str = "+") -> str:
+    """A launch name's mark of the backward folds it applies (its GRAD_PROLOGUE, BN_GRAD and
+    BN_RELU constexprs, where it has them): "grad_prologue", then "bn_grad" or
+    "bn_grad_relu", each after ``separator``; or nothing."""
+    marks = [mark for mark, on in (
+        ("grad_prologue", constexprs.get("GRAD_PROLOGUE", False)),
+        ("bn_grad_relu" if constexprs.get("BN_RELU") else "bn_grad",
+         constexprs.get("BN_GRAD", False))) if on]
+    return "".join(separator + mark for mark in marks)
+
+
 def tma_forward_launch(x: torch.Tensor, weight_rsc: torch.Tensor, bias: torch.Tensor | None,
                        scale: torch.Tensor | None, shift: torch.Tensor | None, relu: bool,
                        y: torch.Tensor, stats: torch.Tensor | None, geometry: ConvGeometry,
                        operand: Operand, config: TileConfig, *,
                        prologue: InputNormalization | None = None,
-                       residual: torch.Tensor | None = None) -> Launch:
+                       residual: torch.Tensor | None = None,
+                       grad_prologue: GradientPrologue | None = None,
+                       grad_epilogue: BatchNormGradEpilogue | None = None,
+                       sums_row: int = 0) -> Launch:
     """The TMA launch for a ``tma_supported`` x [N, C, H, W] (channels_last), ``weight_rsc``
     [K_out, R, S, C] contiguous, [K_out] bias, scale and shift (any stride), y [N, K_out, P,
     Q] (any strides), for the STATS epilogue a dense [3, ``tma_m_tiles``, K_out] fp32
     ``stats``, the input ``prologue`` and the epilogue's ``residual`` (y's shape and dtype,
-    any strides) where given. ``config.block_k`` must divide C."""
+    any strides) where given. ``config.block_k`` must divide C. An input gradient's phase
+    (``tma_dgrad_launches``; x is dy, y a phase of dx) may read x through ``grad_prologue``
+    (its y a ``tma_activation`` of x's shape) and end in ``grad_epilogue`` (its x of y's
+    shape, the phase's), whose M tiles write the sums rows ``sums_row`` onwards."""
     N, C, H, W = x.shape
     K_out, R, S, _ = weight_rsc.shape
     P, Q = y.shape[2:]
@@ -221,6 +335,9 @@ def tma_forward_launch(x: torch.Tensor, weight_rsc: torch.Tensor, bias: torch.Te
         _set_scratch_allocator()
     epilogue = epilogue_operands(y, bias, scale, shift, relu, stats, m_tiles, residual)
     extra = prologue_operands(prologue, x, C)
+    folds = [gradient_prologue_operands(grad_prologue, x),
+             batch_norm_grad_operands(grad_epilogue, y, sums_row)]
+    fold_constexprs = {name: on for fold in folds for name, on in fold.constexprs.items()}
     programs = min(PROGRAMS_PER_SM * sm_count(x.device),
                    m_tiles * triton.cdiv(K_out, config.block_n))
     return Launch(
@@ -229,26 +346,28 @@ def tma_forward_launch(x: torch.Tensor, weight_rsc: torch.Tensor, bias: torch.Te
               "N": N, "C": C, "C_TILES": C // config.block_k, "H": H, "W": W, "P": P,
               "Q": Q, "Q_PADDED": q_tiles * config.block_m, "K_OUT": K_out,
               "K_TOTAL": R * S * C, "NUM_M_TILES": m_tiles, "NUM_PROGRAMS": programs,
-              **strided_args("y", y), **extra.args},
+              **strided_args("y", y), **extra.args, **folds[0].args, **folds[1].args},
         extents={"x_ptr": strided_extent("x", (N, C, H, W), dense_nhwc=True),
                  "w_ptr": dense(K_out, R * S * C),
                  "y_ptr": strided_extent("y", (N, K_out, P, Q)), **epilogue.extents,
-                 **extra.extents},
+                 **extra.extents, **folds[0].extents, **folds[1].extents},
         constexprs={"R": R, "S": S, **geometry.constexprs(), **epilogue.constexprs,
-                    **extra.constexprs, **gemm_constexprs(operand, x.dtype, config),
-                    "GROUP_M": GROUP_M},
+                    **extra.constexprs, **fold_constexprs,
+                    **gemm_constexprs(operand, x.dtype, config), "GROUP_M": GROUP_M},
         num_warps=config.num_warps, num_stages=config.num_stages,
         name=f"conv2d_forward_tma[{config.name},{epilogue.name_suffix(x.dtype)}"
-             f"{prologue_suffix(extra.constexprs)}]")
+             f"{prologue_suffix(extra.constexprs)}{fold_suffix(fold_constexprs)}]")
 
 
 # ----------------------------------------------------------------------------- input gradient
 
 @triton.jit
-def zero_fill_kernel(y_ptr, P, Q, C, y_sn, y_sh, y_sw, y_sc,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def zero_fill_kernel(y_ptr, sums_ptr, P, Q, C, sums_row, y_sn, y_sh, y_sw, y_sc,
+                     SUMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Zeros into y [N, C, P, Q] (any strides): BLOCK_M pixels of one row x BLOCK_N channels
-    a program, grid (N * P, ceil(Q / BLOCK_M), ceil(C / BLOCK_N))."""
+    a program, grid (N * P, ceil(Q / BLOCK_M), ceil(C / BLOCK_N)). SUMS: the programs of the
+    first pixels also zero their channels of row ``sums_row`` of the dense [rows, 2, C]
+    ``sums_ptr`` (a ``BatchNormGradEpilogue``'s, whose du is 0 here)."""
     image_row = tl.program_id(0)
     row = (image_row // P).to(tl.int64) * y_sn + (image_row % P).to(tl.int64) * y_sh
     q = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -256,6 +375,12 @@ def zero_fill_kernel(y_ptr, P, Q, C, y_sn, y_sh, y_sw, y_sc,
     offsets = row + (q.to(tl.int64) * y_sw)[:, None] + (c.to(tl.int64) * y_sc)[None, :]
     tl.store(y_ptr + offsets, tl.zeros((BLOCK_M, BLOCK_N), y_ptr.dtype.element_ty),
              mask=(q < Q)[:, None] & (c < C)[None, :])
+    if SUMS:
+        first = (image_row == 0) & (tl.program_id(1) == 0)
+        sums = sums_ptr + tl.cast(sums_row, tl.int64) * 2 * C + c
+        zeros = tl.zeros((BLOCK_N,), tl.float32)
+        tl.store(sums, zeros, mask=first & (c < C))
+        tl.store(sums + C, zeros, mask=first & (c < C))
 
 
 class PhaseTaps(NamedTuple):
@@ -305,44 +430,103 @@ def tma_dgrad_phase(weight: torch.Tensor, rows: PhaseTaps, cols: PhaseTaps
                          dilation=(rows.dilation, cols.dilation)))
 
 
-def zero_fill_launch(y: torch.Tensor, config: TileConfig) -> Launch:
+def zero_fill_launch(y: torch.Tensor, config: TileConfig, sums: torch.Tensor | None = None,
+                     sums_row: int = 0) -> Launch:
     """Zeros into y [N, C, P, Q] (any strides) in [block_m pixels x block_n channels]
-    tiles."""
+    tiles, and into row ``sums_row`` of ``sums`` (dense [rows, 2, C] fp32) where given."""
     N, C, P, Q = y.shape
     return Launch(zero_fill_kernel,
                   (N * P, triton.cdiv(Q, config.block_m), triton.cdiv(C, config.block_n)),
-                  args={"y_ptr": y, "P": P, "Q": Q, "C": C, **strided_args("y", y)},
-                  extents={"y_ptr": strided_extent("y", (N, C, P, Q))},
-                  constexprs={"BLOCK_M": config.block_m, "BLOCK_N": config.block_n},
+                  args={"y_ptr": y, "sums_ptr": y if sums is None else sums, "P": P, "Q": Q,
+                        "C": C, "sums_row": sums_row, **strided_args("y", y)},
+                  extents={"y_ptr": strided_extent("y", (N, C, P, Q)),
+                           "sums_ptr": UNUSED if sums is None
+                           else dense(sums.shape[0], 2, C, dtypes=(torch.float32,))},
+                  constexprs={"SUMS": sums is not None, "BLOCK_M": config.block_m,
+                              "BLOCK_N": config.block_n},
                   num_warps=config.num_warps,
-                  name=f"conv2d_zero_fill[{config.name},{str(y.dtype).removeprefix('torch.')}]")
+                  name=f"conv2d_zero_fill[{config.name},{str(y.dtype).removeprefix('torch.')}"
+                       f"{'+sums' if sums is not None else ''}]")
+
+
+class DgradPhase(NamedTuple):
+    """One stride phase (ph, pw) of an input gradient: dx[:, :, ph::SH, pw::SW], reached by
+    the taps ``rows`` x ``cols`` (``dgrad_phase_taps``; none: a zero fill)."""
+    ph: int
+    pw: int
+    rows: PhaseTaps
+    cols: PhaseTaps
+
+    def zero(self) -> bool:
+        """Whether no tap reaches the phase (its dx is zeros)."""
+        return self.rows.count == 0 or self.cols.count == 0
+
+    def sum_rows(self, dx_shape: tuple[int, ...], stride: tuple[int, int],
+                 config: TileConfig) -> int:
+        """The rows of a ``BatchNormGradEpilogue``'s sums this phase writes: one per M tile
+        of its TMA launch (``tma_m_tiles``), one of zeros for a zero fill."""
+        N, _, H, W = dx_shape
+        if self.zero():
+            return 1
+        return tma_m_tiles(N, triton.cdiv(H - self.ph, stride[0]),
+                           triton.cdiv(W - self.pw, stride[1]), config.block_m)
+
+
+def dgrad_phases(geometry: ConvGeometry, height: int, width: int) -> list[DgradPhase]:
+    """The stride phases of an input gradient of dx's ``height`` x ``width``, row-major; a
+    phase past the input's end (H < SH) is left out."""
+    (SH, SW), (PH, PW), (DH, DW) = geometry.stride, geometry.padding, geometry.dilation
+    R, S = geometry.kernel
+    return [DgradPhase(ph, pw, dgrad_phase_taps(ph, PH, R, SH, DH),
+                       dgrad_phase_taps(pw, PW, S, SW, DW))
+            for ph in range(min(SH, height)) for pw in range(min(SW, width))]
+
+
+def tma_dgrad_sum_rows(dx_shape: tuple[int, ...], geometry: ConvGeometry,
+                       config: TileConfig) -> int:
+    """The rows of the sums a ``BatchNormGradEpilogue`` of ``tma_dgrad_launches`` takes for
+    dx [N, C, H, W]: every phase's (``DgradPhase.sum_rows``), in phase order."""
+    return sum(phase.sum_rows(dx_shape, geometry.stride, config)
+               for phase in dgrad_phases(geometry, *dx_shape[2:]))
 
 
 def tma_dgrad_launches(dy: torch.Tensor, weight: torch.Tensor, dx: torch.Tensor,
-                       geometry: ConvGeometry, operand: Operand,
-                       config: TileConfig) -> list[Launch]:
+                       geometry: ConvGeometry, operand: Operand, config: TileConfig, *,
+                       grad_prologue: GradientPrologue | None = None,
+                       epilogue: BatchNormGradEpilogue | None = None) -> list[Launch]:
     """The input gradient dx [N, C, H, W] (any strides) of a convolution with ``geometry``,
-    from dy [N, K_out, P, Q] (``tma_activation``: the only operand read through a
-    descriptor that the caller gives) and the weight [K_out, C, R, S] (any strides, copied
-    per phase), on the TMA forward kernel: one launch per stride phase (ph, pw), a stride-1
-    convolution of dy (``tma_dgrad_phase``, ``dgrad_phase_taps``) written to the view
-    dx[:, :, ph::SH, pw::SW]; a phase no tap reaches gets zeros (``zero_fill_launch``), a
-    phase past the input's end (H < SH) nothing. ``config.block_k`` must divide K_out."""
-    (SH, SW), (PH, PW), (DH, DW) = geometry.stride, geometry.padding, geometry.dilation
-    R, S = geometry.kernel
-    H, W = dx.shape[2:]
-    launches = []
-    for ph in range(min(SH, H)):
-        rows = dgrad_phase_taps(ph, PH, R, SH, DH)
-        for pw in range(min(SW, W)):
-            cols = dgrad_phase_taps(pw, PW, S, SW, DW)
-            dx_phase = dx[:, :, ph::SH, pw::SW]
-            if rows.count == 0 or cols.count == 0:
-                launches.append(zero_fill_launch(dx_phase, config))
-                continue
-            weight_rsc, phase_geometry = tma_dgrad_phase(weight, rows, cols)
+    from dy [N, K_out, P, Q] (``tma_gradient_supported``: the operands read through a
+    descriptor that the caller gives, dy and the ``grad_prologue``'s y) and the weight
+    [K_out, C, R, S] (any strides, copied per phase), on the TMA forward kernel: one launch
+    per stride phase (ph, pw), a stride-1 convolution of dy (``tma_dgrad_phase``,
+    ``dgrad_phase_taps``) written to the view dx[:, :, ph::SH, pw::SW]; a phase no tap
+    reaches gets zeros (``zero_fill_launch``), a phase past the input's end (H < SH)
+    nothing. dy is read through ``grad_prologue`` where given; with ``epilogue``, dx is its
+    du * scale and each phase writes its rows of ``epilogue.sums`` (``tma_dgrad_sum_rows``
+    of them, in phase order; a zero fill's row zeros). ``config.block_k`` must divide
+    K_out."""
+    SH, SW = geometry.stride
+    if epilogue is not None:
+        rows = tma_dgrad_sum_rows(dx.shape, geometry, config)
+        if epilogue.sums.shape != (rows, 2, dx.shape[1]):
+            raise ValueError(f"the sums of this input gradient are [{rows}, 2, {dx.shape[1]}]"
+                             f" (tma_dgrad_sum_rows), got {list(epilogue.sums.shape)}")
+    launches, sums_row = [], 0
+    for phase in dgrad_phases(geometry, *dx.shape[2:]):
+        dx_phase = dx[:, :, phase.ph::SH, phase.pw::SW]
+        if phase.zero():
+            launches.append(zero_fill_launch(dx_phase, config,
+                                             None if epilogue is None else epilogue.sums,
+                                             sums_row))
+        else:
+            phase_epilogue = None if epilogue is None else epilogue._replace(
+                x=epilogue.x[:, :, phase.ph::SH, phase.pw::SW])
+            weight_rsc, phase_geometry = tma_dgrad_phase(weight, phase.rows, phase.cols)
             launch = tma_forward_launch(dy, weight_rsc, None, None, None, False, dx_phase, None,
-                                        phase_geometry, operand, config)
+                                        phase_geometry, operand, config,
+                                        grad_prologue=grad_prologue,
+                                        grad_epilogue=phase_epilogue, sums_row=sums_row)
             launches.append(dataclasses.replace(
                 launch, name=launch.name.replace("conv2d_forward_tma", "conv2d_dgrad_tma")))
+        sums_row += phase.sum_rows(dx.shape, geometry.stride, config)
     return launches

@@ -13,6 +13,13 @@ Split-K: a long reduction over few output tiles is split: split i writes its fp3
 C, and a second kernel sums the partials in split order (``reduction.sum_in_order``) and
 applies the epilogue. No atomics: bitwise deterministic.
 
+Input prologue (PROLOGUE, IN_RELU, PROLOGUE_ON_B; ``nhwc.InputNormalization``): a linear layer
+after a BatchNorm reads the raw x and applies relu?(x * in_scale[f] + in_shift[f]) per input
+feature f (fp32 math, rounded back to x's dtype for the MMA; positions past the operand stay
+0), so the normalised tensor is never written, forward or backward. x is A in the forward
+(its columns k are the features) and B in the weight gradient (its columns n are):
+PROLOGUE_ON_B says which of the two the prologue transforms.
+
 Dropout keeps output element (m, n) by ``dropout.dropout_keep`` at the flat index m * N + n,
 from the seed tensor the kernel reads; the mask is never stored: the backward regenerates it.
 
@@ -29,8 +36,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .conv2d import prologue_suffix
 from .dropout import dropout_keep, dropout_scale, seed_extent
 from .launch import UNUSED, Extent, Launch, TileConfig, dense, vector
+from .nhwc import InputNormalization, channel_vector, input_prologue, prologue_operands
 from .reduction import sum_in_order
 from .tensor_cores import Operand, dot, upcast_operands
 
@@ -51,13 +60,22 @@ def epilogue(acc, m, n, n_ok, N, bias_ptr, bias_s, seed_ptr, p, scale,
 
 
 @triton.jit
+def feature_vectors(in_scale_ptr, in_shift_ptr, f, f_ok, in_scale_s, in_shift_s):
+    """The prologue's fp32 (scale, shift) of features ``f`` (0 where not ``f_ok``)."""
+    return (channel_vector(in_scale_ptr, f * in_scale_s, f_ok),
+            channel_vector(in_shift_ptr, f * in_shift_s, f_ok))
+
+
+@triton.jit
 def linear_gemm_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, seed_ptr,
     M, N, K, k_per_split,
     a_sm, a_sk, b_sk, b_sn, c_ss, c_sm, c_sn, bias_s,
     p, scale,
+    in_scale_ptr, in_shift_ptr, in_scale_s, in_shift_s,  # last: the others keep their offsets
     SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
-    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
+    DROPOUT: tl.constexpr, PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr,
+    PROLOGUE_ON_B: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Row tiles vary fastest, so the programs reading one column tile of B (the weight, in
@@ -76,6 +94,9 @@ def linear_gemm_kernel(
     a_ptrs = a_ptr + (m * a_sm)[:, None] + ((k_start + k) * a_sk)[None, :]
     b_ptrs = b_ptr + ((k_start + k) * b_sk)[:, None] + (n * b_sn)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    if PROLOGUE and PROLOGUE_ON_B:  # B's columns are the features: one vector per program
+        b_scale, b_shift = feature_vectors(in_scale_ptr, in_shift_ptr, n, n_ok, in_scale_s,
+                                           in_shift_s)
     # At least one step (an empty reduction's is all masked): with a loop that may run no
     # step, ptxas sees the accumulator zeroed on the skipping path between the last wgmma and
     # its wait, and serializes every wgmma of the loop (warning C7515).
@@ -87,6 +108,16 @@ def linear_gemm_kernel(
             k_ok = k < k_count - k0
             a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if PROLOGUE:
+            k_in = k < k_count - k0  # all true with EVEN_K
+            if PROLOGUE_ON_B:
+                b = input_prologue(b, k_in[:, None] & n_ok[None, :], b_scale[None, :],
+                                   b_shift[None, :], IN_RELU)
+            else:
+                a_scale, a_shift = feature_vectors(in_scale_ptr, in_shift_ptr, k_start + k0 + k,
+                                                   k_in, in_scale_s, in_shift_s)
+                a = input_prologue(a, m_ok[:, None] & k_in[None, :], a_scale[None, :],
+                                   a_shift[None, :], IN_RELU)
         acc = dot(a, b, acc, DOT_PRECISION, UPCAST_OPERANDS)
         a_ptrs += BLOCK_K * a_sk
         b_ptrs += BLOCK_K * b_sk
@@ -175,18 +206,21 @@ def _whole_steps(K: int, splits: int, k_per_split: int, block_k: int) -> bool:
 def gemm_launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None,
                 seed: torch.Tensor | None, relu: bool, p: float, operand: Operand,
                 config: TileConfig, splits: int, k_per_split: int,
-                product: str) -> Launch:
+                product: str, prologue: InputNormalization | None = None) -> Launch:
     """C = a @ b (+ epilogue); with ``splits`` > 1, ``c`` is the dense fp32 [splits, M, N]
-    partial and the epilogue is left to the split-K epilogue launch."""
+    partial and the epilogue is left to the split-K epilogue launch. ``prologue``: x is read
+    through it, a in the "forward" (K-long vectors), b in the "weight_grad" (N-long)."""
     M, K = a.shape
     N = b.shape[1]
     split = splits > 1
     c_ss, c_sm, c_sn = (c.stride() if split else (0, *c.stride()))
+    prologue_on_b = product == "weight_grad"
+    extra = prologue_operands(prologue, a, N if prologue_on_b else K)
     return Launch(
         linear_gemm_kernel, (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n),
                              splits),
         args={"a_ptr": a, "b_ptr": b, "c_ptr": c, "bias_ptr": bias if bias is not None else c,
-              "seed_ptr": seed if seed is not None else c,
+              "seed_ptr": seed if seed is not None else c, **extra.args,
               "M": M, "N": N, "K": K, "k_per_split": k_per_split,
               "a_sm": a.stride(0), "a_sk": a.stride(1), "b_sk": b.stride(0),
               "b_sn": b.stride(1), "c_ss": c_ss, "c_sm": c_sm, "c_sn": c_sn,
@@ -196,17 +230,18 @@ def gemm_launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.T
                  "b_ptr": Extent((K, N), ("b_sk", "b_sn")),
                  "c_ptr": Extent((splits, M, N), ("c_ss", "c_sm", "c_sn")),
                  "bias_ptr": vector(None if split else bias, N, "bias_s"),
-                 "seed_ptr": seed_extent(None if split or p == 0 else seed)},
+                 "seed_ptr": seed_extent(None if split or p == 0 else seed), **extra.extents},
         constexprs={"SPLIT_K": split,
                     "EVEN_K": _whole_steps(K, splits, k_per_split, config.block_k),
                     "HAS_BIAS": bias is not None and not split,
                     "RELU": relu and not split, "DROPOUT": p > 0 and not split,
+                    **extra.constexprs, "PROLOGUE_ON_B": prologue is not None and prologue_on_b,
                     "DOT_PRECISION": operand.dot_precision,
                     "UPCAST_OPERANDS": upcast_operands(a.dtype),
                     "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
                     "BLOCK_K": config.block_k},
         num_warps=config.num_warps, num_stages=config.num_stages,
-        name=(f"linear_{product}[{config.name}"
+        name=(f"linear_{product}[{config.name}{prologue_suffix(extra.constexprs)}"
               f"{'+split_k' if split else _epilogue_suffix(bias, relu, p)}]"))
 
 

@@ -67,6 +67,69 @@ def prologue_operands(prologue: InputNormalization | None, x: torch.Tensor,
                                             "IN_RELU": prologue is not None and prologue.relu})
 
 
+class GradientPrologue(NamedTuple):
+    """A convolution's output-gradient prologue (its dgrad's and wgrad's dy operand): each
+    element dy[n, k, p, q] is read as ``dy + scale[k] * y[n, k, p, q] + shift[k]`` (fp32
+    math, rounded back to dy's dtype for the MMA; positions outside dy stay 0). This is
+    BatchNorm's batch-statistics term of its input gradient, folded into the backward of
+    the conv whose output y the BatchNorm normalised: dy arrives holding the term at fixed
+    statistics. ``y`` has dy's shape (any strides); ``scale``/``shift`` fp32 [K], any
+    stride."""
+    y: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+
+class BatchNormGradEpilogue(NamedTuple):
+    """A dgrad epilogue for a conv that read its input through an ``InputNormalization``
+    (``normalization``: relu?(x * scale + shift)) of x, a BatchNorm's input: the dgrad's
+    result dz (the gradient of the normalised input) becomes du = dz masked where the ReLU
+    was off (x * scale + shift <= 0 in fp32, the prologue's own arithmetic; no mask without
+    ReLU), ``du * scale`` is stored in dx's place (the gradient of x at fixed statistics),
+    and each program writes its fp32 per-channel partial sums of du and of du * (x - mean)
+    to its own row of ``sums`` [rows, 2, C] (dense; every row written, zeros where a
+    program has no pixel; the caller sums the rows in order). ``x`` is dx's shape (any
+    strides), ``mean`` fp32 [C] (any stride)."""
+    x: torch.Tensor
+    mean: torch.Tensor
+    normalization: InputNormalization
+    sums: torch.Tensor
+
+
+@triton.jit
+def gradient_prologue(grad, y, ok, scale, shift):
+    """``grad + scale * y + shift`` in fp32 where ``ok`` (inside dy), else 0, in grad's
+    dtype; ``scale``/``shift`` fp32, broadcast to grad's shape (``GradientPrologue``)."""
+    g = grad.to(tl.float32) + scale * y.to(tl.float32) + shift
+    return tl.where(ok, g, 0.0).to(grad.dtype)
+
+
+@triton.jit
+def batch_norm_grad_epilogue(dz, x, ok, mean, scale, shift, RELU: tl.constexpr):
+    """``BatchNormGradEpilogue`` on an fp32 [BLOCK_M, BLOCK_N] tile ``dz`` with its x tile
+    (``ok``: valid elements; ``mean``/``scale``/``shift`` fp32 [1, BLOCK_N]): (du * scale,
+    the column sums of du and of du * (x - mean)), masked elements contributing 0."""
+    xf = x.to(tl.float32)
+    du = tl.where(ok, dz, 0.0)
+    if RELU:
+        du = tl.where(xf * scale + shift > 0.0, du, 0.0)
+    return du * scale, tl.sum(du, axis=0), tl.sum(du * (xf - mean), axis=0)
+
+
+@triton.jit
+def normalize_grad(dz, x, mean, scale, shift, RELU: tl.constexpr):
+    """``batch_norm_grad_epilogue``'s results for a kernel that read x through ``normalize``
+    (a pool with a BatchNorm fused in): on the fp32 [BLOCK_M, BLOCK_C] tiles dz (0 on the
+    tile's masked elements) and x, with the fp32 [BLOCK_C] channel vectors, (du * scale,
+    the column sums of du and of du * (x - mean)). RELU zeroes du where ``normalize``'s own
+    arithmetic gives (x - mean) * scale + shift <= 0 (torch's threshold_backward: NaN
+    passes)."""
+    du = dz
+    if RELU:
+        du = tl.where(normalize(x, mean, scale, shift, False) <= 0.0, 0.0, dz)
+    return du * scale[None, :], tl.sum(du, axis=0), tl.sum(du * (x - mean[None, :]), axis=0)
+
+
 @triton.jit
 def input_prologue(value, ok, scale, shift, RELU: tl.constexpr):
     """relu?(value * scale + shift) in fp32 where ``ok`` (the element lies inside the input),
