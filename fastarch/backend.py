@@ -21,7 +21,7 @@ from fastarch.kernels.runtime import INTERPRETER, POISON_OUTPUTS, empty, memory_
 from fastarch.kernels.tensor_cores import Operand
 
 __all__ = ["INTERPRETER", "POISON_OUTPUTS", "empty", "memory_format_of", "fallback_counts",
-           "runs_triton", "use_triton", "forward_ad_active", "count_fallback", "conv_operand",
+           "runs_triton", "accelerates", "use_triton", "forward_ad_active", "count_fallback", "conv_operand",
            "matmul_operand"]
 
 ACCELERATED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -36,10 +36,16 @@ def runs_triton(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and INTERPRETER
 
 
+def accelerates(tensor: torch.Tensor) -> bool:
+    """Whether our kernels take ``tensor`` (its device, its dtype, no forward-mode AD);
+    counts nothing."""
+    return runs_triton(tensor) and tensor.dtype in ACCELERATED_DTYPES \
+        and not forward_ad_active()
+
+
 def use_triton(op: str, tensor: torch.Tensor) -> bool:
     """Decide between our kernel and torch's fallback for ``op``; counts every fallback."""
-    if runs_triton(tensor) and tensor.dtype in ACCELERATED_DTYPES \
-            and not forward_ad_active():
+    if accelerates(tensor):
         return True
     count_fallback(op)
     return False

@@ -23,6 +23,7 @@ from fastarch.kernels.welford import WelfordPartials
 from fastarch.ops import avg_pool as avg_pool_ops
 from fastarch.ops import batch_norm as batch_norm_ops
 from fastarch.ops import batch_norm_conv2d as batch_norm_conv2d_ops
+from fastarch.ops import batch_norm_linear as batch_norm_linear_ops
 from fastarch.ops import conv2d as conv2d_ops
 from fastarch.ops import dropout as dropout_ops
 from fastarch.ops import linear as linear_ops
@@ -340,6 +341,35 @@ def linear_relu_dropout(input: torch.Tensor, weight: torch.Tensor,
     if not backend.use_triton("linear", input):
         return linear_ops.torch_apply(input, weight, bias, relu, p)
     return linear_ops.apply(input, weight, bias, bool(relu), p)
+
+
+def batch_norm_linear_fused(input: torch.Tensor, running_mean: Optional[torch.Tensor],
+                            running_var: Optional[torch.Tensor],
+                            bn_weight: Optional[torch.Tensor] = None,
+                            bn_bias: Optional[torch.Tensor] = None, training: bool = False,
+                            momentum: float = 0.1, eps: float = 1e-5, *, bn_relu: bool = True,
+                            weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                            relu: bool = False, p: float = 0.0,
+                            partials: Optional[WelfordPartials] = None) -> torch.Tensor:
+    """``linear_relu_dropout(relu?(batch_norm(input, ...)).flatten(1), weight, bias, relu,
+    p)`` (BatchNorm's ReLU only if ``bn_relu``; dropout when ``p`` > 0) for a 4-D input
+    without writing the normalised tensor: the GEMM applies the BatchNorm to its input tiles
+    as it loads them, and its weight gradient recomputes them. A channels_last input with
+    H * W > 1 is copied to NCHW first (flatten's feature order; the raw input, not the
+    normalised tensor). The arguments are F.batch_norm's, then the linear's (a 2-D weight, a
+    bias of one value per output feature); ``partials`` (the input's, from the conv that
+    wrote it) as in ``batch_norm_relu``. Under torch.autocast the input is cast with the
+    linear's arguments, before it is normalised."""
+    arguments.check_dropout_p(p)
+    input, weight, bias = batch_norm_linear_ops.checked_args(
+        input, running_mean, running_var, bn_weight, bn_bias, training, eps, weight, bias)
+    normalisation = (running_mean, running_var, bn_weight, bn_bias, bool(training),
+                     float(momentum), float(eps), bool(bn_relu))
+    if not batch_norm_linear_ops.uses_kernels(input):
+        return batch_norm_linear_ops.torch_forward(input, *normalisation, weight, bias,
+                                                   bool(relu), float(p))
+    return batch_norm_linear_ops.forward(input, *normalisation, partials, weight, bias,
+                                         bool(relu), float(p))
 
 
 def linear(input: torch.Tensor, weight: torch.Tensor,

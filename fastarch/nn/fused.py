@@ -5,14 +5,21 @@ in a list of modules; ``FusedSequential`` and ``ModuleChains`` (a model whose fo
 lists of its children, LeNet-5's) run what it yields.
 
 * Conv runs in training: the conv kernel writes its output and the BatchNorm Welford partials
-  in its epilogue (no statistics pass), a tiny finalize updates the running statistics, and
-  one pass normalises + ReLUs, fused into the pool when one follows (the normalised tensor is
-  never written). Backward runs from the saved fp32 mean / inverse std. A run without a pool
-  whose BatchNorm uses batch statistics, directly followed by another conv run, hands that
-  run its conv output and Welford partials instead (``PendingBatchNorm``): the next conv applies
-  the BatchNorm and ReLU to its input tiles as it loads them, and its weight gradient
-  recomputes them (``fastarch::batch_norm_conv2d``), so the normalised tensor is never
-  written, forward or backward. Followed by anything else (or nothing), it is written.
+  in its epilogue (no statistics pass), a tiny finalize turns them into the statistics and
+  updates the running ones, and the normalisation + ReLU happens where the output is read
+  next, never written:
+  - another conv run follows: the run is a chain link (``fastarch::conv2d_chain``) and hands
+    that run its output and differentiable batch statistics (``PendingBatchNorm``); the next
+    conv applies the BatchNorm and ReLU to its input tiles as it loads them, its weight
+    gradient recomputes them, and BatchNorm's backward folds into the next conv's dgrad
+    epilogue and this conv's dgrad/wgrad prologues (``ops.conv2d_chain``);
+  - a max pool follows: the link's statistics go to the pool, which normalises as it pools
+    and folds BatchNorm's backward into its gather (``batch_norm_max_pool2d``, ``folded``);
+  - a plain ``nn.Flatten()`` then a Linear (run): the Flatten is absorbed and the GEMM applies
+    them to x.flatten(1) (``fastarch::batch_norm_linear``; a channels_last conv output with
+    H * W > 1 is copied to NCHW first, flatten's order), its backward BatchNorm's passes;
+  - an average pool: the pool normalises as it pools, backward BatchNorm's passes;
+  - anything else (or nothing): one pass normalises + ReLUs, written.
 * Conv runs in inference (running statistics, no gradient needed for the BatchNorm or conv
   bias): the BatchNorm and the conv bias fold into the conv epilogue as per-channel fp32
   scale and shift, with the ReLU: one kernel. The fold is recomputed at every call from the
@@ -36,13 +43,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from itertools import pairwise
 from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import nn
 
-from fastarch import functional
+from fastarch import arguments, functional
+from fastarch.ops import batch_norm as batch_norm_ops
+from fastarch.ops import conv2d_chain as chain_ops
 from fastarch.nn.activation import ReLU
 from fastarch.nn.batchnorm import BatchNorm2d, batch_norm_mode, uses_batch_statistics
 from fastarch.nn.conv import Conv2d
@@ -60,6 +68,7 @@ _RELUS = (nn.ReLU, ReLU)
 _POOLS = (nn.MaxPool2d, MaxPool2d, nn.AvgPool2d, AvgPool2d)
 _LINEARS = (nn.Linear, Linear)
 _DROPOUTS = (nn.Dropout, Dropout)
+_FLATTENS = (nn.Flatten,)
 
 
 class Run:
@@ -69,12 +78,16 @@ class Run:
 
 class PendingBatchNorm(NamedTuple):
     """A conv run's output ``y`` before its BatchNorm (batch statistics, ``partials`` from
-    the conv epilogue) and ReLU, handed to the conv run that follows: that conv normalises
-    its input as it loads it. The BatchNorm's forward (its mode, counting the batch, and the
-    running statistics' update) runs there, once."""
+    the conv epilogue) and ReLU, handed to the conv run that follows, or to the Linear (run)
+    after a flatten: that conv or linear normalises its input as it loads it. Before a conv,
+    y was written by a chain link (``ops.conv2d_chain``), which ran the BatchNorm's forward
+    (its mode, counting the batch, and the running statistics' update) and gave y's
+    differentiable ``statistics`` (mean, invstd); before a linear, ``statistics`` is None
+    and the BatchNorm's forward runs in the linear's op, once."""
     y: torch.Tensor
     bn: nn.BatchNorm2d
-    partials: Optional[functional.WelfordPartials]
+    partials: functional.WelfordPartials
+    statistics: Optional[tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -117,13 +130,36 @@ def walk(modules: Sequence[nn.Module]) -> Iterator[tuple[int, Union[Run, nn.Modu
 
 def run_fused(modules: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
     """``modules`` applied in order to ``x``, their fusable runs fused; a conv run followed
-    directly by another hands it a ``PendingBatchNorm`` where it can (``_run_conv``)."""
-    for (_, step), (_, following) in pairwise((*walk(modules), (len(modules), None))):
+    directly by another, or by a flatten and a linear (run), hands it a ``PendingBatchNorm``
+    where it can (``_run_conv``): the flatten is absorbed, the linear flattens as it loads."""
+    steps = [step for _, step in walk(modules)]
+    for index, step in enumerate(steps):
+        if isinstance(x, PendingBatchNorm) and _is_flatten(step):
+            continue
         if isinstance(step, ConvRun):
-            x = _run_conv(step, x, hand_on=isinstance(following, ConvRun))
+            x = _run_conv(step, x, hand_on=_pending_taker(steps[index + 1:index + 3]))
+        elif isinstance(x, PendingBatchNorm):
+            x = _batch_norm_linear(step, x)
         else:
             x = step(x)
     return x
+
+
+def _pending_taker(following: Sequence[Union[Run, nn.Module]]) -> Optional[str]:
+    """What among the steps after a conv run can take its ``PendingBatchNorm``: "conv" (a
+    conv run), "linear" (a plain ``nn.Flatten()`` then a linear run or a plain Linear), or
+    None."""
+    if following and isinstance(following[0], ConvRun):
+        return "conv"
+    if (len(following) == 2 and _is_flatten(following[0])
+            and (isinstance(following[1], LinearRun) or _plain(following[1], _LINEARS))):
+        return "linear"
+    return None
+
+
+def _is_flatten(step: Union[Run, nn.Module]) -> bool:
+    """A plain flatten of every dimension after the batch one: ``nn.Flatten()``."""
+    return _plain(step, _FLATTENS) and step.start_dim == 1 and step.end_dim == -1
 
 
 def match_run(modules: Sequence[nn.Module], start: int) -> Optional[Run]:
@@ -216,6 +252,16 @@ def _pool(pool: Optional[Pool], y: torch.Tensor) -> torch.Tensor:
                                  pool.ceil_mode, pool.count_include_pad, pool.divisor_override)
 
 
+def _max_pool_folded(bn: nn.BatchNorm2d, pool: nn.MaxPool2d, y: torch.Tensor,
+                     statistics: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """BatchNorm, ReLU and the max pool in one pass over a chain link's output y, with its
+    differentiable batch ``statistics``: the pool's backward folds BatchNorm's."""
+    geometry = arguments.pool_geometry("max_pool2d", y, pool.kernel_size, pool.stride,
+                                       pool.padding, pool.dilation, pool.ceil_mode)
+    return batch_norm_ops.normalize_folded(y, statistics, bn.weight, bn.bias, True,
+                                           batch_norm_ops.FusedPool(geometry, is_max=True))
+
+
 def _batch_norm_relu_pool(bn: nn.BatchNorm2d, pool: Optional[Pool], y: torch.Tensor,
                           partials: Optional[functional.WelfordPartials]) -> torch.Tensor:
     """BatchNorm (batch or running statistics, exactly as nn.BatchNorm2d.forward chooses),
@@ -238,40 +284,81 @@ def _batch_norm_relu_pool(bn: nn.BatchNorm2d, pool: Optional[Pool], y: torch.Ten
     return functional.batch_norm_relu(*args, partials=partials)
 
 
-def _run_conv(run: ConvRun, x: Union[torch.Tensor, PendingBatchNorm], hand_on: bool = False
-              ) -> Union[torch.Tensor, PendingBatchNorm]:
+def _run_conv(run: ConvRun, x: Union[torch.Tensor, PendingBatchNorm],
+              hand_on: Optional[str] = None) -> Union[torch.Tensor, PendingBatchNorm]:
     """Execute one conv run on ``x`` (see the module docstring for what fuses when); with
-    ``hand_on`` (a conv run follows) a run without a pool whose BatchNorm uses batch
-    statistics returns its ``PendingBatchNorm``."""
+    ``hand_on`` (what follows can take it: ``_pending_taker``) a run without a pool whose
+    BatchNorm uses batch statistics, on our kernels, returns its ``PendingBatchNorm``, as a
+    chain link when a conv takes it."""
     conv, bn = run.conv, run.bn
     if bn is None:
-        y, _ = _conv2d(conv, x, conv.bias, relu=True)
+        y, _, _ = _conv2d(conv, x, conv.bias, relu=True)
         return y
     if _can_fold(conv, bn):
         scale, shift = fold_batch_norm(conv, bn)
-        y, _ = _conv2d(conv, x, None, scale=scale, shift=shift, relu=True)
+        y, _, _ = _conv2d(conv, x, None, scale=scale, shift=shift, relu=True)
         return _pool(run.pool, y)
     batch_statistics = uses_batch_statistics(bn)
-    y, partials = _conv2d(conv, x, conv.bias, stats=batch_statistics)
-    if hand_on and batch_statistics and run.pool is None:
-        return PendingBatchNorm(y, bn, partials)
-    return _batch_norm_relu_pool(bn, run.pool, y, partials)
+    kernels = chain_ops.runs_kernels(x.y if isinstance(x, PendingBatchNorm) else x)
+    taker = hand_on if run.pool is None and batch_statistics and kernels else None
+    if taker == "linear":  # its op runs the BatchNorm's forward (``_batch_norm_linear``)
+        y, partials, _ = _conv2d(conv, x, conv.bias, stats=True)
+        return PendingBatchNorm(y, bn, partials, None)
+    link = taker == "conv" or (isinstance(run.pool, nn.MaxPool2d) and batch_statistics
+                               and kernels)
+    if not link:
+        y, partials, _ = _conv2d(conv, x, conv.bias, stats=batch_statistics)
+        return _batch_norm_relu_pool(bn, run.pool, y, partials)
+    # A chain link: this BatchNorm's forward (its mode, counting the batch, and the running
+    # statistics' update) runs here, in the link's finalize.
+    mode = batch_norm_mode(bn)
+    y, partials, statistics = _conv2d(
+        conv, x, conv.bias, stats=True,
+        output_batch_norm=chain_ops.ChainOutput(mode.running_mean, mode.running_var,
+                                                mode.momentum, bn.eps))
+    if run.pool is None:
+        return PendingBatchNorm(y, bn, partials, statistics)
+    return _max_pool_folded(bn, run.pool, y, statistics)
 
 
 def _conv2d(conv: nn.Conv2d, x: Union[torch.Tensor, PendingBatchNorm],
-            bias: Optional[torch.Tensor], **epilogue
-            ) -> tuple[torch.Tensor, Optional[functional.WelfordPartials]]:
+            bias: Optional[torch.Tensor],
+            output_batch_norm: Optional[chain_ops.ChainOutput] = None, **epilogue
+            ) -> tuple[torch.Tensor, Optional[functional.WelfordPartials],
+                       Optional[tuple[torch.Tensor, torch.Tensor]]]:
     """``conv`` with the fused ``epilogue`` on x, or on the pending BatchNorm's output,
-    normalised and ReLU'd as the conv loads it."""
-    if not isinstance(x, PendingBatchNorm):
-        return functional.conv2d_fused(x, conv.weight, bias, *_conv_args(conv), **epilogue)
+    normalised and ReLU'd as the conv loads it: then, or with ``output_batch_norm``, a
+    chain link (``ops.conv2d_chain``), which then also returns its output's differentiable
+    batch statistics."""
+    if not isinstance(x, PendingBatchNorm) and output_batch_norm is None:
+        y, partials = functional.conv2d_fused(x, conv.weight, bias, *_conv_args(conv),
+                                              **epilogue)
+        return y, partials, None
+    input_batch_norm = None
+    if isinstance(x, PendingBatchNorm):
+        x, input_batch_norm = x.y, _take_statistics(x)
+    return chain_ops.forward(x, input_batch_norm, conv.weight, bias, *_conv_args(conv),
+                             output_batch_norm=output_batch_norm, **epilogue)
+
+
+def _take_statistics(pending: PendingBatchNorm) -> chain_ops.ChainInput:
+    """What a link normalises the pending BatchNorm's output with (its forward ran in the
+    link that wrote it)."""
+    return chain_ops.ChainInput(*pending.statistics, pending.bn.weight, pending.bn.bias, True)
+
+
+def _batch_norm_linear(step: Union[LinearRun, nn.Linear], x: PendingBatchNorm) -> torch.Tensor:
+    """The linear (run) ``step`` on the pending BatchNorm's output, ReLU'd and flattened as
+    the GEMM loads it."""
+    linear, dropout = (step.linear, step.dropout) if isinstance(step, LinearRun) else (step, None)
     bn = x.bn
     bn._check_input_dim(x.y)
     mode = batch_norm_mode(bn)
-    return functional.batch_norm_conv2d_fused(
+    return functional.batch_norm_linear_fused(
         x.y, mode.running_mean, mode.running_var, bn.weight, bn.bias, mode.training,
-        mode.momentum, bn.eps, weight=conv.weight, bias=bias, stride=conv.stride,
-        padding=conv.padding, dilation=conv.dilation, partials=x.partials, **epilogue)
+        mode.momentum, bn.eps, weight=linear.weight, bias=linear.bias,
+        relu=isinstance(step, LinearRun),
+        p=dropout.p if dropout is not None and dropout.training else 0.0, partials=x.partials)
 
 
 class FusedSequential(nn.Sequential):

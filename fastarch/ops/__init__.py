@@ -20,4 +20,5 @@ the out-of-place op, copying its output into the tensor (``ops.common.elementwis
 """
 # Importing each family's host module registers its operators.
 from fastarch.ops import avg_pool, batch_norm, conv2d, dropout, linear, max_pool  # noqa: F401
-from fastarch.ops import batch_norm_conv2d, relu, sync_batch_norm  # noqa: F401
+from fastarch.ops import batch_norm_conv2d, conv2d_chain, relu, sync_batch_norm  # noqa: F401
+from fastarch.ops import batch_norm_linear  # noqa: F401

@@ -12,6 +12,12 @@ normalising op (``batch_norm``, ``batch_norm_max_pool2d``, ``batch_norm_avg_pool
 weight and bias are its inputs only for their gradients (their values are in scale and
 shift), and its backward recomputes x_hat from x (``batch_norm_backward_reduce``, then
 ``batch_norm_backward_input``; SyncBatchNorm all-reduces the sums in between).
+
+Folded (a chain link's output, ``ops.conv2d_chain``): the link finalizes the statistics and
+returns mean and invstd as differentiable outputs; ``batch_norm_max_pool2d`` with ``folded``
+takes them as differentiable inputs, and its backward is one gather writing x's gradient at
+fixed statistics and the sums that give theirs (``folded_statistics_grads``): the
+statistics' own term reaches x through the link's backward, no pass of BatchNorm's own.
 """
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -27,7 +33,7 @@ from fastarch.kernels import avg_pool as avg_pool_kernels
 from fastarch.kernels import batch_norm as kernels
 from fastarch.kernels import max_pool as max_pool_kernels
 from fastarch.kernels.batch_norm import BackwardSums, BatchNormStatistics
-from fastarch.kernels.launch import TileConfig, interpreter_tile
+from fastarch.kernels.launch import Launch, TileConfig, interpreter_tile
 from fastarch.kernels.nhwc import Normalization
 from fastarch.kernels.pool_geometry import PoolGeometry
 from fastarch.kernels.runtime import INTERPRETER, empty, memory_format_of
@@ -36,6 +42,7 @@ from fastarch.ops.avg_pool import avg_pool2d_backward, avg_window
 from fastarch.ops.common import (absent, fake_empty, is_channels_last, nhwc_tile, no_grads,
                                  no_double_backward, or_absent, pool_geometry, pool_window,
                                  pooled_shape, run_nhwc)
+from fastarch.ops.conv2d import sum_rows
 from fastarch.ops.max_pool import max_pool2d_backward, max_pool_outputs, output_empty
 from fastarch.ops.relu import relu_backward
 
@@ -278,6 +285,23 @@ batch_norm_add_relu.register_autograd(_batch_norm_add_relu_grads,
                                       setup_context=_batch_norm_add_relu_setup)
 
 
+def folded_statistics_grads(sums: Tensor, invstd: Tensor, weight: Optional[Tensor],
+                            bias: Optional[Tensor], needs: tuple[bool, ...]
+                            ) -> tuple[Optional[Tensor], ...]:
+    """The gradients of a BatchNorm's (mean, invstd, weight, bias), where ``needs`` says, from
+    the sums [2, C] fp32 of du and du * (x - mean) (du: the gradient of the normalised input,
+    ReLU-masked) that a folded backward's kernel wrote: -scale * sum(du), weight * sum(du *
+    (x - mean)), invstd * sum(du * (x - mean)), sum(du), scale = invstd * weight."""
+    sum_du, sum_du_centred = sums.unbind(0)
+    gamma = None if weight is None else weight.float()
+    scale = invstd if gamma is None else invstd * gamma
+    grads = (-scale * sum_du,
+             sum_du_centred if gamma is None else gamma * sum_du_centred,
+             None if weight is None else (invstd * sum_du_centred).to(weight.dtype),
+             None if bias is None else sum_du.to(bias.dtype))
+    return tuple(grad if need else None for grad, need in zip(grads, needs))
+
+
 def _pooled_grads(op: str, pool_input_grad):
     """The autograd formula of BatchNorm fused into a pool: dy back through the pool
     (``pool_input_grad(ctx, dy)``), then through the BatchNorm."""
@@ -292,9 +316,14 @@ def batch_norm_max_pool2d(x: Tensor, weight: Optional[Tensor], bias: Optional[Te
                           mean: Tensor, invstd: Tensor, scale: Tensor, shift: Tensor,
                           training: bool, relu: bool, kernel_size: list[int],
                           stride: list[int], padding: list[int], dilation: list[int],
-                          ceil_mode: bool, keep_offsets: bool) -> tuple[Tensor, Tensor]:
+                          ceil_mode: bool, keep_offsets: bool,
+                          folded: bool) -> tuple[Tensor, Tensor]:
     """max_pool2d of ``batch_norm``'s output without writing it: (y, window offsets for
-    backward if ``keep_offsets``)."""
+    backward if ``keep_offsets``). ``folded``: mean and invstd are differentiable inputs (a
+    chain link's batch statistics, ``ops.conv2d_chain``), and backward returns x's gradient
+    at fixed statistics and theirs, BatchNorm's backward folded into the pool's gather
+    (``batch_norm_max_pool2d_backward``); else it differentiates through the batch
+    statistics itself."""
     geometry = pool_geometry(kernel_size, stride, padding, dilation, ceil_mode)
     y, offsets, _ = max_pool_outputs(x, geometry, keep_offsets, False, output_empty)
     N, C, P, Q = y.shape
@@ -309,14 +338,16 @@ def batch_norm_max_pool2d(x: Tensor, weight: Optional[Tensor], bias: Optional[Te
 
 @batch_norm_max_pool2d.register_fake
 def _(x, weight, bias, mean, invstd, scale, shift, training, relu, kernel_size, stride,
-      padding, dilation, ceil_mode, keep_offsets):
+      padding, dilation, ceil_mode, keep_offsets, folded):
     geometry = pool_geometry(kernel_size, stride, padding, dilation, ceil_mode)
     return max_pool_outputs(x, geometry, keep_offsets, False, fake_empty)[:2]
 
 
 def _batch_norm_max_pool2d_setup(ctx, inputs, output) -> None:
-    batch_norm_setup(ctx, inputs, output, offsets=output[1])
-    ctx.window = inputs[9:14]
+    folded = inputs[15]
+    batch_norm_setup(ctx, inputs, output, offsets=output[1],
+                     kept=inputs[1:3] if folded else ())
+    ctx.window, ctx.folded = inputs[9:14], folded
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # no zero gradient written for the offsets
 
@@ -326,9 +357,58 @@ def _max_pool_input_grad(ctx, dy: Tensor) -> Tensor:
     return max_pool2d_backward(dy, offsets, list(x.shape), is_channels_last(x), *ctx.window)
 
 
-batch_norm_max_pool2d.register_autograd(
-    _pooled_grads("batch_norm_max_pool2d", _max_pool_input_grad),
-    setup_context=_batch_norm_max_pool2d_setup)
+@profiling.op_range("batch_norm_max_pool2d.backward")
+def _batch_norm_max_pool2d_grads(ctx, dy: Tensor, unused_offsets_grad):
+    if not ctx.folded:
+        return *batch_norm_grads(ctx, _max_pool_input_grad(ctx, dy)), *no_grads(13)
+    x, mean, invstd, scale, shift, offsets, weight, bias = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    dx, sums = batch_norm_max_pool2d_backward(dy, offsets, x, mean, scale, shift, ctx.relu,
+                                              *ctx.window)
+    mean_grad, invstd_grad, weight_grad, bias_grad = folded_statistics_grads(
+        sums, invstd, weight, bias, (needs[3], needs[4], needs[1], needs[2]))
+    return (dx if needs[0] else None, weight_grad, bias_grad, mean_grad, invstd_grad,
+            *no_grads(11))
+
+
+batch_norm_max_pool2d.register_autograd(_batch_norm_max_pool2d_grads,
+                                        setup_context=_batch_norm_max_pool2d_setup)
+
+
+@torch.library.custom_op("fastarch::batch_norm_max_pool2d_backward", mutates_args=())
+def batch_norm_max_pool2d_backward(dy: Tensor, offsets: Tensor, x: Tensor, mean: Tensor,
+                                   scale: Tensor, shift: Tensor, relu: bool,
+                                   kernel_size: list[int], stride: list[int],
+                                   padding: list[int], dilation: list[int],
+                                   ceil_mode: bool) -> tuple[Tensor, Tensor]:
+    """The folded backward of ``batch_norm_max_pool2d``: (x's gradient at fixed statistics,
+    du * scale in x's memory format; the sums [2, C] fp32 of du and du * (x - mean)), du
+    the pool's gradient of the normalised tensor, ReLU-masked: one gather, whose sums
+    (per-program rows) are added in order."""
+    geometry = pool_geometry(kernel_size, stride, padding, dilation, ceil_mode)
+    N, C, H, W = x.shape
+    dx = empty(x.shape, dy.dtype, dy.device, memory_format_of(x))
+    rows: dict[str, Tensor] = {}  # the sums of the tile launched last
+
+    def launch(tile: TileConfig) -> Launch:
+        rows["sums"] = empty((max_pool_kernels.backward_sum_rows(x.shape, tile), 2, C),
+                             torch.float32, dy.device)
+        fold = max_pool_kernels.PoolGradFold(x, (mean, scale, shift), relu, rows["sums"])
+        return max_pool_kernels.backward_launch(dy, offsets, dx, geometry, tile, fold=fold)
+
+    run_nhwc("batch_norm_max_pool2d_backward", dy, C, N * H * W, launch, (dx,),
+             window=kernel_size)
+    return dx, sum_rows(rows["sums"])
+
+
+@batch_norm_max_pool2d_backward.register_fake
+def _(dy, offsets, x, mean, scale, shift, relu, kernel_size, stride, padding, dilation,
+      ceil_mode):
+    return (fake_empty(x.shape, dy.dtype, dy, memory_format_of(x)),
+            fake_empty((2, x.shape[1]), torch.float32, dy))
+
+
+batch_norm_max_pool2d_backward.register_autograd(no_double_backward("batch_norm_max_pool2d"))
 
 
 @torch.library.custom_op("fastarch::batch_norm_avg_pool2d", mutates_args=())
@@ -480,15 +560,17 @@ def statistics(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[
 
 def normalize(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
               stats: BatchNormStatistics, training: bool, relu: bool,
-              pool: Optional[FusedPool]) -> Tensor:
+              pool: Optional[FusedPool], folded: bool = False) -> Tensor:
     """(x - mean) * scale + shift of a 4-D x, then ReLU (``relu``), then ``pool`` (whose
-    input, the normalised tensor, is never written)."""
+    input, the normalised tensor, is never written); ``folded`` as ``batch_norm_max_pool2d``
+    (a max pool only)."""
     if pool is None:
         return batch_norm(x, weight, bias, *stats, training, relu)
     if pool.is_max:
-        keep_offsets = any(records_grad(t) for t in (x, weight, bias) if t is not None)
+        keep_offsets = any(records_grad(t) for t in (x, weight, bias, stats.mean, stats.invstd)
+                           if t is not None)
         return batch_norm_max_pool2d(x, weight, bias, *stats, training, relu,
-                                     *pool_window(pool.geometry), keep_offsets)[0]
+                                     *pool_window(pool.geometry), keep_offsets, folded)[0]
     return batch_norm_avg_pool2d(x, weight, bias, *stats, training, relu,
                                  *avg_window(pool.geometry), pool.count_include_pad,
                                  pool.divisor_override)
@@ -503,6 +585,21 @@ def forward(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Ten
     stats = statistics(x, running_mean, running_var, weight, bias, training, momentum, eps,
                        partials)
     return normalize(x, weight, bias, stats, training, relu, pool)
+
+
+def normalize_folded(x: Tensor, batch_statistics: tuple[Tensor, Tensor],
+                     weight: Optional[Tensor], bias: Optional[Tensor], relu: bool,
+                     pool: FusedPool) -> Tensor:
+    """Training BatchNorm (+ ReLU) fused into a max ``pool`` of a chain link's output x,
+    normalising with its differentiable ``batch_statistics`` (mean, invstd), so that the
+    backward folds (``batch_norm_max_pool2d``'s ``folded``); the link ran the rest of the
+    BatchNorm's forward (``ops.conv2d_chain``)."""
+    mean, invstd = batch_statistics
+    # scale and shift are values here: the op differentiates through mean, invstd, weight, bias
+    scale = invstd.detach() if weight is None else invstd.detach() * weight.detach().float()
+    shift = torch.zeros_like(invstd) if bias is None else bias.detach().float()
+    return normalize(x, weight, bias, BatchNormStatistics(mean, invstd, scale, shift), True,
+                     relu, pool, folded=True)
 
 
 def forward_add_relu(x: Tensor, residual: Tensor, running_mean: Optional[Tensor],

@@ -11,7 +11,7 @@ import functools
 import os
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,13 +23,15 @@ from fastarch.autotune import Generation, gemm_candidates
 from fastarch.kernels.conv2d import (SMALL_C, ConvGeometry, InputNormalization,
                                      forward_launch, row_run_forward_launch, run_channels,
                                      run_copy_shape)
-from fastarch.kernels.conv2d_tma import (tma_activation, tma_block_k, tma_dgrad_launches,
-                                         tma_forward_launch, tma_m_tiles, tma_supported)
-from fastarch.kernels.conv2d_backward import (dgrad_launch, merge_launch, phase_pixels,
-                                              row_run_wgrad_launch, wgrad_launch)
+from fastarch.kernels.conv2d_tma import (tma_block_k, tma_dgrad_launches, tma_dgrad_sum_rows,
+                                         tma_forward_launch, tma_gradient_supported,
+                                         tma_m_tiles, tma_supported)
+from fastarch.kernels.conv2d_backward import (dgrad_launch, dgrad_sum_rows, merge_launch,
+                                              phase_pixels, row_run_wgrad_launch,
+                                              wgrad_launch)
 from fastarch.kernels.conv2d_tma_wgrad import tma_wgrad_launch, tma_wgrad_supported
 from fastarch.kernels.launch import Launch, TileConfig, interpreter_tile
-from fastarch.kernels.nhwc import padded_copy_launch
+from fastarch.kernels.nhwc import BatchNormGradEpilogue, GradientPrologue, padded_copy_launch
 from fastarch.kernels.runtime import INTERPRETER, empty, memory_format_of, sm_count
 from fastarch.kernels.tensor_cores import Operand
 from fastarch.kernels.welford import WelfordPartials
@@ -190,15 +192,16 @@ def tma_tile(base: TileConfig, channels: int, operand: Operand) -> TileConfig:
 
 def tma_forward_tile(channels: int, out_channels: int, out_width: int, operand: Operand,
                      stats: bool, interpreter: bool = INTERPRETER, *,
-                     residual: bool = False) -> TileConfig:
+                     heavy_epilogue: bool = False) -> TileConfig:
     """The static TMA tile (``FASTARCH_CONV_ALGO=tma``): 128 pixels of a row where rows are
-    wider than 64, else 64; 256 channels where there are as many (without ``stats`` or a
-    ``residual``), 64 beside 128 pixels where there are at most 64, else 128."""
+    wider than 64, else 64; 256 channels where there are as many (without ``stats`` or
+    another ``heavy_epilogue``: a residual, a BatchNorm gradient), 64 beside 128 pixels
+    where there are at most 64, else 128."""
     if interpreter:
         return replace(interpreter_tile(out_width, out_channels), name="interpreter_tma",
                        block_k=tma_block_k(channels, 128), tma=True)
     width = 128 if out_width > 64 else 64
-    if out_channels >= 256 and not stats and not residual:
+    if out_channels >= 256 and not stats and not heavy_epilogue:
         height = 256
     elif out_channels <= 64 and width == 128:
         height = 64
@@ -208,12 +211,13 @@ def tma_forward_tile(channels: int, out_channels: int, out_width: int, operand: 
 
 
 def tma_dgrad_tile(channels: int, out_channels: int, phase_width: int, operand: Operand,
-                   interpreter: bool = INTERPRETER) -> TileConfig:
+                   interpreter: bool = INTERPRETER, *, bn_grad: bool = False) -> TileConfig:
     """The static tile of the TMA input gradient (``FASTARCH_CONV_ALGO=tma``): a forward
     from dy's ``out_channels`` to dx's ``channels`` whose output rows are a stride phase's,
-    ``phase_width`` wide (``tma_forward_tile`` without STATS)."""
+    ``phase_width`` wide (``tma_forward_tile`` without STATS; ``bn_grad``, the BatchNorm
+    gradient epilogue, is a heavy one)."""
     return tma_forward_tile(out_channels, channels, phase_width, operand, stats=False,
-                            interpreter=interpreter)
+                            interpreter=interpreter, heavy_epilogue=bn_grad)
 
 
 def forward_m_tiles(tile: TileConfig, batch: int, out_height: int, out_width: int) -> int:
@@ -349,7 +353,8 @@ def _forward_tile(x: Tensor, weight: Tensor, geometry: ConvGeometry, operand: Op
     N, C, H, W = x.shape
     P, Q = geometry.output_size(H, W)
     if algo == "tma" and tma_supported(x, weight, geometry, operand):
-        return tma_forward_tile(C, weight.shape[0], Q, operand, stats, residual=residual)
+        return tma_forward_tile(C, weight.shape[0], Q, operand, stats,
+                                heavy_epilogue=residual)
     R, S = weight.shape[2:]
     depth = S * run_channels(C, x.dtype) if C < SMALL_C else R * S * C
     return forward_tile(C, weight.shape[0], depth, operand, N * P * Q)
@@ -366,21 +371,22 @@ def forward_candidates(static: TileConfig, out_channels: int, pixels: int, stats
 
 def tma_candidates(static: TileConfig, channels: int, out_channels: int, out_width: int,
                    out_m_tiles: Callable[[TileConfig], int], stats: bool, operand: Operand,
-                   residual: bool = False) -> tuple[TileConfig, ...]:
+                   heavy_epilogue: bool = False) -> tuple[TileConfig, ...]:
     """The TMA tiles tried beside ``static``: 128 pixels wide only on rows wider than 64, no
     wider than the next power of two of ``out_channels`` (at least 64); with ``stats`` only
-    those of static's M-tile count, ``out_m_tiles(tile)``; with ``stats`` or a ``residual``
-    only those that ``tma_takes_heavy_epilogue``."""
+    those of static's M-tile count, ``out_m_tiles(tile)``; with ``stats`` or another
+    ``heavy_epilogue`` (a residual, a BatchNorm gradient) only those that
+    ``tma_takes_heavy_epilogue``."""
     max_n = max(64, triton.next_power_of_2(out_channels))
     tiles = (tma_tile(base, channels, operand) for base in TMA_FORWARD.values()
              if (base.block_m == 64 or out_width > 64) and base.block_n <= max_n)
     return tuple(tile for tile in tiles if tile.name != static.name
                  and (not stats or out_m_tiles(tile) == out_m_tiles(static))
-                 and (not (stats or residual) or tma_takes_heavy_epilogue(tile)))
+                 and (not (stats or heavy_epilogue) or tma_takes_heavy_epilogue(tile)))
 
 
 def tma_takes_heavy_epilogue(tile: TileConfig) -> bool:
-    """Whether the TMA ``tile`` may run the STATS or the residual epilogue
+    """Whether the TMA ``tile`` may run the STATS, residual or BatchNorm-gradient epilogue
     (TMA_HEAVY_EPILOGUE_ACCUMULATOR)."""
     return (tile.block_m * tile.block_n // (32 * tile.num_warps)
             <= TMA_HEAVY_EPILOGUE_ACCUMULATOR)
@@ -444,7 +450,7 @@ def conv2d_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: 
 
     def candidates(generation: Generation) -> tuple[TileConfig, ...]:
         tma = tma_candidates(static, x.shape[1], K_out, Q, m_tiles, stats, operand,
-                             residual is not None)
+                             heavy_epilogue=residual is not None)
         if static.tma:
             return (static, *tma)
         pointer = forward_candidates(static, K_out, N * P * Q, stats, generation)
@@ -497,27 +503,75 @@ def run_copy(t: Tensor, geometry: ConvGeometry,
     return copy
 
 
+class BackwardFold(NamedTuple):
+    """What a conv's backward folds of the BatchNorms around it (``ops.conv2d_chain``):
+    ``grad_prologue``, the batch-statistics term of the input gradient of the BatchNorm
+    after the conv, added to dy as the dgrad and wgrad load it; ``input_batch_norm``, the
+    (x, mean, normalization) of the BatchNorm (+ ReLU) before it, whose input gradient at
+    fixed statistics and sums the dgrad's epilogue writes (``BatchNormGradEpilogue``)."""
+    grad_prologue: Optional[GradientPrologue] = None
+    input_batch_norm: Optional[tuple[Tensor, Tensor, InputNormalization]] = None
+
+    def epilogue(self, rows: int, channels: int,
+                 device: torch.device) -> Optional[BatchNormGradEpilogue]:
+        """The dgrad epilogue, with its [rows, 2, channels] fp32 sums allocated."""
+        if self.input_batch_norm is None:
+            return None
+        x, mean, normalization = self.input_batch_norm
+        return BatchNormGradEpilogue(x, mean, normalization,
+                                     empty((rows, 2, channels), torch.float32, device))
+
+    def key(self) -> dict[str, str]:
+        """The autotune key's entries: none without a fold (the keys stay as they were)."""
+        marks = [mark for mark, on in (("grad_prologue", self.grad_prologue is not None),
+                                       ("bn_grad", self.input_batch_norm is not None)) if on]
+        return {"fold": "+".join(marks)} if marks else {}
+
+
+def sum_rows(rows: Tensor) -> Tensor:
+    """The [2, C] fp32 sums of a folded BatchNorm backward's [rows, 2, C] per-program rows
+    (a dgrad epilogue's, a max pool gather's), added in row order."""
+    count, _, channels = rows.shape
+    sums = empty((2, channels), torch.float32, rows.device)
+    merge_launch(rows.view(count, 1, 1, 2, channels), sums.view(1, 1, 2, channels),
+                 wgrad_merge_tile(sums.numel(), INTERPRETER))()
+    return sums
+
+
 def conv2d_input_grad(dy: Tensor, weight: Tensor, input_shape: torch.Size,
                       memory_format: torch.memory_format, geometry: ConvGeometry,
-                      operand: Operand) -> Tensor:
-    """dx of a conv2d: ``input_shape`` (N, C, H, W) in ``memory_format``, dy's dtype."""
+                      operand: Operand, fold: Optional[BackwardFold] = None
+                      ) -> tuple[Tensor, Optional[Tensor]]:
+    """dx of a conv2d: ``input_shape`` (N, C, H, W) in ``memory_format``, dy's dtype, and
+    with ``fold`` its BatchNorm sums ([2, C] fp32: ``BackwardFold``; else None)."""
     N, C, H, W = input_shape
     dx = empty(input_shape, dy.dtype, dy.device, memory_format)
     K_out = weight.shape[0]
     pixels = phase_pixels(N, H, W, geometry)
     phase_rows, phase_width = (triton.cdiv(size, stride)
                                for size, stride in zip((H, W), geometry.stride))
-    tma = tma_activation(dy, operand)
+    fold = fold or BackwardFold()
+    tma = tma_gradient_supported(dy, operand, fold.grad_prologue)
+    bn_grad = fold.input_batch_norm is not None
+    sums: dict[str, Tensor] = {}  # the rows of the tile launched last
 
     def launches(tile: TileConfig) -> list[Launch]:
+        rows = (tma_dgrad_sum_rows if tile.tma else dgrad_sum_rows)(input_shape, geometry,
+                                                                    tile)
+        epilogue = fold.epilogue(rows, C, dy.device)
+        if epilogue is not None:
+            sums["rows"] = epilogue.sums
+        options = {"grad_prologue": fold.grad_prologue, "epilogue": epilogue}
         if tile.tma:
-            return tma_dgrad_launches(dy, weight, dx, geometry, operand, tile)
-        return [dgrad_launch(dy, dgrad_weight(weight), dx, geometry, operand, tile)]
+            return tma_dgrad_launches(dy, weight, dx, geometry, operand, tile, **options)
+        return [dgrad_launch(dy, dgrad_weight(weight), dx, geometry, operand, tile,
+                             **options)]
 
     def candidates(generation: Generation) -> tuple[TileConfig, ...]:
         tma_tiles = tma_candidates(
             static, K_out, C, phase_width,
-            lambda tile: tma_m_tiles(N, phase_rows, phase_width, tile.block_m), False, operand)
+            lambda tile: tma_m_tiles(N, phase_rows, phase_width, tile.block_m), False, operand,
+            heavy_epilogue=bn_grad)
         if static.tma:
             return (static, *tma_tiles)
         pointer = dgrad_candidates(static, C, pixels, generation)
@@ -526,28 +580,32 @@ def conv2d_input_grad(dy: Tensor, weight: Tensor, input_shape: torch.Size,
         return pointer
 
     algo = conv_algo()
-    static = (tma_dgrad_tile(C, K_out, phase_width, operand) if algo == "tma" and tma
-              else dgrad_tile(C, K_out, operand, pixels))
+    static = (tma_dgrad_tile(C, K_out, phase_width, operand, bn_grad=bn_grad)
+              if algo == "tma" and tma else dgrad_tile(C, K_out, operand, pixels))
     shape = {"C": C, "K": K_out, "RS": f"{weight.shape[2]}x{weight.shape[3]}",
              "stride": geometry.stride, "pixels": triton.next_power_of_2(pixels),
              "operand": operand.value,
-             **({} if algo == "auto" else {"algo": algo})}  # auto keeps the keys it had
+             **({} if algo == "auto" else {"algo": algo}),  # auto keeps the keys it had
+             **fold.key()}
     tile = tuned_tile("conv2d_dgrad", shape, dy, static, candidates, launches, (dx,))
     for launch in launches(tile):
         launch()
-    return dx
+    if "rows" not in sums:
+        return dx, None
+    return dx, sum_rows(sums["rows"])
 
 
 def wgrad_plan(x: Tensor, dy: Tensor, weight_shape: torch.Size, need_bias_grad: bool,
                geometry: ConvGeometry, operand: Operand, interpreter: bool = INTERPRETER,
-               prologue: Optional[InputNormalization] = None
+               prologue: Optional[InputNormalization] = None,
+               grad_prologue: Optional[GradientPrologue] = None
                ) -> tuple[list[Launch], Tensor, Optional[Tensor]]:
     """The launches of one weight gradient and the dW, db they fill (dW and db are
     allocated here; so is the fp32 partial buffer when the reduction is split); x is read
-    through ``prologue`` where given."""
+    through ``prologue``, dy through ``grad_prologue`` where given."""
     K_out, C, R, S = weight_shape
     N, _, P, Q = dy.shape
-    tma = tma_wgrad_supported(x, dy, geometry, operand)
+    tma = tma_wgrad_supported(x, dy, geometry, operand, grad_prologue)
 
     def candidates(generation: Generation) -> tuple[TileConfig, ...]:
         tma_tiles = tma_wgrad_candidates(static, C, K_out, Q, operand)
@@ -565,23 +623,25 @@ def wgrad_plan(x: Tensor, dy: Tensor, weight_shape: torch.Size, need_bias_grad: 
     shape = {"C": C, "K": K_out, "RS": f"{R}x{S}", "stride": geometry.stride,
              "pixels": triton.next_power_of_2(N * P * Q), "operand": operand.value,
              **({} if algo == "auto" else {"algo": algo}),  # auto keeps the keys it had
-             **prologue_key(prologue)}
+             **prologue_key(prologue), **BackwardFold(grad_prologue).key()}
     tile = tuned_tile("conv2d_wgrad", shape, x, static, candidates,
                       lambda tile: wgrad_launches(x, dy, weight_shape, need_bias_grad,
                                                    geometry, operand, tile, interpreter,
-                                                   prologue)[0], ())
+                                                   prologue, grad_prologue)[0], ())
     return wgrad_launches(x, dy, weight_shape, need_bias_grad, geometry, operand, tile,
-                           interpreter, prologue)
+                           interpreter, prologue, grad_prologue)
 
 
 def wgrad_launches(x: Tensor, dy: Tensor, weight_shape: torch.Size, need_bias_grad: bool,
                     geometry: ConvGeometry, operand: Operand, tile: TileConfig,
-                    interpreter: bool, prologue: Optional[InputNormalization] = None
+                    interpreter: bool, prologue: Optional[InputNormalization] = None,
+                    grad_prologue: Optional[GradientPrologue] = None
                     ) -> tuple[list[Launch], Tensor, Optional[Tensor]]:
     """``wgrad_plan`` on a given tile (its split-K policy, dW, db and partials allocated).
     A TMA tile splits the N*P output rows, each row ceil(Q / BLOCK_K) steps: the policy
     counts its steps as pixels. x is read through ``prologue`` where given (a pointer tile
-    then at most ``PROLOGUE_WGRAD_STAGES`` deep; a first layer's copy applies it)."""
+    then at most ``PROLOGUE_WGRAD_STAGES`` deep; a first layer's copy applies it), dy
+    through ``grad_prologue``."""
     K_out, C, R, S = weight_shape
     N, _, P, Q = dy.shape
     row_run = C < SMALL_C and not tile.tma  # a first layer reads a padded copy of x
@@ -593,14 +653,17 @@ def wgrad_launches(x: Tensor, dy: Tensor, weight_shape: torch.Size, need_bias_gr
         wanted = wgrad_splits(tiles, steps_pixels, tile.block_k, sm_count(x.device),
                               interpreter)
         splits, per_split = split_reduction(N * P, wanted, 1)
-        build = functools.partial(tma_wgrad_launch, prologue=prologue)
+        build = functools.partial(tma_wgrad_launch, prologue=prologue,
+                                  grad_prologue=grad_prologue)
     else:
         splits, per_split = split_reduction(
             N * P * Q,
             wgrad_splits(tiles, N * P * Q, tile.block_k, sm_count(x.device), interpreter),
             tile.block_k)
-        build = (row_run_wgrad_launch if row_run  # the copy applies the prologue
-                 else functools.partial(wgrad_launch, prologue=prologue))
+        build = (functools.partial(row_run_wgrad_launch, grad_prologue=grad_prologue)
+                 if row_run  # the copy applies the input prologue
+                 else functools.partial(wgrad_launch, prologue=prologue,
+                                        grad_prologue=grad_prologue))
         if prologue is not None and not row_run:
             # With the transform, 3 or 4 stages take the 16-bit 128x128 tile to 255
             # registers and spills on sm_80, 2 to 171 (``python -m fastarch compile-report``).
@@ -631,13 +694,14 @@ def wgrad_launches(x: Tensor, dy: Tensor, weight_shape: torch.Size, need_bias_gr
 
 def conv2d_weight_grad(x: Tensor, dy: Tensor, weight_shape: torch.Size,
                        geometry: ConvGeometry, need_bias_grad: bool,
-                       operand: Operand, prologue: Optional[InputNormalization] = None
+                       operand: Operand, prologue: Optional[InputNormalization] = None,
+                       grad_prologue: Optional[GradientPrologue] = None
                        ) -> tuple[Tensor, Optional[Tensor]]:
     """dW (``weight_shape``, contiguous) and, if asked, db of a conv2d, both in x's dtype,
     accumulated in fp32; with ``prologue``, of the conv reading x through it (as
-    ``conv2d_forward``)."""
+    ``conv2d_forward``); with ``grad_prologue``, of dy read through it."""
     launches, dw, db = wgrad_plan(x, dy, weight_shape, need_bias_grad, geometry, operand,
-                                  prologue=prologue)
+                                  prologue=prologue, grad_prologue=grad_prologue)
     for launch in launches:
         launch()
     return dw, db
@@ -742,8 +806,8 @@ def conv_grads(dy: Tensor, x: Optional[Tensor], weight: Optional[Tensor],
     operand = backend.conv_operand(dy.dtype)
     dx = dw = db = None
     if input_grad:
-        dx = conv2d_input_grad(dy, weight, torch.Size(input_shape),
-                               memory_format_for(channels_last), geometry, operand)
+        dx, _ = conv2d_input_grad(dy, weight, torch.Size(input_shape),
+                                  memory_format_for(channels_last), geometry, operand)
     if weight_grad:
         dw, db = conv2d_weight_grad(x, dy, torch.Size(weight_shape), geometry, bias_grad,
                                     operand, prologue=prologue)

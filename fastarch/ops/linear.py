@@ -1,7 +1,9 @@
 """Linear's operators and host side: ``fastarch::linear`` (dropout(relu(x @ W^T + b)) in one
 GEMM, each step optional) and its backward ``fastarch::linear_backward``; the GEMM tile table
 and its choice, the split-K policy, the TF32 decision (``backend.matmul_operand``), output
-allocation, and torch's composition of the same layer for what the kernels do not take."""
+allocation, and torch's composition of the same layer for what the kernels do not take. The
+host functions ``linear_forward`` and ``linear_grads`` also read x through an input prologue
+(``kernels.linear``), for ``ops.batch_norm_linear``."""
 from typing import Optional
 
 import torch
@@ -12,8 +14,8 @@ from torch import Tensor
 from fastarch import autotune, backend, profiling
 from fastarch.autotune import Generation
 from fastarch.kernels.launch import Launch, TileConfig, interpreter_tile
-from fastarch.kernels.linear import (gemm_launch, output_grad_launch, split_k_epilogue_launch,
-                                     sum_rows_launch)
+from fastarch.kernels.linear import (InputNormalization, gemm_launch, output_grad_launch,
+                                     split_k_epilogue_launch, sum_rows_launch)
 from fastarch.kernels.runtime import INTERPRETER, empty, sm_count
 from fastarch.kernels.tensor_cores import Operand
 from fastarch.ops.common import (absent, fake_empty, no_double_backward, or_absent,
@@ -100,9 +102,11 @@ def aligned(*tensors: Tensor) -> bool:
 
 
 def gemm_plan(a: Tensor, b: Tensor, c: Tensor, bias: Optional[Tensor], seed: Optional[Tensor],
-              relu: bool, p: float, operand: Operand, product: str) -> list[Launch]:
+              relu: bool, p: float, operand: Operand, product: str,
+              prologue: Optional[InputNormalization] = None) -> list[Launch]:
     """The launches computing c = epilogue(a @ b): one GEMM, or a split-K GEMM into an fp32
-    partial (allocated here) and its epilogue."""
+    partial (allocated here) and its epilogue; x (a in the forward, b in the weight
+    gradient) read through ``prologue`` where given."""
     M, K = a.shape
     N = b.shape[1]
     is_aligned, dropout = aligned(a, b, c), p > 0
@@ -110,12 +114,14 @@ def gemm_plan(a: Tensor, b: Tensor, c: Tensor, bias: Optional[Tensor], seed: Opt
     epilogue = "".join(flag for flag, on in (("+bias", bias is not None), ("+relu", relu),
                                               ("+dropout", dropout)) if on)
     shape = {"M": triton.next_power_of_2(M), "N": N, "K": K, "product": product,
-             "aligned": is_aligned, "operand": operand.value, "epilogue": epilogue}
+             "aligned": is_aligned, "operand": operand.value, "epilogue": epilogue,
+             **({} if prologue is None
+                else {"prologue": "affine+relu" if prologue.relu else "affine"})}
     tile = tuned_tile("linear_gemm", shape, a, static,
                       lambda generation: gemm_candidates(static, M, N, dropout, generation),
                       lambda tile: gemm_launches(a, b, c, bias, seed, relu, p, operand,
-                                                  product, tile), (c,))
-    return gemm_launches(a, b, c, bias, seed, relu, p, operand, product, tile)
+                                                  product, tile, prologue), (c,))
+    return gemm_launches(a, b, c, bias, seed, relu, p, operand, product, tile, prologue)
 
 
 def gemm_candidates(static: TileConfig, M: int, N: int, dropout: bool,
@@ -128,7 +134,8 @@ def gemm_candidates(static: TileConfig, M: int, N: int, dropout: bool,
 
 def gemm_launches(a: Tensor, b: Tensor, c: Tensor, bias: Optional[Tensor],
                    seed: Optional[Tensor], relu: bool, p: float, operand: Operand,
-                   product: str, tile: TileConfig) -> list[Launch]:
+                   product: str, tile: TileConfig,
+                   prologue: Optional[InputNormalization] = None) -> list[Launch]:
     """``gemm_plan`` on a given tile (its split-K policy and partial allocated)."""
     M, K = a.shape
     N = b.shape[1]
@@ -137,10 +144,10 @@ def gemm_launches(a: Tensor, b: Tensor, c: Tensor, bias: Optional[Tensor],
                                           tile.block_k)
     if splits == 1:
         return [gemm_launch(a, b, c, bias, seed, relu, p, operand, tile, 1, k_per_split,
-                            product)]
+                            product, prologue)]
     partial = empty((splits, M, N), torch.float32, a.device)
     return [gemm_launch(a, b, partial, bias, seed, relu, p, operand, tile, splits,
-                        k_per_split, product),
+                        k_per_split, product, prologue),
             split_k_epilogue_launch(partial, c, bias, seed, relu, p, row_tile(M, N), product)]
 
 
@@ -179,9 +186,16 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], relu: bool, p: flo
            seed: Optional[Tensor]) -> Tensor:
     """dropout(relu(x @ weight^T + bias)) of a 2-D x (any strides) in one GEMM, in x's
     dtype; dropout when p > 0, its mask drawn from ``seed``."""
+    return linear_forward(x, weight, bias, relu, p, seed)
+
+
+def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], relu: bool, p: float,
+                   seed: Optional[Tensor], prologue: Optional[InputNormalization] = None
+                   ) -> Tensor:
+    """``linear``'s output, x read through ``prologue`` where given."""
     y = empty((x.shape[0], weight.shape[0]), x.dtype, x.device)
     _run(gemm_plan(x, weight.t(), y, bias, seed, relu, p, backend.matmul_operand(x.dtype),
-                   "forward"))
+                   "forward", prologue))
     return y
 
 
@@ -219,6 +233,17 @@ def linear_backward(dy: Tensor, x: Optional[Tensor], weight: Optional[Tensor],
     """(dx, dweight, dbias) of ``linear`` for a 2-D dy: dx when ``weight`` is given, dweight
     when ``x`` is, dbias when ``bias_dtype`` is (placeholders otherwise). ``y`` is the
     forward's output when ``relu``, ``seed`` its dropout seed when ``p`` > 0."""
+    dx, dw, db = linear_grads(dy, x, weight, y, seed, relu, p, bias_dtype)
+    return or_absent(dx, dy), or_absent(dw, dy), or_absent(db, dy)
+
+
+def linear_grads(dy: Tensor, x: Optional[Tensor], weight: Optional[Tensor], y: Optional[Tensor],
+                 seed: Optional[Tensor], relu: bool, p: float,
+                 bias_dtype: Optional[torch.dtype],
+                 prologue: Optional[InputNormalization] = None
+                 ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """``linear_backward``'s (dx, dweight, dbias), None where not asked for; dweight reads x
+    through ``prologue`` where given."""
     launches, g, db = output_grad_plan(dy, y, seed, relu, p, bias_dtype)
     _run(launches)
     operand = backend.matmul_operand(dy.dtype)
@@ -228,8 +253,9 @@ def linear_backward(dy: Tensor, x: Optional[Tensor], weight: Optional[Tensor],
         _run(gemm_plan(g, weight, dx, None, None, False, 0.0, operand, "input_grad"))
     if x is not None:
         dw = empty((dy.shape[1], x.shape[1]), x.dtype, dy.device)
-        _run(gemm_plan(g.t(), x, dw, None, None, False, 0.0, operand, "weight_grad"))
-    return or_absent(dx, dy), or_absent(dw, dy), or_absent(db, dy)
+        _run(gemm_plan(g.t(), x, dw, None, None, False, 0.0, operand, "weight_grad",
+                       prologue))
+    return dx, dw, db
 
 
 @linear_backward.register_fake
