@@ -90,6 +90,7 @@ def test_every_launcher_runs_without_host_sync(device, process_group):
         with torch.no_grad():
             resnet.eval()(x)  # the residual in the conv epilogue
         _batch_norm_into_conv(x).sum().backward()
+        _batch_norm_into_linear(x).sum().backward()
         functional.relu(x).sum().backward()
         functional.sync_batch_norm(x, None, None, None, None, 0.1, 1e-5,
                                    process_group).sum().backward()
@@ -106,6 +107,15 @@ def _batch_norm_into_conv(x: torch.Tensor) -> torch.Tensor:
         x, torch.zeros(channels, device=x.device), torch.ones(channels, device=x.device),
         training=True, weight=weight, padding=1)
     return y
+
+
+def _batch_norm_into_linear(x: torch.Tensor) -> torch.Tensor:
+    """A training BatchNorm + ReLU applied in the next linear's prologue, flattened."""
+    channels = x.shape[1]
+    weight = random_input((4, x[0].numel()), x.dtype, x.device, requires_grad=True)
+    return functional.batch_norm_linear_fused(
+        x, torch.zeros(channels, device=x.device), torch.ones(channels, device=x.device),
+        training=True, weight=weight)
 
 
 # ----------------------------------------------------------------------------- GPU capture

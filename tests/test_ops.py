@@ -37,6 +37,9 @@ def _cases(device: str, channels_last: bool, group_name: str) -> dict:
                                           *conv_window, True, False, None)
     a, weight = t(5, 6, grad=True), t(4, 6, grad=True)
     linear_y = torch.ops.fastarch.linear(a.detach(), weight.detach(), None, True, 0.5, seed)
+    pooled_x, head = t(2, 3, 1, 1, grad=True), t(4, 3, grad=True)  # flatten(1): a view
+    head_y = torch.ops.fastarch.batch_norm_linear(pooled_x.detach(), None, None, *stats, True,
+                                                  True, head.detach(), None, True, 0.5, seed)
     return {
         "max_pool2d": (x, *WINDOW, True, True),
         "max_pool2d_backward": (t(*pooled.shape), offsets, shape, last, *WINDOW),
@@ -50,7 +53,9 @@ def _cases(device: str, channels_last: bool, group_name: str) -> dict:
         "batch_norm_running_statistics": (mean, var, None, beta.detach(), 1e-3),
         "batch_norm": (x, gamma, beta, *stats, True, True),
         "batch_norm_add_relu": (x, gamma, beta, *stats, True, t(*shape, grad=True)),
-        "batch_norm_max_pool2d": (x, gamma, None, *stats, True, False, *WINDOW, True),
+        "batch_norm_max_pool2d": (x, gamma, None, *stats, True, False, *WINDOW, True, False),
+        "batch_norm_max_pool2d_backward": (t(*pooled.shape), offsets, x.detach(), stats[0],
+                                           *stats[2:], True, *WINDOW),
         "batch_norm_avg_pool2d": (x, None, beta, *stats, False, True, *AVG_WINDOW, True, None),
         "batch_norm_backward_reduce": (x.detach(), t(*shape), *stats, True, torch.float32,
                                        None),
@@ -64,10 +69,21 @@ def _cases(device: str, channels_last: bool, group_name: str) -> dict:
                             list(w.shape), *conv_window, True, True, True),
         "batch_norm_conv2d": (x, gamma, beta, *stats, True, True, w, b, None, None, *conv_window,
                               False, True),
+        "conv2d_chain": (x, t(3, grad=True), t(3, grad=True).abs() + 0.5, gamma, beta, True, w,
+                         b, None, None, *conv_window, False, True, True, t(4),
+                         t(4).abs() + 0.5, 0.1, 1e-5),
+        "conv2d_chain_backward": (t(*conv_y.shape), x.detach(), mean, var, gamma.detach(), None,
+                                  True, w.detach(), None, conv_y, False, t(4), t(4).abs() + 0.5,
+                                  t(4), t(4), list(w.shape), *conv_window, True, True, True),
         "batch_norm_conv2d_backward": (t(*conv_y.shape), x.detach(), w.detach(), None, conv_y,
                                        stats[0], *stats[2:], True, list(w.shape), *conv_window,
                                        True, True, True),
         "linear": (a, weight, t(4, grad=True), True, 0.5, seed),
+        "batch_norm_linear": (pooled_x, gamma, beta, *stats, True, True, head, t(4, grad=True),
+                              True, 0.5, seed),
+        "batch_norm_linear_backward": (t(2, 4), pooled_x.detach(), head.detach(), head_y, seed,
+                                       stats[0], *stats[2:], True, True, 0.5, torch.float32,
+                                       True),
         "linear_backward": (t(5, 4), a.detach(), weight.detach(), linear_y, seed, True, 0.5,
                             torch.float32),
         "dropout": (x, 0.25, seed),

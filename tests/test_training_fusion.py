@@ -1,9 +1,11 @@
 """Training across conv runs (issue 15): a conv -> BatchNorm -> ReLU run directly followed by
 another conv run hands it its conv output and batch statistics, and the next conv applies the
-BatchNorm and ReLU to its input tiles as it loads them (``fastarch::batch_norm_conv2d``): the
-normalised tensor is never written, forward or backward. Checked against torch.nn in float64
-over training steps (outputs, every gradient, running statistics), bitwise across runs, by
-the kernels a forward launches, and under torch.compile."""
+BatchNorm and ReLU to its input tiles as it loads them (``fastarch::conv2d_chain``): the
+normalised tensor is never written, forward or backward, and BatchNorm's backward is no pass
+of its own (the consumer's dgrad epilogue and the producer's dgrad/wgrad prologues fold it; a
+max pool's gather folds it likewise). Checked against torch.nn in float64 over training steps
+(outputs, every gradient, running statistics), bitwise across runs, by the kernels a forward
+and a backward launch, and under torch.compile."""
 import copy
 import math
 from collections.abc import Callable
@@ -168,6 +170,56 @@ def test_training_forward_writes_no_normalised_tensor(end_with_pool, written, de
     assert kernels_run.count("batch_norm_finalize_kernel") == 4
 
 
+def test_training_backward_runs_no_batch_norm_pass(device, kernels_run):
+    """VGG-like: every BatchNorm's backward folds into the dgrad epilogue of the conv that
+    read its output, or into the max pool's gather, and the prologues of the convs that
+    wrote its input: no BatchNorm, ReLU or elementwise pass of its own."""
+    model = fusion.fuse(vgg_like(end_with_pool=True).to(device))
+    x = random_input((2, 3, 8, 8), torch.float32, device, channels_last=True,
+                     requires_grad=True)
+    y = model(x)
+    del kernels_run[:]
+    y.backward(random_input(y.shape, torch.float32, device))
+    assert not {"batch_norm_backward_partials_kernel", "batch_norm_backward_reduce_kernel",
+                "batch_norm_backward_input_kernel", "relu_backward_kernel",
+                "batch_norm_apply_kernel"} & set(kernels_run)
+    assert kernels_run.count("max_pool2d_backward_kernel") == 2
+    assert kernels_run.count("conv2d_dgrad_kernel") == 4  # the first conv's x too
+
+
+# The Hopper kernels (FASTARCH_CONV_ALGO=tma) take the folds too: 16-channel convs, stride 1
+# (forward and wgrad on TMA) and stride 2 (dgrad by stride phase on TMA).
+TMA_CASES = {
+    "stride1": Case(lambda: [*conv_bn_relu(16, 16), *conv_bn_relu(16, 32), *conv_bn_relu(32, 16),
+                             nn.MaxPool2d(2)], (2, 16, 4, 4)),
+    "stride2": Case(lambda: [*conv_bn_relu(16, 16), *conv_bn_relu(16, 16, stride=2),
+                             nn.MaxPool2d(2)], (2, 16, 2, 2)),
+}
+
+
+@pytest.mark.parametrize("case, dtype_name", [("stride1", "bf16"), ("stride2", "tf32")])
+def test_folds_run_on_the_tma_kernels(case, dtype_name, device, monkeypatch, kernels_run):
+    monkeypatch.setenv("FASTARCH_CONV_ALGO", "tma")
+    monkeypatch.setitem(CASES, case, TMA_CASES[case])
+    dtype = DTYPES[dtype_name]
+    fused, reference = _models(case, dtype, device)
+    x = random_input((2, 16, 8, 8), dtype, device, channels_last=True)
+    dy = random_input(TMA_CASES[case].output_shape, dtype, device)
+    tolerance_dtype = dtype_name if dtype_name == "tf32" else dtype
+    with cudnn_tf32(dtype_name == "tf32"):
+        y, dx, grads = _step(fused, x, dy)
+        y_ref, dx_ref, grads_ref = _step(reference, x.double(), dy.double())
+    assert_close(y, y_ref, tolerance_dtype, 288)
+    _assert_grad_close(dx, dx_ref, tolerance_dtype, "grad input")
+    names = [name for name, _ in fused.named_parameters()]
+    for name, g, g_ref in zip(names, grads, grads_ref, strict=True):
+        _assert_grad_close(g, g_ref, tolerance_dtype, f"{name}.grad")
+    assert "conv2d_dgrad_kernel" not in kernels_run  # every dgrad on TMA, folds included
+    assert "batch_norm_backward_input_kernel" not in kernels_run
+    if case == "stride1":
+        assert "conv2d_wgrad_tma_kernel" in kernels_run
+
+
 def test_eval_keeps_the_folded_single_kernel(device, kernels_run):
     model = fusion.fuse(vgg_like(end_with_pool=True).to(device)).eval()
     with torch.no_grad():
@@ -195,7 +247,7 @@ def test_compiles_to_one_graph_equal_to_eager(device):
         torch._dynamo.reset()
     assert len(graphs) == 1
     ops = {str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"}
-    assert "fastarch.batch_norm_conv2d.default" in ops
+    assert "fastarch.conv2d_chain.default" in ops
     for a, b in zip(torch.utils._pytree.tree_leaves(ours), torch.utils._pytree.tree_leaves(theirs),
                     strict=True):
         assert torch.equal(a, b)
