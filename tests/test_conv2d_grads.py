@@ -132,7 +132,8 @@ def run_grads(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, geometry:
     x, weight, dy = x.to(device), weight.to(device), dy.to(device)
     operand = Operand.of(x.dtype, allow_tf32)
     dx, _ = conv2d_input_grad(dy, weight, x.shape, memory_format, geometry, operand)
-    dw, db = conv2d_weight_grad(x, dy, weight.shape, geometry, True, operand)
+    dw, db = conv2d_weight_grad(x, dy, weight.shape, geometry, True, operand,
+                                dw_format=memory_format)
     return dx, dw, db
 
 
@@ -143,7 +144,7 @@ def check_grads(grads, refs, layer: Layer, mode: torch.dtype | str,
     kernel_taps = layer.geometry.kernel[0] * layer.geometry.kernel[1]
     pixels = layer.batch * layer.output_size()[0] * layer.output_size()[1]
     assert dx.is_contiguous(memory_format=memory_format), "grad input: memory format"
-    assert dw.is_contiguous(), "grad weight: not contiguous"
+    assert dw.is_contiguous(memory_format=memory_format), "grad weight: memory format"
     assert_close(dx, ref_dx, mode, kernel_taps * layer.out_channels, "grad input")
     assert_close(dw, ref_dw, mode, pixels, "grad weight")
     assert_close(db, ref_db, mode, pixels, "grad bias")

@@ -120,6 +120,15 @@ def test_fastarch_launches_are_those_a_real_step_runs(device, monkeypatch):
     assert recorded == launched
 
 
+def test_weight_gradients_need_no_layout_copy():
+    """A conv's weight gradient comes out in its channels_last weight's layout, as cuDNN's:
+    autograd accumulates it without a copy (no aten::copy_ in the backward, either side)."""
+    step = meta_ledger(train=True)
+    for side in (step.fastarch, step.eager):
+        backward = [row.kernel for row in side if row.phase == "backward"]
+        assert backward and not any(kernel.startswith("aten::copy_") for kernel in backward)
+
+
 def test_every_shipped_kernel_argument_is_read_or_written():
     """Every tensor argument of every config the compile report builds is loaded or stored
     in its kernel's source (``launch_bytes`` refuses one that is neither); every kernel
@@ -131,7 +140,7 @@ def test_every_shipped_kernel_argument_is_read_or_written():
 
 
 def test_roles_are_read_from_helpers_and_descriptors():
-    from fastarch.kernels import batch_norm, conv2d_tma, nhwc, relu
+    from fastarch.kernels import batch_norm, conv2d_tma, max_pool, nhwc, relu
     assert ledger.pointer_roles(relu.relu_forward_kernel.fn)["y_ptr"] == {"store"}
     assert ledger.pointer_roles(relu.relu_backward_kernel.fn)["y_ptr"] == {"load"}
     finalize = ledger.pointer_roles(batch_norm.batch_norm_finalize_kernel.fn)
@@ -140,6 +149,10 @@ def test_roles_are_read_from_helpers_and_descriptors():
     assert ledger.pointer_roles(nhwc.store_tile.fn)["ptr"] == {"store"}  # a helper's store
     tma = ledger.pointer_roles(conv2d_tma.conv2d_forward_tma_kernel.fn)
     assert tma["x_ptr"] == {"load"} and tma["y_ptr"] == {"store"}
+    # pixel coordinates from a helper that takes pointers are no pointers themselves
+    pool = ledger.pointer_roles(max_pool.max_pool2d_backward_kernel.fn)
+    assert {name: pool[name] for name in ("dy_ptr", "offset_ptr", "x_ptr", "dx_ptr")} == {
+        "dy_ptr": {"load"}, "offset_ptr": {"load"}, "x_ptr": {"load"}, "dx_ptr": {"store"}}
 
 
 def test_the_command_writes_the_totals_and_rows(tmp_path):

@@ -24,7 +24,8 @@ from fastarch.kernels.runtime import memory_format_of
 from fastarch.kernels.welford import WelfordPartials
 from fastarch.ops.batch_norm import batch_norm_grads, batch_norm_setup, statistics
 from fastarch.ops.common import (absent, conv_geometry, conv_window, fake_empty,
-                                 is_channels_last, no_double_backward, no_grads, or_absent)
+                                 is_channels_last, no_double_backward, no_grads, or_absent,
+                                 weight_grad_format)
 from fastarch.ops.conv2d import (conv2d_forward, conv2d_fused_torch, conv_grads,
                                  fake_conv2d_outputs)
 
@@ -71,9 +72,9 @@ def _batch_norm_conv2d_setup(ctx, inputs, output) -> None:
     ctx.window, ctx.weight_shape = window, list(weight.shape)
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # no zero gradient written for the partials
-    need_dz = any(ctx.needs_input_grad[:3])
+    need_dz, need_dw = any(ctx.needs_input_grad[:3]), ctx.needs_input_grad[_WEIGHT]
     batch_norm_setup(ctx, inputs, output,
-                     kept=(weight if need_dz else None, scale, output[0] if relu else None))
+                     kept=(weight if need_dz or need_dw else None, scale, output[0] if relu else None))
 
 
 @profiling.op_range("batch_norm_conv2d.backward")
@@ -116,7 +117,8 @@ def _(dy, x, weight, scale, y, mean, bn_scale, bn_shift, bn_relu, weight_shape, 
       padding, dilation, padding_end, input_grad, weight_grad, bias_grad):
     return (fake_empty(x.shape, dy.dtype, dy, memory_format_of(x)) if input_grad
             else absent(dy),
-            fake_empty(weight_shape, dy.dtype, dy) if weight_grad else absent(dy),
+            fake_empty(weight_shape, dy.dtype, dy, weight_grad_format(weight)) if weight_grad
+            else absent(dy),
             fake_empty(weight_shape[:1], dy.dtype, dy) if bias_grad else absent(dy))
 
 

@@ -37,6 +37,12 @@ def memory_format_for(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+def weight_grad_format(weight: Optional[Tensor]) -> torch.memory_format:
+    """A conv's dweight takes its weight's memory format (contiguous where the weight is not
+    given), as cuDNN's: autograd then accumulates it without a copy into the layout."""
+    return torch.contiguous_format if weight is None else memory_format_of(weight)
+
+
 def fake_empty(shape, dtype: torch.dtype, like: Tensor,
                memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
     """An output of a fake (shape) function: what the real op allocates, never filled."""

@@ -38,7 +38,8 @@ from fastarch.kernels.welford import WelfordPartials
 from fastarch.ops import relu as relu_ops
 from fastarch.ops.common import (ConvWindow, absent, conv_geometry, conv_window, fake_empty,
                                  is_channels_last, memory_format_for, no_double_backward,
-                                 no_grads, or_absent, split_reduction, tuned_tile)
+                                 no_grads, or_absent, split_reduction, tuned_tile,
+                                 weight_grad_format)
 
 
 # ----------------------------------------------------------------------------- config tables
@@ -598,11 +599,12 @@ def conv2d_input_grad(dy: Tensor, weight: Tensor, input_shape: torch.Size,
 def wgrad_plan(x: Tensor, dy: Tensor, weight_shape: torch.Size, need_bias_grad: bool,
                geometry: ConvGeometry, operand: Operand, interpreter: bool = INTERPRETER,
                prologue: Optional[InputNormalization] = None,
-               grad_prologue: Optional[GradientPrologue] = None
+               grad_prologue: Optional[GradientPrologue] = None,
+               dw_format: torch.memory_format = torch.contiguous_format
                ) -> tuple[list[Launch], Tensor, Optional[Tensor]]:
-    """The launches of one weight gradient and the dW, db they fill (dW and db are
-    allocated here; so is the fp32 partial buffer when the reduction is split); x is read
-    through ``prologue``, dy through ``grad_prologue`` where given."""
+    """The launches of one weight gradient and the dW (in ``dw_format``), db they fill (dW
+    and db are allocated here; so is the fp32 partial buffer when the reduction is split); x
+    is read through ``prologue``, dy through ``grad_prologue`` where given."""
     K_out, C, R, S = weight_shape
     N, _, P, Q = dy.shape
     tma = tma_wgrad_supported(x, dy, geometry, operand, grad_prologue)
@@ -627,17 +629,19 @@ def wgrad_plan(x: Tensor, dy: Tensor, weight_shape: torch.Size, need_bias_grad: 
     tile = tuned_tile("conv2d_wgrad", shape, x, static, candidates,
                       lambda tile: wgrad_launches(x, dy, weight_shape, need_bias_grad,
                                                    geometry, operand, tile, interpreter,
-                                                   prologue, grad_prologue)[0], ())
+                                                   prologue, grad_prologue, dw_format)[0], ())
     return wgrad_launches(x, dy, weight_shape, need_bias_grad, geometry, operand, tile,
-                           interpreter, prologue, grad_prologue)
+                           interpreter, prologue, grad_prologue, dw_format)
 
 
 def wgrad_launches(x: Tensor, dy: Tensor, weight_shape: torch.Size, need_bias_grad: bool,
                     geometry: ConvGeometry, operand: Operand, tile: TileConfig,
                     interpreter: bool, prologue: Optional[InputNormalization] = None,
-                    grad_prologue: Optional[GradientPrologue] = None
+                    grad_prologue: Optional[GradientPrologue] = None,
+                    dw_format: torch.memory_format = torch.contiguous_format
                     ) -> tuple[list[Launch], Tensor, Optional[Tensor]]:
-    """``wgrad_plan`` on a given tile (its split-K policy, dW, db and partials allocated).
+    """``wgrad_plan`` on a given tile (its split-K policy, dW in ``dw_format``, db and
+    partials allocated).
     A TMA tile splits the N*P output rows, each row ceil(Q / BLOCK_K) steps: the policy
     counts its steps as pixels. x is read through ``prologue`` where given (a pointer tile
     then at most ``PROLOGUE_WGRAD_STAGES`` deep; a first layer's copy applies it), dy
@@ -671,7 +675,7 @@ def wgrad_launches(x: Tensor, dy: Tensor, weight_shape: torch.Size, need_bias_gr
         if row_run:
             copy, x_in = run_copy_launch(x, geometry, prologue)
             copies = [copy]
-    dw = empty(weight_shape, x.dtype, x.device)
+    dw = empty(weight_shape, x.dtype, x.device, dw_format)
     db = empty((K_out,), x.dtype, x.device) if need_bias_grad else None
     dw_rsck = dw.permute(2, 3, 1, 0)  # the (r, s, c, k) order of the GEMM's M x N
     if splits == 1:
@@ -695,13 +699,15 @@ def wgrad_launches(x: Tensor, dy: Tensor, weight_shape: torch.Size, need_bias_gr
 def conv2d_weight_grad(x: Tensor, dy: Tensor, weight_shape: torch.Size,
                        geometry: ConvGeometry, need_bias_grad: bool,
                        operand: Operand, prologue: Optional[InputNormalization] = None,
-                       grad_prologue: Optional[GradientPrologue] = None
+                       grad_prologue: Optional[GradientPrologue] = None,
+                       dw_format: torch.memory_format = torch.contiguous_format
                        ) -> tuple[Tensor, Optional[Tensor]]:
-    """dW (``weight_shape``, contiguous) and, if asked, db of a conv2d, both in x's dtype,
-    accumulated in fp32; with ``prologue``, of the conv reading x through it (as
+    """dW (``weight_shape``, in ``dw_format``) and, if asked, db of a conv2d, both in x's
+    dtype, accumulated in fp32; with ``prologue``, of the conv reading x through it (as
     ``conv2d_forward``); with ``grad_prologue``, of dy read through it."""
     launches, dw, db = wgrad_plan(x, dy, weight_shape, need_bias_grad, geometry, operand,
-                                  prologue=prologue, grad_prologue=grad_prologue)
+                                  prologue=prologue, grad_prologue=grad_prologue,
+                                  dw_format=dw_format)
     for launch in launches:
         launch()
     return dw, db
@@ -750,7 +756,7 @@ def _conv2d_setup(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # no zero gradient written for the partials
     need_dx, need_dw = ctx.needs_input_grad[:2]
-    ctx.save_for_backward(x if need_dw else None, weight if need_dx else None, scale,
+    ctx.save_for_backward(x if need_dw else None, weight if need_dx or need_dw else None, scale,
                           output[0] if relu else None)
 
 
@@ -797,7 +803,8 @@ def conv_grads(dy: Tensor, x: Optional[Tensor], weight: Optional[Tensor],
                ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """(dx, dweight, dbias) of a conv2d forward, None unless asked for; dy goes back through
     the ReLU (``y``, the output, given when it ran) and the constant ``scale``. dx needs
-    ``weight``, dweight needs ``x`` (read through the forward's input ``prologue``)."""
+    ``weight``, dweight needs ``x`` (read through the forward's input ``prologue``) and takes
+    ``weight``'s layout (``weight_grad_format``)."""
     if y is not None:
         dy = relu_ops.relu_backward(y, dy)  # one pass, NaN passes as in threshold_backward
     if scale is not None:
@@ -810,7 +817,8 @@ def conv_grads(dy: Tensor, x: Optional[Tensor], weight: Optional[Tensor],
                                   memory_format_for(channels_last), geometry, operand)
     if weight_grad:
         dw, db = conv2d_weight_grad(x, dy, torch.Size(weight_shape), geometry, bias_grad,
-                                    operand, prologue=prologue)
+                                    operand, prologue=prologue,
+                                    dw_format=weight_grad_format(weight))
     elif bias_grad:
         db = dy.sum((0, 2, 3), dtype=torch.float32).to(dy.dtype)
     return dx, dw, db
@@ -821,7 +829,8 @@ def _(dy, x, weight, scale, y, input_shape, channels_last, weight_shape, stride,
       dilation, padding_end, input_grad, weight_grad, bias_grad):
     return (fake_empty(input_shape, dy.dtype, dy, memory_format_for(channels_last)) if input_grad
             else absent(dy),
-            fake_empty(weight_shape, dy.dtype, dy) if weight_grad else absent(dy),
+            fake_empty(weight_shape, dy.dtype, dy, weight_grad_format(weight)) if weight_grad
+            else absent(dy),
             fake_empty(weight_shape[:1], dy.dtype, dy) if bias_grad else absent(dy))
 
 

@@ -41,7 +41,7 @@ from fastarch.kernels.welford import WelfordPartials
 from fastarch.ops import relu as relu_ops
 from fastarch.ops.batch_norm import folded_statistics_grads, merge_tile
 from fastarch.ops.common import (absent, conv_geometry, conv_window, fake_empty,
-                                 no_double_backward, no_grads, or_absent)
+                                 no_double_backward, no_grads, or_absent, weight_grad_format)
 from fastarch.ops.conv2d import (BackwardFold, conv2d_forward, conv2d_input_grad,
                                  conv2d_weight_grad, fake_conv2d_outputs)
 
@@ -210,7 +210,8 @@ def conv2d_chain_backward(dy: Tensor, x: Tensor, in_mean: Optional[Tensor],
                                      operand, fold)
     if weight_grad:
         dw, db = conv2d_weight_grad(x, dy, torch.Size(weight_shape), geometry, bias_grad,
-                                    operand, prologue, grad_prologue)
+                                    operand, prologue, grad_prologue,
+                                    weight_grad_format(weight))
     elif bias_grad:
         db = _bias_grad(dy, grad_prologue)
     return tuple(or_absent(grad, dy) for grad in (dx, sums, dw, db))
@@ -235,7 +236,8 @@ def _(dy, x, in_mean, in_invstd, bn_weight, bn_bias, bn_relu, weight, scale, y, 
     return (fake_empty(x.shape, dy.dtype, dy, memory_format_of(x)) if input_grad
             else absent(dy),
             fake_empty((2, x.shape[1]), torch.float32, dy) if folds else absent(dy),
-            fake_empty(weight_shape, dy.dtype, dy) if weight_grad else absent(dy),
+            fake_empty(weight_shape, dy.dtype, dy, weight_grad_format(weight)) if weight_grad
+            else absent(dy),
             fake_empty(weight_shape[:1], dy.dtype, dy) if bias_grad else absent(dy))
 
 
