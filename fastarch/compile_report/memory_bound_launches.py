@@ -73,15 +73,19 @@ def _batch_norm_statistics(x: torch.Tensor, stats: BatchNormStatistics, tile: Ti
 
 def _batch_norm_per_pixel(x: torch.Tensor, stats: BatchNormStatistics, tile: TileConfig
                           ) -> list[Launch]:
-    """The tuned per-pixel kernels: normalise, BatchNorm fused into a 2x2 max pool and a
-    3x3 average pool, and dx (training and eval)."""
+    """The tuned per-pixel kernels: normalise, BatchNorm fused into a 2x2 max pool (and
+    folded into its backward) and a 3x3 average pool, and dx (training and eval)."""
     N, C, H, W = x.shape
     pooled = meta_tensor((N, C, H // 2, W // 2), x.dtype)
+    offsets = meta_tensor(pooled.shape, torch.int8)
+    window = PoolGeometry((2, 2), (2, 2), (0, 0))
     normalization = batch_norm_ops.pool_normalization(stats)
+    sums = matrix(max_pool.backward_sum_rows(x.shape, tile), 2, C, dtype=torch.float32)
     return [
         batch_norm.apply_launch(x, x, stats, True, tile),
-        max_pool.forward_launch(x, pooled, meta_tensor(pooled.shape, torch.int8), None,
-                                PoolGeometry((2, 2), (2, 2), (0, 0)), tile, normalization, True),
+        max_pool.forward_launch(x, pooled, offsets, None, window, tile, normalization, True),
+        max_pool.backward_launch(pooled, offsets, x, window, tile,
+                                 fold=max_pool.PoolGradFold(x, normalization, True, sums)),
         avg_pool.avg_forward_launch(x, pooled, PoolGeometry((3, 3), (2, 2), (1, 1)), True, None,
                                     tile, normalization, True),
         batch_norm.backward_input_launch(x, x, x, stats, BackwardSums(stats.mean, stats.mean),
