@@ -74,7 +74,8 @@ def _batch_norm_conv2d_setup(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)  # no zero gradient written for the partials
     need_dz, need_dw = any(ctx.needs_input_grad[:3]), ctx.needs_input_grad[_WEIGHT]
     batch_norm_setup(ctx, inputs, output,
-                     kept=(weight if need_dz or need_dw else None, scale, output[0] if relu else None))
+                     kept=(weight if need_dz or need_dw else None, scale,
+                           output[0] if relu else None))
 
 
 @profiling.op_range("batch_norm_conv2d.backward")
