@@ -52,8 +52,8 @@ from .conv2d import (ConvGeometry, epilogue_operands, forward_epilogue, gemm_con
 from .conv2d_backward import phase_steps
 from .launch import UNUSED, Launch, TileConfig, dense, vector
 from .nhwc import (BatchNormGradEpilogue, GradientPrologue, InputNormalization,
-                   gradient_prologue, input_prologue, prologue_operands, strided_args,
-                   strided_extent)
+                   gradient_prologue, input_prologue, nhwc_descriptor, prologue_operands,
+                   strided_args, strided_extent)
 from .runtime import INTERPRETER, sm_count
 from .tensor_cores import Operand, dot
 
@@ -89,13 +89,9 @@ def conv2d_forward_tma_kernel(
     UPCAST_OPERANDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[N, H, W, C],
-                                       strides=[H * W * C, W * C, C, 1],
-                                       block_shape=[1, 1, BLOCK_M, BLOCK_K])
+    x_desc = nhwc_descriptor(x_ptr, N, H, W, C, BLOCK_M, BLOCK_K)
     if GRAD_PROLOGUE:  # y's boxes, at x's coordinates
-        grad_y_desc = tl.make_tensor_descriptor(grad_y_ptr, shape=[N, H, W, C],
-                                                strides=[H * W * C, W * C, C, 1],
-                                                block_shape=[1, 1, BLOCK_M, BLOCK_K])
+        grad_y_desc = nhwc_descriptor(grad_y_ptr, N, H, W, C, BLOCK_M, BLOCK_K)
     else:
         grad_y_desc = x_desc  # never read
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K_OUT, K_TOTAL], strides=[K_TOTAL, 1],

@@ -52,7 +52,7 @@ from .conv2d_tma import (_set_scratch_allocator, fold_suffix, gradient_prologue_
                          tma_supported)
 from .launch import UNUSED, Extent, Launch, TileConfig
 from .nhwc import (GradientPrologue, InputNormalization, gradient_prologue, input_prologue,
-                   is_dense_nhwc, prologue_operands, strided_extent)
+                   is_dense_nhwc, nhwc_descriptor, prologue_operands, strided_extent)
 from .runtime import INTERPRETER
 from .tensor_cores import Operand, dot
 
@@ -111,16 +111,10 @@ def conv2d_wgrad_tma_kernel(
     UPCAST_OPERANDS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[N, H, W, C],
-                                       strides=[H * W * C, W * C, C, 1],
-                                       block_shape=[1, 1, BLOCK_K, BLOCK_M])
-    dy_desc = tl.make_tensor_descriptor(dy_ptr, shape=[N, P, Q, K_OUT],
-                                        strides=[P * Q * K_OUT, Q * K_OUT, K_OUT, 1],
-                                        block_shape=[1, 1, BLOCK_K, BLOCK_N])
+    x_desc = nhwc_descriptor(x_ptr, N, H, W, C, BLOCK_K, BLOCK_M)
+    dy_desc = nhwc_descriptor(dy_ptr, N, P, Q, K_OUT, BLOCK_K, BLOCK_N)
     if GRAD_PROLOGUE:  # y's boxes, at dy's coordinates
-        grad_y_desc = tl.make_tensor_descriptor(grad_y_ptr, shape=[N, P, Q, K_OUT],
-                                                strides=[P * Q * K_OUT, Q * K_OUT, K_OUT, 1],
-                                                block_shape=[1, 1, BLOCK_K, BLOCK_N])
+        grad_y_desc = nhwc_descriptor(grad_y_ptr, N, P, Q, K_OUT, BLOCK_K, BLOCK_N)
     else:
         grad_y_desc = dy_desc  # never read
     pid_m = tl.program_id(0)

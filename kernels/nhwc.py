@@ -225,6 +225,14 @@ def block_offsets(start, c, H, W, C, s_n, s_h, s_w, s_c, DENSE_NHWC: tl.constexp
 
 
 @triton.jit
+def nhwc_descriptor(ptr, N, H, W, C, BLOCK_PIXELS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A TMA descriptor of a dense NHWC [N, H, W, C] tensor at ``ptr``, its boxes
+    BLOCK_PIXELS pixels of one image row by BLOCK_C channels."""
+    return tl.make_tensor_descriptor(ptr, shape=[N, H, W, C], strides=[H * W * C, W * C, C, 1],
+                                     block_shape=[1, 1, BLOCK_PIXELS, BLOCK_C])
+
+
+@triton.jit
 def channel_vector(ptr, c, c_ok):
     """A per-channel vector as fp32 (zero on masked channels)."""
     return tl.load(ptr + c, mask=c_ok, other=0.0).to(tl.float32)

@@ -15,7 +15,8 @@ from torch import nn
 from fastarch import fusion
 from fastarch.kernels import launch
 from fastarch.testing import assert_close, random_input
-from test_training_fusion import _assert_grad_close, _same_parameters, _step
+from training_steps import (assert_compiles_to_one_graph, assert_grad_close,
+                            assert_trains_as_reference, train_step)
 from variants import alternating
 
 
@@ -93,22 +94,7 @@ def test_conv_batch_norm_relu_into_linear_trains_as_torch(case, layout, dtype_na
     dtype = DTYPES[dtype_name]
     fused, reference = _models(CASES[case].modules(), dtype, device)
     x = random_input(CASES[case].input_shape, dtype, device, channels_last=layout == "nhwc")
-    for step in range(2):
-        dy = random_input(CASES[case].output_shape, dtype, device)
-        y, dx, grads = _step(fused, x, dy)
-        y_ref, dx_ref, grads_ref = _step(reference, x.double(), dy.double())
-        assert_close(y, y_ref, dtype, 512, name=f"step {step} output")
-        _assert_grad_close(dx, dx_ref, dtype, f"step {step} grad input")
-        names = [name for name, _ in fused.named_parameters()]
-        for name, g, g_ref in zip(names, grads, grads_ref, strict=True):
-            _assert_grad_close(g, g_ref, dtype, f"step {step} {name}.grad")
-        _same_parameters(reference, fused)
-    for (name, a), (_, b) in zip(fused.state_dict().items(), reference.state_dict().items(),
-                                 strict=True):
-        if a.dtype.is_floating_point:
-            assert_close(a, b, dtype, 288, name=name)
-        else:
-            assert torch.equal(a, b), name  # num_batches_tracked counted once a step
+    assert_trains_as_reference(fused, reference, x, CASES[case].output_shape, dtype, 512)
     _assert_normalised_tensor_never_written(launched, relu=isinstance(fused[-1], nn.ReLU))
 
 
@@ -140,17 +126,17 @@ def test_dropout_after_the_linear_masks_as_its_output_says(device, launched):
                                torch.float32, device)
     x = random_input((4, 3, 3, 3), torch.float32, device)
     dy = random_input((4, 16), torch.float32, device)
-    y, dx, grads = _step(fused, x, dy)
+    y, dx, grads = train_step(fused, x, dy)
     kept = y != 0
     undropped = nn.Sequential(*reference[:-1])
     with torch.no_grad():
         assert (~kept & (undropped(x.double()) > 0)).any()  # dropout dropped some
-    y_ref, dx_ref, grads_ref = _step(nn.Sequential(undropped, MaskedScale(kept, 2.0)),
+    y_ref, dx_ref, grads_ref = train_step(nn.Sequential(undropped, MaskedScale(kept, 2.0)),
                                      x.double(), dy.double())
     assert_close(y, y_ref, torch.float32, 512)
-    _assert_grad_close(dx, dx_ref, torch.float32, "grad input")
+    assert_grad_close(dx, dx_ref, torch.float32, "grad input")
     for (name, _), g, g_ref in zip(fused.named_parameters(), grads, grads_ref, strict=True):
-        _assert_grad_close(g, g_ref, torch.float32, f"{name}.grad")
+        assert_grad_close(g, g_ref, torch.float32, f"{name}.grad")
     assert any(name.startswith("linear_forward[") and name.endswith("+prologue_relu+bias+relu"
                                                                     "+dropout]")
                for _, name in launched), launched
@@ -192,24 +178,7 @@ def test_other_steps_take_the_written_tensor(flatten, device, kernels_run):
 
 
 def test_compiles_to_one_graph_equal_to_eager(device):
-    torch._dynamo.reset()
-    graphs = []
-
-    def recording_backend(graph, example_inputs):
-        graphs.append(graph)
-        return graph.forward
     eager, _ = _models(CASES["hw9-nobias-linear"].modules(), torch.float32, device)
-    twin = copy.deepcopy(eager)
-    compiled = torch.compile(twin, backend=recording_backend, fullgraph=True)
     x = random_input((4, 3, 3, 3), torch.float32, device, channels_last=True)
     dy = random_input((4, 10), torch.float32, device)
-    try:
-        ours, theirs = _step(compiled, x, dy), _step(eager, x, dy)
-    finally:
-        torch._dynamo.reset()
-    assert len(graphs) == 1
-    ops = {str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"}
-    assert "fastarch.batch_norm_linear.default" in ops
-    for a, b in zip(torch.utils._pytree.tree_leaves(ours), torch.utils._pytree.tree_leaves(theirs),
-                    strict=True):
-        assert torch.equal(a, b)
+    assert_compiles_to_one_graph(eager, x, dy, "fastarch.batch_norm_linear.default")

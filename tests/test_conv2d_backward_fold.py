@@ -16,7 +16,8 @@ from fastarch.kernels.launch import TileConfig
 from fastarch.kernels.nhwc import BatchNormGradEpilogue, GradientPrologue, InputNormalization
 from fastarch.kernels.tensor_cores import Operand
 from fastarch.ops import conv2d as conv_ops
-from fastarch.testing import assert_close, random_input, tolerance
+from fastarch.testing import random_input, tolerance
+from fold_reference import assert_dgrad_folds_match, signed_vectors, through_prologue64
 
 # dtype id -> (dtype, operand, tolerance key)
 DTYPES = {"fp32": (torch.float32, Operand.IEEE, torch.float32),
@@ -34,30 +35,11 @@ DGRAD_CASES = {
 }
 
 
-def _vectors(channels: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) fp32 [channels]: scales of both signs in [0.5, 1) read at a stride of
-    2, shifts in [0.25, 0.75) (nonzero: a padding element through a transform shows)."""
-    magnitude = torch.rand(2 * channels, device=device) * 0.5 + 0.5
-    sign = torch.randint(0, 2, (2 * channels,), device=device) * 2 - 1
-    shift = torch.rand(channels, device=device) * 0.5 + 0.25
-    return (magnitude * sign)[::2], shift
-
-
 def _grad_prologue(dy: torch.Tensor, device: str) -> GradientPrologue:
     """A prologue whose y is in the other memory format than dy (its own strides)."""
     y = random_input(tuple(dy.shape), dy.dtype, device,
                      channels_last=dy.is_contiguous())
-    return GradientPrologue(y, *_vectors(dy.shape[1], device))
-
-
-def _gradient64(dy: torch.Tensor, prologue: GradientPrologue | None) -> torch.Tensor:
-    """dy + scale * y + shift (or dy) in float64 on the CPU."""
-    g = dy.cpu().double()
-    if prologue is None:
-        return g
-    view = (1, -1, 1, 1)
-    return (g + prologue.scale.cpu().double().view(view) * prologue.y.cpu().double()
-            + prologue.shift.cpu().double().view(view))
+    return GradientPrologue(y, *signed_vectors(dy.shape[1], device))
 
 
 def _nan(shape, dtype, device, channels_last=False) -> torch.Tensor:
@@ -69,22 +51,9 @@ def _epilogue(dx: torch.Tensor, relu: bool, rows: int, device: str) -> BatchNorm
     N, C, H, W = dx.shape
     x = random_input((N, C, H, W), dx.dtype, device, channels_last=dx.is_contiguous())
     mean = torch.randn(2 * C, device=device)[1::2]
-    normalization = InputNormalization(*_vectors(C, device), relu)
+    normalization = InputNormalization(*signed_vectors(C, device), relu)
     return BatchNormGradEpilogue(x, mean, normalization,
                                  _nan((rows, 2, C), torch.float32, device))
-
-
-def _batch_norm_grad64(dz: torch.Tensor, epilogue: BatchNormGradEpilogue
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(du * scale, [du.sum, (du * (x - mean)).sum] per channel) in float64."""
-    view = (1, -1, 1, 1)
-    x = epilogue.x.cpu().double()
-    scale = epilogue.normalization.scale.cpu().double().view(view)
-    du = dz
-    if epilogue.normalization.relu:
-        du = dz * (x * scale + epilogue.normalization.shift.cpu().double().view(view) > 0)
-    centered = x - epilogue.mean.cpu().double().view(view)
-    return du * scale, torch.stack((du.sum((0, 2, 3)), (du * centered).sum((0, 2, 3))))
 
 
 @pytest.mark.parametrize("fold", ["grad_prologue", "bn_grad", "bn_grad_relu", "both_relu"])
@@ -108,18 +77,7 @@ def test_dgrad_folds_match_float64(case_id, fold, device):
                                           epilogue=epilogue)
     assert launch.grid[0] * launch.grid[2] == rows
     launch()
-    dz = torch.nn.grad.conv2d_input(shape, weight.cpu().double(),
-                                    _gradient64(dy, grad_prologue), stride=stride,
-                                    padding=padding)
-    taps = k_out * kernel * kernel
-    if epilogue is None:
-        assert_close(dx, dz, key, taps, "dx")
-        return
-    dx_ref, sums_ref = _batch_norm_grad64(dz, epilogue)
-    assert_close(dx, dx_ref, key, taps, "dx")
-    # fp32 sums of fp32 products: the operands' tolerance over the whole reduction.
-    rtol, atol = tolerance(key, N * H * W * taps)
-    torch.testing.assert_close(epilogue.sums.sum(0).double(), sums_ref, rtol=rtol, atol=atol)
+    assert_dgrad_folds_match(dx, dy, weight, stride, padding, grad_prologue, epilogue, key)
 
 
 def test_launch_names_mark_the_folds(device):
@@ -180,7 +138,7 @@ def test_wgrad_grad_prologue_matches_float64(case_id, device):
             x_run, dy, out, bias_out, splits, per_split, geometry, operand, tile,
             grad_prologue=grad_prologue)
     else:
-        prologue = InputNormalization(*_vectors(C, device), True) if with_input else None
+        prologue = InputNormalization(*signed_vectors(C, device), True) if with_input else None
         if prologue is not None:
             view = (1, -1, 1, 1)
             x64 = (x64 * prologue.scale.cpu().double().view(view)
@@ -189,7 +147,7 @@ def test_wgrad_grad_prologue_matches_float64(case_id, device):
             x, dy, out, bias_out, splits, per_split, geometry, operand, tile,
             prologue=prologue, grad_prologue=grad_prologue)
     launch()
-    g64 = _gradient64(dy, grad_prologue)
+    g64 = through_prologue64(dy, grad_prologue)
     dw_ref = torch.nn.grad.conv2d_weight(x64, (k_out, C, kernel, kernel), g64, stride=stride,
                                          padding=padding)
     rtol, atol = tolerance(key, pixels)

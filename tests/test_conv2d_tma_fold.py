@@ -16,7 +16,8 @@ from fastarch.kernels.conv2d_tma_wgrad import tma_wgrad_launch, tma_wgrad_suppor
 from fastarch.kernels.launch import TileConfig
 from fastarch.kernels.nhwc import BatchNormGradEpilogue, GradientPrologue
 from fastarch.kernels.tensor_cores import Operand
-from fastarch.testing import assert_close, random_input, tolerance
+from fastarch.testing import random_input, tolerance
+from fold_reference import assert_dgrad_folds_match, signed_vectors, through_prologue64
 
 # dtype id -> (dtype, operand, tolerance key)
 DTYPES = {"bf16": (torch.bfloat16, Operand.SIXTEEN_BIT, torch.bfloat16),
@@ -34,28 +35,9 @@ DGRAD_CASES = {
 }
 
 
-def _vectors(channels: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift): scales of both signs, |scale| in [0.5, 1), strided (every other
-    element of a longer vector), and shifts in [0.25, 0.75)."""
-    magnitude = torch.rand(2 * channels, device=device) * 0.5 + 0.5
-    sign = torch.randint(0, 2, (2 * channels,), device=device) * 2 - 1
-    shift = torch.rand(channels, device=device) * 0.5 + 0.25
-    return (magnitude * sign)[::2], shift
-
-
 def _gradient_prologue(dy: torch.Tensor) -> GradientPrologue:
     y = random_input(tuple(dy.shape), dy.dtype, dy.device, channels_last=True)
-    return GradientPrologue(y, *_vectors(dy.shape[1], dy.device))
-
-
-def _through_prologue64(dy: torch.Tensor, prologue: GradientPrologue | None) -> torch.Tensor:
-    """dy + scale * y + shift in float64 on the CPU (dy itself without a prologue)."""
-    dy64 = dy.cpu().double()
-    if prologue is None:
-        return dy64
-    view = (1, -1, 1, 1)
-    return (dy64 + prologue.scale.cpu().double().view(view) * prologue.y.cpu().double()
-            + prologue.shift.cpu().double().view(view))
+    return GradientPrologue(y, *signed_vectors(dy.shape[1], dy.device))
 
 
 def _label(launch) -> str:
@@ -85,7 +67,7 @@ def test_tma_dgrad_folds_match_float64(case_id, folds_id, device):
     # x NCHW when dx is channels_last and the other way round: its own strides
     x = random_input(shape, dtype, device, channels_last=not channels_last)
     mean = torch.randn(C, device=device)
-    normalization = InputNormalization(*_vectors(C, device), relu)
+    normalization = InputNormalization(*signed_vectors(C, device), relu)
     rows = tma_dgrad_sum_rows(shape, geometry, TILE)
     sums = torch.full((rows, 2, C), float("nan"), device=device)
     epilogue = BatchNormGradEpilogue(x, mean, normalization, sums) if folds != "prologue" \
@@ -99,25 +81,8 @@ def test_tma_dgrad_folds_match_float64(case_id, folds_id, device):
     for launch in launches:
         launch()
 
-    dz = torch.nn.grad.conv2d_input(shape, weight.cpu().double(),
-                                    _through_prologue64(dy, prologue), stride=stride,
-                                    padding=padding)
-    reduction = k_out * kernel * kernel
-    if epilogue is None:
-        assert_close(dx, dz, tolerance_key, reduction, "dx")
-        return
-    view = (1, -1, 1, 1)
-    scale64 = normalization.scale.cpu().double().view(view)
-    x64 = x.cpu().double()
-    du = dz
-    if relu:
-        du = du * (x64 * scale64 + normalization.shift.cpu().double().view(view) > 0)
-    assert_close(dx, du * scale64, tolerance_key, reduction, "dx")
-    sums_ref = torch.stack([du.sum((0, 2, 3)),
-                            (du * (x64 - mean.cpu().double().view(view))).sum((0, 2, 3))])
-    # fp32 sums of a dgrad of rounded operands: the operands' tolerance
-    rtol, atol = tolerance(tolerance_key, reduction * N * H * W)
-    torch.testing.assert_close(sums.sum(0).double(), sums_ref, rtol=rtol, atol=atol)
+    assert_dgrad_folds_match(dx, dy, weight, stride, padding, prologue, epilogue,
+                             tolerance_key)
 
 
 def test_sum_rows_are_every_phase_tiles_and_a_row_a_zero_fill():
@@ -136,7 +101,7 @@ def test_sums_of_another_row_count_are_a_value_error(device):
     geometry = ConvGeometry((1, 1), (2, 2))
     dy = random_input((1, 16, 2, 3), torch.bfloat16, device, channels_last=True)
     dx = torch.empty((1, 16, 4, 5), dtype=torch.bfloat16, device=device)
-    normalization = InputNormalization(*_vectors(16, device), True)
+    normalization = InputNormalization(*signed_vectors(16, device), True)
     rows = tma_dgrad_sum_rows(dx.shape, geometry, TILE)
     sums = torch.empty((rows - 1, 2, 16), device=device)
     epilogue = BatchNormGradEpilogue(dx, torch.zeros(16, device=device), normalization, sums)
@@ -176,7 +141,7 @@ def test_tma_wgrad_gradient_prologue_matches_float64(dtype_id, device):
                               grad_prologue=prologue)
     assert launch.name.endswith(",grad_prologue]")
     launch()
-    g = _through_prologue64(dy, prologue)
+    g = through_prologue64(dy, prologue)
     dw_ref = torch.nn.grad.conv2d_weight(x.cpu().double(), (K, C, 3, 3), g, padding=1)
     # fp32 partials of a GEMM of rounded operands: the operands' tolerance
     rtol, atol = tolerance(tolerance_key, N * H * W)

@@ -7,7 +7,6 @@ max pool's gather folds it likewise). Checked against torch.nn in float64 over t
 (outputs, every gradient, running statistics), bitwise across runs, by the kernels a forward
 and a backward launch, and under torch.compile."""
 import copy
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -17,10 +16,9 @@ from torch import nn
 
 from fastarch import fusion
 from fastarch.testing import assert_close, cudnn_tf32, random_input
+from training_steps import (assert_compiles_to_one_graph, assert_grad_close,
+                            assert_trains_as_reference, train_step)
 from variants import alternating
-
-LEARNING_RATE = 0.005
-
 
 def conv_bn_relu(c_in: int, c_out: int, kernel: int = 3, stride: int = 1, padding: int = 1,
                  bias: bool = True) -> list[nn.Module]:
@@ -76,19 +74,6 @@ def _models(case: str, dtype: torch.dtype, device: str) -> tuple[nn.Sequential, 
     return fusion.fuse(model), reference
 
 
-def _step(model: nn.Module, x: torch.Tensor, dy: torch.Tensor):
-    """One forward and backward: (output, input grad, parameter grads), then an SGD step."""
-    x = x.detach().requires_grad_(True)
-    y = model(x)
-    y.backward(dy)
-    grads = [p.grad.clone() for p in model.parameters()]
-    with torch.no_grad():
-        for p in model.parameters():
-            p.sub_(LEARNING_RATE * p.grad)
-    model.zero_grad(set_to_none=True)
-    return y.detach(), x.grad, grads
-
-
 @pytest.mark.parametrize("case, layout, dtype_name",
                          alternating(CASES, ["nchw", "nhwc"], list(DTYPES)))
 def test_conv_batch_norm_relu_into_conv_trains_as_torch(case, layout, dtype_name, device,
@@ -98,42 +83,9 @@ def test_conv_batch_norm_relu_into_conv_trains_as_torch(case, layout, dtype_name
     x = random_input((2, 3, 8, 8), dtype, device, channels_last=layout == "nhwc")
     tolerance_dtype = dtype_name if dtype_name == "tf32" else dtype
     with cudnn_tf32(dtype_name == "tf32"):
-        for step in range(2):
-            dy = random_input(CASES[case].output_shape, dtype, device)
-            y, dx, grads = _step(fused, x, dy)
-            y_ref, dx_ref, grads_ref = _step(reference, x.double(), dy.double())
-            assert_close(y, y_ref, tolerance_dtype, 144, name=f"step {step} output")
-            _assert_grad_close(dx, dx_ref, tolerance_dtype, f"step {step} grad input")
-            names = [name for name, _ in fused.named_parameters()]
-            for name, g, g_ref in zip(names, grads, grads_ref, strict=True):
-                _assert_grad_close(g, g_ref, tolerance_dtype, f"step {step} {name}.grad")
-            _same_parameters(reference, fused)
+        assert_trains_as_reference(fused, reference, x, CASES[case].output_shape,
+                                   tolerance_dtype, 144)
     assert "batch_norm_apply_kernel" not in kernels_run  # no normalised tensor written
-    for (name, a), (_, b) in zip(fused.state_dict().items(), reference.state_dict().items()):
-        if a.dtype.is_floating_point:
-            assert_close(a, b, tolerance_dtype, 288, name=name)
-        else:
-            assert torch.equal(a, b), name  # num_batches_tracked counted once a step
-
-
-def _assert_grad_close(grad: torch.Tensor, reference: torch.Tensor, dtype, name: str) -> None:
-    """A gradient against float64, in units of the reference's largest element for 16-bit
-    dtypes (a power of two: exact): their ReLU masks can differ from float64's where the
-    normalised value rounds near 0 (the statistics come from the fp32 accumulator, the
-    reference's from the rounded output), and such an element's gradient is the size of
-    any other's, not of a rounding error."""
-    unit = 1.0
-    if grad.dtype != torch.float32:
-        unit = 2.0 ** math.ceil(math.log2(max(reference.abs().max().item(), 1.0)))
-    assert_close(grad / unit, reference / unit, dtype, 288, name=name)
-
-
-def _same_parameters(reference: nn.Module, fused: nn.Module) -> None:
-    """The reference takes the fused model's parameters: each step compares one step's
-    kernels from the same start (a 16-bit SGD update rounds away from float64's)."""
-    with torch.no_grad():
-        for p_ref, p in zip(reference.parameters(), fused.parameters(), strict=True):
-            p_ref.copy_(p)
 
 
 def test_training_steps_are_bitwise_reproducible(device):
@@ -141,7 +93,7 @@ def test_training_steps_are_bitwise_reproducible(device):
     second = copy.deepcopy(first)
     x = random_input((2, 3, 8, 8), torch.bfloat16, device, channels_last=True)
     dy = random_input((2, 8, 2, 2), torch.bfloat16, device)
-    outcomes = [_step(model, x, dy) for model in (first, second)]
+    outcomes = [train_step(model, x, dy) for model in (first, second)]
     for a, b in zip(*(torch.utils._pytree.tree_leaves(o) for o in outcomes), strict=True):
         assert torch.equal(a, b)
     for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True):
@@ -207,13 +159,13 @@ def test_folds_run_on_the_tma_kernels(case, dtype_name, device, monkeypatch, ker
     dy = random_input(TMA_CASES[case].output_shape, dtype, device)
     tolerance_dtype = dtype_name if dtype_name == "tf32" else dtype
     with cudnn_tf32(dtype_name == "tf32"):
-        y, dx, grads = _step(fused, x, dy)
-        y_ref, dx_ref, grads_ref = _step(reference, x.double(), dy.double())
+        y, dx, grads = train_step(fused, x, dy)
+        y_ref, dx_ref, grads_ref = train_step(reference, x.double(), dy.double())
     assert_close(y, y_ref, tolerance_dtype, 288)
-    _assert_grad_close(dx, dx_ref, tolerance_dtype, "grad input")
+    assert_grad_close(dx, dx_ref, tolerance_dtype, "grad input")
     names = [name for name, _ in fused.named_parameters()]
     for name, g, g_ref in zip(names, grads, grads_ref, strict=True):
-        _assert_grad_close(g, g_ref, tolerance_dtype, f"{name}.grad")
+        assert_grad_close(g, g_ref, tolerance_dtype, f"{name}.grad")
     assert "conv2d_dgrad_kernel" not in kernels_run  # every dgrad on TMA, folds included
     assert "batch_norm_backward_input_kernel" not in kernels_run
     if case == "stride1":
@@ -230,24 +182,7 @@ def test_eval_keeps_the_folded_single_kernel(device, kernels_run):
 
 
 def test_compiles_to_one_graph_equal_to_eager(device):
-    torch._dynamo.reset()
-    graphs = []
-
-    def recording_backend(graph, example_inputs):
-        graphs.append(graph)
-        return graph.forward
     eager, _ = _models("bias-copy-pool", torch.float32, device)
-    twin = copy.deepcopy(eager)
-    compiled = torch.compile(twin, backend=recording_backend, fullgraph=True)
     x = random_input((2, 3, 8, 8), torch.float32, device)
     dy = random_input((2, 16, 4, 4), torch.float32, device)
-    try:
-        ours, theirs = _step(compiled, x, dy), _step(eager, x, dy)
-    finally:
-        torch._dynamo.reset()
-    assert len(graphs) == 1
-    ops = {str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"}
-    assert "fastarch.conv2d_chain.default" in ops
-    for a, b in zip(torch.utils._pytree.tree_leaves(ours), torch.utils._pytree.tree_leaves(theirs),
-                    strict=True):
-        assert torch.equal(a, b)
+    assert_compiles_to_one_graph(eager, x, dy, "fastarch.conv2d_chain.default")
