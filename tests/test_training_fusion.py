@@ -88,6 +88,20 @@ def test_conv_batch_norm_relu_into_conv_trains_as_torch(case, layout, dtype_name
     assert "batch_norm_apply_kernel" not in kernels_run  # no normalised tensor written
 
 
+@pytest.mark.parametrize("frozen", [nn.BatchNorm2d, nn.Conv2d], ids=["bn-affine", "conv"])
+def test_frozen_parameters_train_as_torch(frozen, device):
+    """Fine-tuning: the BatchNorms' affine parameters, or the convs' weights and biases, take
+    no gradient (the backward folds skip them); the rest trains as torch."""
+    fused, reference = _models("bias-copy-pool", torch.float32, device)
+    for model in (fused, reference):
+        for module in model.modules():
+            if isinstance(module, frozen):
+                module.requires_grad_(False)
+    x = random_input((2, 3, 8, 8), torch.float32, device, channels_last=True)
+    assert_trains_as_reference(fused, reference, x, CASES["bias-copy-pool"].output_shape,
+                               torch.float32, 144)
+
+
 def test_training_steps_are_bitwise_reproducible(device):
     first, _ = _models("chain-unpadded", torch.bfloat16, device)
     second = copy.deepcopy(first)
@@ -137,6 +151,35 @@ def test_training_backward_runs_no_batch_norm_pass(device, kernels_run):
                 "batch_norm_apply_kernel"} & set(kernels_run)
     assert kernels_run.count("max_pool2d_backward_kernel") == 2
     assert kernels_run.count("conv2d_dgrad_kernel") == 4  # the first conv's x too
+
+
+# BatchNorms that F.batch_norm refuses in training: one value per channel (a batch of one
+# 1x1 image), and eps 0; handed to a conv (a chain link) or a max pool (the folded pool).
+REFUSED = {"one-value": (1, 1e-5), "eps0": (2, 0.0)}
+CONSUMERS = {"conv": lambda: [nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8), nn.ReLU()],
+             "max-pool": lambda: [nn.MaxPool2d(1)]}
+
+
+@pytest.mark.parametrize("consumer", CONSUMERS)
+@pytest.mark.parametrize("refused", REFUSED)
+def test_a_link_raises_torchs_error_before_writing(refused, consumer, device):
+    """torch's error, type and message, before the link writes anything: the state after it
+    is torch's (the batch counted, the running statistics untouched)."""
+    batch, eps = REFUSED[refused]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 4), nn.BatchNorm2d(16, eps=eps), nn.ReLU(),
+                          *CONSUMERS[consumer]()).to(device)
+    fused = fusion.fuse(copy.deepcopy(model))
+    x = random_input((batch, 3, 4, 4), torch.float32, device)
+    outcomes = []
+    for net in (model, fused):
+        with pytest.raises(ValueError) as raised:
+            net(x)
+        outcomes.append((str(raised.value), net.state_dict()))
+    (message, state), (fused_message, fused_state) = outcomes
+    assert fused_message == message
+    for name, value in state.items():
+        assert torch.equal(fused_state[name], value), name
 
 
 # The Hopper kernels (FASTARCH_CONV_ALGO=tma) take the folds too: 16-channel convs, stride 1

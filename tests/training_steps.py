@@ -15,13 +15,15 @@ LEARNING_RATE = 0.005
 
 
 def train_step(model: nn.Module, x: torch.Tensor, dy: torch.Tensor):
-    """One forward and backward: (output, input grad, parameter grads), then an SGD step."""
+    """One forward and backward: (output, input grad, the trained parameters' grads), then an
+    SGD step."""
     x = x.detach().requires_grad_(True)
     y = model(x)
     y.backward(dy)
-    grads = [p.grad.clone() for p in model.parameters()]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad.clone() for p in trained]
     with torch.no_grad():
-        for p in model.parameters():
+        for p in trained:
             p.sub_(LEARNING_RATE * p.grad)
     model.zero_grad(set_to_none=True)
     return y.detach(), x.grad, grads
@@ -60,7 +62,7 @@ def assert_trains_as_reference(fused: nn.Module, reference: nn.Module, x: torch.
         y_ref, dx_ref, grads_ref = train_step(reference, x.double(), dy.double())
         assert_close(y, y_ref, dtype, output_terms, name=f"step {step} output")
         assert_grad_close(dx, dx_ref, dtype, f"step {step} grad input")
-        names = [name for name, _ in fused.named_parameters()]
+        names = [name for name, p in fused.named_parameters() if p.requires_grad]
         for name, g, g_ref in zip(names, grads, grads_ref, strict=True):
             assert_grad_close(g, g_ref, dtype, f"step {step} {name}.grad")
         take_parameters(reference, fused)

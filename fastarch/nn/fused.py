@@ -315,7 +315,7 @@ def _run_conv(run: ConvRun, x: Union[torch.Tensor, PendingBatchNorm],
     y, partials, statistics = _conv2d(
         conv, x, conv.bias, stats=True,
         output_batch_norm=chain_ops.ChainOutput(mode.running_mean, mode.running_var,
-                                                mode.momentum, bn.eps))
+                                                mode.momentum, bn.eps, bn.weight, bn.bias))
     if run.pool is None:
         return PendingBatchNorm(y, bn, partials, statistics)
     return _max_pool_folded(bn, run.pool, y, statistics)

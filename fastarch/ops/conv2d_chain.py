@@ -260,11 +260,13 @@ class ChainInput(NamedTuple):
 class ChainOutput(NamedTuple):
     """What a link needs of the BatchNorm after it (training, batch statistics) to hand it
     its statistics: its running statistics (None when not tracked), their update factor and
-    its eps."""
+    its eps; and its affine ``weight`` and ``bias``, checked as F.batch_norm checks them."""
     running_mean: Optional[Tensor]
     running_var: Optional[Tensor]
     momentum: float
     eps: float
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
 
 
 def forward(x: Tensor, input_batch_norm: Optional[ChainInput], weight: Tensor,
@@ -282,6 +284,11 @@ def forward(x: Tensor, input_batch_norm: Optional[ChainInput], weight: Tensor,
     arguments.check_scale_shift(x, weight, scale, shift)
     geometry = arguments.conv_geometry(x, weight, stride, padding, dilation)
     bn, out = input_batch_norm, output_batch_norm
+    if out is not None:  # F.batch_norm's checks of y, before the link writes anything
+        y_like = x.new_empty(()).expand(x.shape[0], weight.shape[0],
+                                        *geometry.output_size(*x.shape[2:]))
+        arguments.check_batch_norm_args(y_like, out.running_mean, out.running_var, out.weight,
+                                        out.bias, True, out.eps)
     y, partials, mean, invstd, running_mean, running_var = conv2d_chain(
         x, *((None,) * 4 if bn is None else (bn.mean, bn.invstd, bn.weight, bn.bias)),
         bn is not None and bn.relu, weight, bias, scale, shift, *conv_window(geometry),
