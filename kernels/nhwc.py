@@ -108,11 +108,13 @@ def gradient_prologue(grad, y, ok, scale, shift):
 def batch_norm_grad_epilogue(dz, x, ok, mean, scale, shift, RELU: tl.constexpr):
     """``BatchNormGradEpilogue`` on an fp32 [BLOCK_M, BLOCK_N] tile ``dz`` with its x tile
     (``ok``: valid elements; ``mean``/``scale``/``shift`` fp32 [1, BLOCK_N]): (du * scale,
-    the column sums of du and of du * (x - mean)), masked elements contributing 0."""
+    the column sums of du and of du * (x - mean)), masked elements contributing 0. RELU
+    zeroes du where the prologue's own arithmetic gives x * scale + shift <= 0 (torch's
+    threshold_backward: NaN passes)."""
     xf = x.to(tl.float32)
     du = tl.where(ok, dz, 0.0)
     if RELU:
-        du = tl.where(xf * scale + shift > 0.0, du, 0.0)
+        du = tl.where(xf * scale + shift <= 0.0, 0.0, du)
     return du * scale, tl.sum(du, axis=0), tl.sum(du * (xf - mean), axis=0)
 
 

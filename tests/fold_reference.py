@@ -31,14 +31,15 @@ def through_prologue64(dy: torch.Tensor, prologue: GradientPrologue | None) -> t
 def batch_norm_grad64(dz: torch.Tensor, epilogue: BatchNormGradEpilogue
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """What a dgrad's ``epilogue`` makes of dz, in float64: (du * scale, [du.sum,
-    (du * (x - mean)).sum] per channel), du being dz masked by relu(x * scale + shift) > 0
-    where the epilogue's normalization has a ReLU."""
+    (du * (x - mean)).sum] per channel), du being dz zeroed where x * scale + shift <= 0
+    when the epilogue's normalization has a ReLU (torch's threshold_backward: NaN passes)."""
     view = (1, -1, 1, 1)
     x = epilogue.x.cpu().double()
     scale = epilogue.normalization.scale.cpu().double().view(view)
     du = dz
     if epilogue.normalization.relu:
-        du = dz * (x * scale + epilogue.normalization.shift.cpu().double().view(view) > 0)
+        pre_activation = x * scale + epilogue.normalization.shift.cpu().double().view(view)
+        du = dz.masked_fill(pre_activation <= 0, 0)
     centered = x - epilogue.mean.cpu().double().view(view)
     return du * scale, torch.stack((du.sum((0, 2, 3)), (du * centered).sum((0, 2, 3))))
 

@@ -80,6 +80,29 @@ def test_dgrad_folds_match_float64(case_id, fold, device):
     assert_dgrad_folds_match(dx, dy, weight, stride, padding, grad_prologue, epilogue, key)
 
 
+def test_a_nan_pre_activation_passes_its_gradient(device):
+    """torch's threshold_backward passes the gradient where the ReLU's input is NaN (NaN <= 0
+    is false), and so does the epilogue's mask: du = dz there, dx = dz * scale, and the
+    channel's sum of du * (x - mean) is NaN, as torch's."""
+    geometry = ConvGeometry((3, 3), padding=(1, 1))
+    weight = random_input((16, 16, 3, 3), torch.float32, device)
+    dy = random_input((1, 16, 3, 4), torch.float32, device, channels_last=True)
+    dx = _nan((1, 16, 3, 4), torch.float32, device, channels_last=True)
+    epilogue = _epilogue(dx, True, conv2d_backward.dgrad_sum_rows(dx.shape, geometry, TILE),
+                         device)
+    epilogue.x[0, 5, 1, 2] = float("nan")
+    conv2d_backward.dgrad_launch(dy, conv_ops.dgrad_weight(weight), dx, geometry,
+                                 Operand.IEEE, TILE, epilogue=epilogue)()
+    dz = torch.nn.grad.conv2d_input(dx.shape, weight.cpu().double(), dy.cpu().double(),
+                                    padding=1)
+    scale = epilogue.normalization.scale[5].item()
+    torch.testing.assert_close(dx[0, 5, 1, 2].item(), dz[0, 5, 1, 2].item() * scale,
+                               rtol=1e-4, atol=1e-5)
+    sums = epilogue.sums.sum(0)
+    assert sums[1, 5].isnan() and sums[0, 5].isfinite()
+    assert sums[:, torch.arange(16) != 5].isfinite().all()
+
+
 def test_launch_names_mark_the_folds(device):
     """The ledger tells the fused launches apart by name; without them, names stay."""
     geometry = ConvGeometry((3, 3), padding=(1, 1))
